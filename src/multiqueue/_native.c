@@ -1,0 +1,658 @@
+/*
+ * multiqueue._native: the few things Python cannot do on shared memory.
+ *
+ *   - atomic load / store / add / compare-exchange on words of a shared mapping,
+ *   - futex wait / wake on a shared word (sleeping in the kernel, GIL released),
+ *   - the hot buffer operations built on them (Context.alloc / acquire / release),
+ *     one C call each, so an allocate+release pair costs two calls from Python,
+ *   - crash reclaim of a dead process's references (Context.reclaim).
+ *
+ * Everything else (naming, segments, registry, stats, policy) lives in Python.
+ * The shared structures below are mirrored by ctypes in multiqueue/shm/layout.py;
+ * layout() exports their sizes and offsets so a test can check both agree.
+ *
+ * Buffer ids are  generation << 32 | slot.  The metadata entry's `state` word holds
+ * generation << 32 | reference count, so "take a reference if this id is still
+ * valid" is a single compare-exchange and a stale id can never touch a reused slot.
+ *
+ * Crash windows.  Every reference a process holds is recorded in its ledger row
+ * (one 64-bit word per slot: generation << 32 | count).  Orders are chosen so that a
+ * process killed between two steps can at worst leak one reference (never free a
+ * block twice):  acquire = CAS the count up, then ledger up; release = ledger down,
+ * then CAS the count down; alloc = pop, ledger (gen+1, 1), then publish the state.
+ * A dead process whose ledger names generation g+1 of a slot still at g with count 0
+ * popped that block but never published it: reclaim() pushes it back.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <linux/futex.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---------------------------------------------------------------- layout */
+
+#define MQ_SIZE_BUCKETS 48  /* histogram of requested sizes: bucket = bit length */
+#define MQ_MAX_CHUNKS 32    /* segments per pool (the first plus expansions) */
+#define MQ_POOL_ACTIVE 1
+
+typedef struct {             /* 64 bytes at the start of every segment */
+    uint64_t magic;
+    uint32_t version;
+    uint32_t kind;
+    uint32_t creator_pid;
+    uint32_t header_size;
+    uint64_t creator_start;  /* creator's start time, clock ticks since boot */
+    int64_t created_ns;      /* CLOCK_REALTIME */
+    uint64_t total_size;
+    uint64_t reserved[2];
+} mq_segment_header;
+
+typedef struct {             /* per-process counters, summed for domain stats */
+    uint64_t alloc_count;
+    uint64_t dealloc_count;
+    uint64_t failed_count;
+    uint64_t latency_sum_ns;
+    uint64_t latency_max_ns;
+    uint64_t reserved[3];
+    uint64_t size_hist[MQ_SIZE_BUCKETS];
+} mq_stats;
+
+typedef struct {             /* the domain's control segment starts with this */
+    mq_segment_header seg;
+    uint32_t max_processes;
+    uint32_t max_pools;
+    uint32_t max_buffers;
+    uint32_t slots_used;     /* metadata slots handed out to pools (bump) */
+    uint64_t pools_epoch;    /* bumped when pools are added, grown or removed */
+    uint64_t procs_offset;
+    uint64_t pools_offset;
+    uint64_t meta_offset;
+    uint64_t ledger_offset;
+    char name_prefix[32];
+    uint64_t reserved[5];
+    /* own cache line: futex word bumped when a block is freed while someone waits */
+    uint32_t free_event;
+    uint32_t alloc_waiters;
+    uint64_t reserved2[7];
+    mq_stats retired;        /* counters of processes that have left or were reaped */
+} mq_control;
+
+typedef struct {             /* one registered process */
+    uint32_t pid;
+    uint32_t state;
+    uint64_t start_time;
+    int64_t heartbeat_ns;
+    int64_t registered_ns;
+    char name[32];
+    mq_stats stats;
+} mq_process;
+
+typedef struct {
+    uint32_t first_slot;
+    uint32_t count;
+} mq_chunk;
+
+typedef struct {             /* one pool; hot words each on their own cache line */
+    uint64_t head;           /* free list: tag << 32 | (slot + 1), 0 = empty */
+    uint64_t pad0[7];
+    uint64_t used;
+    uint64_t high_water;
+    uint64_t token;          /* random per incarnation; part of the segment names */
+    uint64_t pad1[5];
+    uint32_t state;
+    uint32_t n_chunks;
+    uint64_t block_size;
+    uint64_t stride;
+    uint32_t block_count;
+    uint32_t initial_count;
+    uint32_t max_blocks;
+    uint32_t expandable;
+    char name[32];
+    mq_chunk chunks[MQ_MAX_CHUNKS];
+    uint8_t pad2[56];        /* to 512 bytes, so every pool's head starts a cache line */
+} mq_pool;
+
+typedef struct {             /* one buffer's metadata; a slot per pool block */
+    uint64_t state;          /* generation << 32 | reference count */
+    uint32_t next_free;      /* free-list link: next slot + 1, 0 = end */
+    uint16_t pool_id;
+    uint16_t chunk;
+    uint32_t block_index;
+    uint32_t flags;          /* MQ_HAS_RANGE */
+    uint64_t size;           /* requested size of the current allocation */
+    uint64_t data_offset;    /* payload offset inside the chunk's segment */
+    int64_t timestamp_ns;
+    int64_t range_start_ns;
+    int64_t range_end_ns;
+    int64_t alloc_time_ns;
+    uint32_t creator_proc;
+    uint32_t creator_pid;
+    uint64_t reserved[6];
+} mq_entry;
+
+_Static_assert(sizeof(mq_segment_header) == 64, "segment header is 64 bytes");
+_Static_assert(sizeof(mq_entry) == 128, "metadata entry is 128 bytes");
+_Static_assert(sizeof(mq_pool) == 512, "pool record is 512 bytes");
+_Static_assert(offsetof(mq_control, free_event) % 64 == 0, "free_event on its own line");
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define RELAXED_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
+#define CAS(p, expected, desired) \
+    __atomic_compare_exchange_n((p), (expected), (desired), 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline int bit_length(uint64_t v) { return v ? 64 - __builtin_clzll(v) : 0; }
+
+/* ------------------------------------------------------ free list (Treiber) */
+
+/* Pop a slot from a pool's free list; -1 when empty.  The tag in the head's upper
+   half changes on every successful CAS, so a head that was popped and pushed back
+   in between (ABA) makes the CAS fail instead of linking a stale `next`. */
+static int64_t freelist_pop(mq_pool *pool, mq_entry *entries) {
+    uint64_t head = LOAD(&pool->head);
+    for (;;) {
+        uint32_t top = (uint32_t)head;
+        if (top == 0) return -1;
+        uint32_t next = __atomic_load_n(&entries[top - 1].next_free, __ATOMIC_RELAXED);
+        uint64_t desired = (((head >> 32) + 1) << 32) | next;
+        if (CAS(&pool->head, &head, desired)) return (int64_t)top - 1;
+    }
+}
+
+static void freelist_push(mq_pool *pool, mq_entry *entries, uint32_t slot) {
+    uint64_t head = LOAD(&pool->head);
+    for (;;) {
+        __atomic_store_n(&entries[slot].next_free, (uint32_t)head, __ATOMIC_RELAXED);
+        uint64_t desired = (((head >> 32) + 1) << 32) | (uint64_t)(slot + 1);
+        if (CAS(&pool->head, &head, desired)) return;
+    }
+}
+
+static long futex(uint32_t *word, int op, uint32_t value, const struct timespec *timeout) {
+    /* no FUTEX_PRIVATE_FLAG: the word is shared between processes */
+    return syscall(SYS_futex, word, op, value, timeout, NULL, 0);
+}
+
+/* --------------------------------------------------------------- Context */
+
+/* A process's view of one domain: pointers into its mapped control segment. */
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;          /* keeps the mapping alive while the context exists */
+    int has_view;
+    int disabled;            /* set in a forked child: the parent's ledger is not ours */
+    mq_control *ctl;
+    mq_pool *pools;
+    mq_entry *entries;
+    uint64_t *ledger_base;
+    uint64_t *ledger;        /* this process's row */
+    mq_process *proc;
+    uint32_t proc_slot;
+    uint64_t epoch;          /* pools_epoch this process's pool view was built at */
+} Context;
+
+static int context_check(Context *self) {
+    if (!self->has_view) {
+        PyErr_SetString(PyExc_RuntimeError, "the shared-memory context is closed");
+        return -1;
+    }
+    if (self->disabled) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this ShmManager belongs to the parent process (it was inherited "
+                        "through fork); create a new ShmManager in the child");
+        return -1;
+    }
+    return 0;
+}
+
+static int Context_init(Context *self, PyObject *args, PyObject *kwds) {
+    PyObject *buffer;
+    unsigned int proc_slot;
+    if (!PyArg_ParseTuple(args, "OI", &buffer, &proc_slot)) return -1;
+    if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE) < 0) return -1;
+    self->has_view = 1;
+    mq_control *ctl = (mq_control *)self->view.buf;
+    if ((size_t)self->view.len < sizeof(mq_control) || proc_slot >= ctl->max_processes ||
+        ctl->ledger_offset + (uint64_t)ctl->max_processes * ctl->max_buffers * 8 >
+            (uint64_t)self->view.len) {
+        PyErr_SetString(PyExc_ValueError, "control segment too small or process slot out of range");
+        return -1;
+    }
+    char *base = (char *)ctl;
+    self->ctl = ctl;
+    self->pools = (mq_pool *)(base + ctl->pools_offset);
+    self->entries = (mq_entry *)(base + ctl->meta_offset);
+    self->ledger_base = (uint64_t *)(base + ctl->ledger_offset);
+    self->ledger = self->ledger_base + (uint64_t)proc_slot * ctl->max_buffers;
+    self->proc = (mq_process *)(base + ctl->procs_offset) + proc_slot;
+    self->proc_slot = proc_slot;
+    self->epoch = LOAD(&ctl->pools_epoch);
+    return 0;
+}
+
+static void Context_release_view(Context *self) {
+    if (self->has_view) {
+        PyBuffer_Release(&self->view);
+        self->has_view = 0;
+    }
+}
+
+static void Context_dealloc(Context *self) {
+    Context_release_view(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Return a freed block to its pool and wake allocators waiting for one. */
+static void free_block(Context *self, uint32_t slot) {
+    mq_entry *e = &self->entries[slot];
+    mq_pool *pool = &self->pools[e->pool_id];
+    __atomic_fetch_sub(&pool->used, 1, __ATOMIC_RELAXED);
+    freelist_push(pool, self->entries, slot);
+    if (LOAD(&self->ctl->alloc_waiters)) {
+        __atomic_fetch_add(&self->ctl->free_event, 1, __ATOMIC_ACQ_REL);
+        futex(&self->ctl->free_event, FUTEX_WAKE, INT32_MAX, NULL);
+    }
+}
+
+/* Drop `count` references of generation `gen` from a slot; returns 1 if it freed the
+   block, 0 if others still hold it, -1 if the id is no longer valid. */
+static int drop_refs(Context *self, uint32_t slot, uint32_t gen, uint32_t count) {
+    mq_entry *e = &self->entries[slot];
+    uint64_t state = LOAD(&e->state);
+    for (;;) {
+        uint32_t refs = (uint32_t)state;
+        if ((uint32_t)(state >> 32) != gen || refs < count) return -1;
+        if (CAS(&e->state, &state, state - count)) break;
+    }
+    if ((uint32_t)state != count) return 0;
+    free_block(self, slot);
+    return 1;
+}
+
+/* alloc(pool_id, size) -> id >= 0, or -1 pool empty, -2 pool inactive,
+   -3 pools changed since this context's epoch (refresh, then retry). */
+static PyObject *Context_alloc(Context *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "alloc(pool_id, size)");
+        return NULL;
+    }
+    if (context_check(self) < 0) return NULL;
+    unsigned long pool_id = PyLong_AsUnsignedLong(args[0]);
+    unsigned long long size = PyLong_AsUnsignedLongLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    if (pool_id >= self->ctl->max_pools) {
+        PyErr_SetString(PyExc_ValueError, "pool id out of range");
+        return NULL;
+    }
+    int64_t t0 = now_ns();
+    if (LOAD(&self->ctl->pools_epoch) != self->epoch) return PyLong_FromLong(-3);
+    mq_pool *pool = &self->pools[pool_id];
+    if (LOAD(&pool->state) != MQ_POOL_ACTIVE) return PyLong_FromLong(-2);
+    int64_t popped = freelist_pop(pool, self->entries);
+    if (popped < 0) return PyLong_FromLong(-1);
+    uint32_t slot = (uint32_t)popped;
+    uint64_t used = __atomic_add_fetch(&pool->used, 1, __ATOMIC_SEQ_CST);
+    if (LOAD(&pool->state) != MQ_POOL_ACTIVE) {
+        /* remove_pool() marked it while we popped: it checks `used` after marking, so
+           either it sees our increment or we see its mark; here we saw it, undo */
+        __atomic_fetch_sub(&pool->used, 1, __ATOMIC_RELAXED);
+        freelist_push(pool, self->entries, slot);
+        return PyLong_FromLong(-2);
+    }
+    uint64_t high = __atomic_load_n(&pool->high_water, __ATOMIC_RELAXED);
+    while (used > high && !__atomic_compare_exchange_n(&pool->high_water, &high, used, 0,
+                                                       __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    mq_entry *e = &self->entries[slot];
+    uint32_t gen = (uint32_t)(e->state >> 32) + 1;
+    if (gen == 0) gen = 1; /* generation 0 is never valid, so small ints are never ids */
+    STORE(&self->ledger[slot], ((uint64_t)gen << 32) | 1);  /* recorded before use */
+    e->size = size;
+    e->flags = 0;
+    e->timestamp_ns = 0;
+    e->range_start_ns = e->range_end_ns = 0;
+    e->alloc_time_ns = t0;
+    e->creator_proc = self->proc_slot;
+    e->creator_pid = self->proc->pid;
+    STORE(&e->state, ((uint64_t)gen << 32) | 1);            /* published */
+    mq_stats *st = &self->proc->stats;
+    int bucket = bit_length(size);
+    RELAXED_ADD(&st->size_hist[bucket < MQ_SIZE_BUCKETS ? bucket : MQ_SIZE_BUCKETS - 1], 1);
+    RELAXED_ADD(&st->alloc_count, 1);
+    uint64_t latency = (uint64_t)(now_ns() - t0);
+    RELAXED_ADD(&st->latency_sum_ns, latency);
+    if (latency > st->latency_max_ns) __atomic_store_n(&st->latency_max_ns, latency, __ATOMIC_RELAXED);
+    return PyLong_FromUnsignedLongLong(((uint64_t)gen << 32) | slot);
+}
+
+/* Split an id and check its slot is in range; 0 ok, -1 with an exception set. */
+static int parse_id(Context *self, PyObject *arg, uint32_t *slot, uint32_t *gen) {
+    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return -1;
+    *slot = (uint32_t)id;
+    *gen = (uint32_t)(id >> 32);
+    return 0;
+}
+
+static int slot_in_range(Context *self, uint32_t slot) {
+    return slot < LOAD(&self->ctl->slots_used);
+}
+
+/* acquire(id) -> 0 after taking one more reference for this process, -1 if the id is
+   stale, forged or already freed. */
+static PyObject *Context_acquire(Context *self, PyObject *arg) {
+    uint32_t slot, gen;
+    if (context_check(self) < 0 || parse_id(self, arg, &slot, &gen) < 0) return NULL;
+    if (gen == 0 || !slot_in_range(self, slot)) return PyLong_FromLong(-1);
+    mq_entry *e = &self->entries[slot];
+    uint64_t state = LOAD(&e->state);
+    for (;;) {
+        if ((uint32_t)(state >> 32) != gen || (uint32_t)state == 0) return PyLong_FromLong(-1);
+        if (CAS(&e->state, &state, state + 1)) break;
+    }
+    uint64_t held = self->ledger[slot];
+    uint64_t count = ((uint32_t)(held >> 32) == gen) ? (uint32_t)held + 1 : 1;
+    STORE(&self->ledger[slot], ((uint64_t)gen << 32) | count);
+    return PyLong_FromLong(0);
+}
+
+/* release(id) -> 1 if this freed the block, 0 if others still hold it, -1 if this
+   process holds no reference of that id (stale, forged or released twice). */
+static PyObject *Context_release(Context *self, PyObject *arg) {
+    uint32_t slot, gen;
+    if (context_check(self) < 0 || parse_id(self, arg, &slot, &gen) < 0) return NULL;
+    if (gen == 0 || !slot_in_range(self, slot)) return PyLong_FromLong(-1);
+    uint64_t held = self->ledger[slot];
+    if ((uint32_t)(held >> 32) != gen || (uint32_t)held == 0) return PyLong_FromLong(-1);
+    STORE(&self->ledger[slot], held - 1);  /* ledger first: a crash here leaks, never frees twice */
+    int freed = drop_refs(self, slot, gen, 1);
+    if (freed == 1) RELAXED_ADD(&self->proc->stats.dealloc_count, 1);
+    return PyLong_FromLong(freed);
+}
+
+/* ref_count(id) -> current count, or -1 if the id is not valid now. */
+static PyObject *Context_ref_count(Context *self, PyObject *arg) {
+    uint32_t slot, gen;
+    if (context_check(self) < 0 || parse_id(self, arg, &slot, &gen) < 0) return NULL;
+    if (gen == 0 || !slot_in_range(self, slot)) return PyLong_FromLong(-1);
+    uint64_t state = LOAD(&self->entries[slot].state);
+    if ((uint32_t)(state >> 32) != gen || (uint32_t)state == 0) return PyLong_FromLong(-1);
+    return PyLong_FromLong((long)(uint32_t)state);
+}
+
+/* push_free(pool_id, first_slot, count): link fresh slots into a pool's free list
+   (the caller has filled in their entries and holds the domain lock). */
+static PyObject *Context_push_free(Context *self, PyObject *args) {
+    unsigned int pool_id, first, count;
+    if (!PyArg_ParseTuple(args, "III", &pool_id, &first, &count)) return NULL;
+    if (context_check(self) < 0) return NULL;
+    if (pool_id >= self->ctl->max_pools || (uint64_t)first + count > self->ctl->max_buffers) {
+        PyErr_SetString(PyExc_ValueError, "pool id or slot range out of bounds");
+        return NULL;
+    }
+    /* push in reverse so the first slot is handed out first */
+    for (uint32_t i = count; i > 0; i--) freelist_push(&self->pools[pool_id], self->entries, first + i - 1);
+    Py_RETURN_NONE;
+}
+
+/* reclaim(proc_slot) -> (references_released, blocks_freed): release every
+   reference a dead process's ledger row records, and clear the row.  The caller
+   holds the domain lock and has established that the process is dead. */
+static PyObject *Context_reclaim(Context *self, PyObject *arg) {
+    if (context_check(self) < 0) return NULL;
+    unsigned long dead = PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    if (dead >= self->ctl->max_processes) {
+        PyErr_SetString(PyExc_ValueError, "process slot out of range");
+        return NULL;
+    }
+    uint64_t *row = self->ledger_base + (uint64_t)dead * self->ctl->max_buffers;
+    uint32_t limit = LOAD(&self->ctl->slots_used);
+    uint64_t released = 0, freed = 0;
+    for (uint32_t slot = 0; slot < limit; slot++) {
+        uint64_t held = row[slot];
+        if (held == 0) continue;
+        STORE(&row[slot], 0);
+        uint32_t gen = (uint32_t)(held >> 32), count = (uint32_t)held;
+        if (count == 0) continue;
+        int r = drop_refs(self, slot, gen, count);
+        if (r >= 0) {
+            released += count;
+            freed += (uint64_t)r;
+            continue;
+        }
+        /* Not valid at `gen`: if the slot still sits at gen-1 with no references,
+           the dead process popped it but died before publishing it. */
+        uint32_t previous = gen == 1 ? UINT32_MAX : gen - 1;
+        uint64_t state = LOAD(&self->entries[slot].state);
+        if (state == ((uint64_t)previous << 32) || (previous == UINT32_MAX && state == 0)) {
+            free_block(self, slot);
+            freed++;
+        }
+    }
+    return Py_BuildValue("KK", (unsigned long long)released, (unsigned long long)freed);
+}
+
+static PyObject *Context_disable(Context *self, PyObject *Py_UNUSED(ignored)) {
+    self->disabled = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Context_close(Context *self, PyObject *Py_UNUSED(ignored)) {
+    Context_release_view(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Context_refresh_epoch(Context *self, PyObject *Py_UNUSED(ignored)) {
+    if (context_check(self) < 0) return NULL;
+    self->epoch = LOAD(&self->ctl->pools_epoch);
+    return PyLong_FromUnsignedLongLong(self->epoch);
+}
+
+static PyMethodDef Context_methods[] = {
+    {"alloc", (PyCFunction)(void (*)(void))Context_alloc, METH_FASTCALL,
+     "alloc(pool_id, size) -> id, or -1 empty, -2 inactive pool, -3 pools changed"},
+    {"acquire", (PyCFunction)Context_acquire, METH_O, "acquire(id) -> 0, or -1 if invalid"},
+    {"release", (PyCFunction)Context_release, METH_O,
+     "release(id) -> 1 freed, 0 still held, -1 not held by this process"},
+    {"ref_count", (PyCFunction)Context_ref_count, METH_O, "ref_count(id) -> count or -1"},
+    {"push_free", (PyCFunction)Context_push_free, METH_VARARGS,
+     "push_free(pool_id, first_slot, count)"},
+    {"reclaim", (PyCFunction)Context_reclaim, METH_O,
+     "reclaim(proc_slot) -> (references released, blocks freed)"},
+    {"refresh_epoch", (PyCFunction)Context_refresh_epoch, METH_NOARGS,
+     "adopt the current pools epoch; returns it"},
+    {"disable", (PyCFunction)Context_disable, METH_NOARGS, "refuse every further operation"},
+    {"close", (PyCFunction)Context_close, METH_NOARGS, "release the mapping"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ContextType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "multiqueue._native.Context",
+    .tp_basicsize = sizeof(Context),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Context(control_segment_buffer, proc_slot): hot buffer operations",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Context_init,
+    .tp_dealloc = (destructor)Context_dealloc,
+    .tp_methods = Context_methods,
+};
+
+/* ------------------------------------------- primitives on any writable buffer */
+
+/* Resolve (buffer, offset) to an aligned word address; -1 with an exception set. */
+static int word_at(PyObject *buffer, Py_ssize_t offset, Py_ssize_t width, Py_buffer *view, void **addr) {
+    if (PyObject_GetBuffer(buffer, view, PyBUF_WRITABLE) < 0) return -1;
+    if (offset < 0 || offset + width > view->len || ((uintptr_t)view->buf + offset) % width) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_ValueError, "offset %zd is out of range or not %zd-byte aligned", offset, width);
+        return -1;
+    }
+    *addr = (char *)view->buf + offset;
+    return 0;
+}
+
+static PyObject *atomic_load_u64(PyObject *m, PyObject *args) {
+    PyObject *buf; Py_ssize_t off; Py_buffer v; void *a;
+    if (!PyArg_ParseTuple(args, "On", &buf, &off) || word_at(buf, off, 8, &v, &a) < 0) return NULL;
+    uint64_t r = LOAD((uint64_t *)a);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(r);
+}
+
+static PyObject *atomic_store_u64(PyObject *m, PyObject *args) {
+    PyObject *buf; Py_ssize_t off; unsigned long long val; Py_buffer v; void *a;
+    if (!PyArg_ParseTuple(args, "OnK", &buf, &off, &val) || word_at(buf, off, 8, &v, &a) < 0) return NULL;
+    STORE((uint64_t *)a, (uint64_t)val);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+static PyObject *atomic_add_u64(PyObject *m, PyObject *args) {
+    PyObject *buf; Py_ssize_t off; long long delta; Py_buffer v; void *a;
+    if (!PyArg_ParseTuple(args, "OnL", &buf, &off, &delta) || word_at(buf, off, 8, &v, &a) < 0) return NULL;
+    uint64_t r = __atomic_add_fetch((uint64_t *)a, (uint64_t)delta, __ATOMIC_ACQ_REL);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(r);
+}
+
+static PyObject *atomic_cas_u64(PyObject *m, PyObject *args) {
+    PyObject *buf; Py_ssize_t off; unsigned long long expected, desired; Py_buffer v; void *a;
+    if (!PyArg_ParseTuple(args, "OnKK", &buf, &off, &expected, &desired) || word_at(buf, off, 8, &v, &a) < 0)
+        return NULL;
+    uint64_t exp = expected;
+    int ok = CAS((uint64_t *)a, &exp, (uint64_t)desired);
+    PyBuffer_Release(&v);
+    return Py_BuildValue("OK", ok ? Py_True : Py_False, (unsigned long long)exp);
+}
+
+static PyObject *atomic_load_u32(PyObject *m, PyObject *args) {
+    PyObject *buf; Py_ssize_t off; Py_buffer v; void *a;
+    if (!PyArg_ParseTuple(args, "On", &buf, &off) || word_at(buf, off, 4, &v, &a) < 0) return NULL;
+    uint32_t r = LOAD((uint32_t *)a);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLong(r);
+}
+
+static PyObject *atomic_add_u32(PyObject *m, PyObject *args) {
+    PyObject *buf; Py_ssize_t off; int delta; Py_buffer v; void *a;
+    if (!PyArg_ParseTuple(args, "Oni", &buf, &off, &delta) || word_at(buf, off, 4, &v, &a) < 0) return NULL;
+    uint32_t r = __atomic_add_fetch((uint32_t *)a, (uint32_t)delta, __ATOMIC_ACQ_REL);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLong(r);
+}
+
+/* futex_wait(buffer, offset, expected, timeout_s) -> True if woken (or the word had
+   already changed), False on timeout.  Sleeps in the kernel with the GIL released;
+   a negative timeout waits forever. */
+static PyObject *futex_wait(PyObject *m, PyObject *args) {
+    PyObject *buf; Py_ssize_t off; unsigned int expected; double timeout; Py_buffer v; void *a;
+    if (!PyArg_ParseTuple(args, "OnId", &buf, &off, &expected, &timeout) || word_at(buf, off, 4, &v, &a) < 0)
+        return NULL;
+    struct timespec ts, *tsp = NULL;
+    if (timeout >= 0) {
+        ts.tv_sec = (time_t)timeout;
+        ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
+        tsp = &ts;
+    }
+    long r;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    r = futex((uint32_t *)a, FUTEX_WAIT, expected, tsp);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    if (r == 0 || err == EAGAIN || err == EINTR) Py_RETURN_TRUE;
+    if (err == ETIMEDOUT) Py_RETURN_FALSE;
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* futex_wake(buffer, offset, count) -> number of waiters woken */
+static PyObject *futex_wake(PyObject *m, PyObject *args) {
+    PyObject *buf; Py_ssize_t off; int count; Py_buffer v; void *a;
+    if (!PyArg_ParseTuple(args, "Oni", &buf, &off, &count) || word_at(buf, off, 4, &v, &a) < 0) return NULL;
+    long r = futex((uint32_t *)a, FUTEX_WAKE, (uint32_t)count, NULL);
+    PyBuffer_Release(&v);
+    if (r < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(r);
+}
+
+/* layout() -> {"struct.field": offset, "struct": size, ...} for the ctypes mirror in
+   multiqueue/shm/layout.py; a test checks that both agree field by field. */
+static int put(PyObject *d, const char *key, size_t value) {
+    PyObject *v = PyLong_FromSize_t(value);
+    int r = v ? PyDict_SetItemString(d, key, v) : -1;
+    Py_XDECREF(v);
+    return r;
+}
+#define SIZE(T) put(d, #T, sizeof(T))
+#define FIELD(T, f) put(d, #T "." #f, offsetof(T, f))
+
+static PyObject *layout(PyObject *m, PyObject *Py_UNUSED(ignored)) {
+    PyObject *d = PyDict_New();
+    if (d == NULL) return NULL;
+    int bad = SIZE(mq_segment_header) | FIELD(mq_segment_header, version) |
+              FIELD(mq_segment_header, creator_start) | FIELD(mq_segment_header, total_size) |
+              SIZE(mq_stats) | FIELD(mq_stats, latency_max_ns) | FIELD(mq_stats, size_hist) |
+              SIZE(mq_control) | FIELD(mq_control, slots_used) | FIELD(mq_control, pools_epoch) |
+              FIELD(mq_control, ledger_offset) | FIELD(mq_control, name_prefix) |
+              FIELD(mq_control, free_event) | FIELD(mq_control, alloc_waiters) |
+              FIELD(mq_control, retired) | SIZE(mq_process) | FIELD(mq_process, start_time) |
+              FIELD(mq_process, name) | FIELD(mq_process, stats) | SIZE(mq_chunk) | SIZE(mq_pool) |
+              FIELD(mq_pool, used) | FIELD(mq_pool, high_water) | FIELD(mq_pool, state) |
+              FIELD(mq_pool, block_size) | FIELD(mq_pool, name) | FIELD(mq_pool, chunks) |
+              SIZE(mq_entry) | FIELD(mq_entry, next_free) | FIELD(mq_entry, pool_id) |
+              FIELD(mq_entry, chunk) | FIELD(mq_entry, size) | FIELD(mq_entry, data_offset) |
+              FIELD(mq_entry, timestamp_ns) | FIELD(mq_entry, range_end_ns) |
+              FIELD(mq_entry, alloc_time_ns) | FIELD(mq_entry, creator_pid) |
+              put(d, "MQ_SIZE_BUCKETS", MQ_SIZE_BUCKETS) | put(d, "MQ_MAX_CHUNKS", MQ_MAX_CHUNKS);
+    if (bad) {
+        Py_DECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+static PyMethodDef module_methods[] = {
+    {"atomic_load_u64", atomic_load_u64, METH_VARARGS, "atomic_load_u64(buffer, offset) -> int"},
+    {"atomic_store_u64", atomic_store_u64, METH_VARARGS, "atomic_store_u64(buffer, offset, value)"},
+    {"atomic_add_u64", atomic_add_u64, METH_VARARGS, "atomic_add_u64(buffer, offset, delta) -> new value"},
+    {"atomic_cas_u64", atomic_cas_u64, METH_VARARGS,
+     "atomic_cas_u64(buffer, offset, expected, desired) -> (swapped, value seen)"},
+    {"atomic_load_u32", atomic_load_u32, METH_VARARGS, "atomic_load_u32(buffer, offset) -> int"},
+    {"atomic_add_u32", atomic_add_u32, METH_VARARGS, "atomic_add_u32(buffer, offset, delta) -> new value"},
+    {"futex_wait", futex_wait, METH_VARARGS,
+     "futex_wait(buffer, offset, expected, timeout_s) -> False on timeout"},
+    {"futex_wake", futex_wake, METH_VARARGS, "futex_wake(buffer, offset, count) -> woken"},
+    {"layout", layout, METH_NOARGS, "sizes and offsets of the shared structures"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "multiqueue._native",
+    "Atomics, futexes and the hot buffer operations on shared memory.", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&ContextType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&ContextType);
+    if (PyModule_AddObject(m, "Context", (PyObject *)&ContextType) < 0) {
+        Py_DECREF(&ContextType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

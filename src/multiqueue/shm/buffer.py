@@ -1,0 +1,215 @@
+"""Buffer: a process-local handle on one reference to a pooled shared-memory block."""
+
+import numpy as np
+
+from ..errors import BufferReleasedError, InvalidBufferError
+
+# Word indexes into a metadata entry seen as 16 uint64 / int64 (layout.Entry).
+_W_LINK = 1  # next_free:32 | pool_id:16 | chunk:16
+_W_FLAGS = 2  # block_index:32 | flags:32
+_W_SIZE = 3
+_W_OFFSET = 4
+_W_TIMESTAMP = 5
+_W_RANGE_START = 6
+_W_RANGE_END = 7
+_W_ALLOC_TIME = 8
+_HAS_RANGE = 1 << 32  # layout.ENTRY_HAS_RANGE in the flags half of _W_FLAGS
+_ENTRY_WORDS = 16
+
+
+class Buffer:
+    """One reference to a block of a pool, taken by this process.
+
+    The payload is read and written in place through :meth:`memoryview` and
+    :meth:`numpy`; neither copies.  ``share()`` (or ``manager.get(id)`` in any
+    process) takes another reference; ``release()`` drops this one, and the last
+    release returns the block to its pool.  A handle that is garbage-collected
+    without ``release()`` releases itself.  Views obtained from a handle must not be
+    used after it is released: the block may then be reused.
+    """
+
+    __slots__ = ("_manager", "_id", "_size", "_pool_id", "_live")
+
+    def __init__(self, manager, buffer_id: int, size: int, pool_id: int):
+        self._manager = manager
+        self._id = buffer_id
+        self._size = size
+        self._pool_id = pool_id
+        self._live = True
+
+    # -- identity and geometry ---------------------------------------------------------
+
+    @property
+    def id(self) -> int:
+        """The buffer id (generation << 32 | slot): pass it to another process."""
+        return self._id
+
+    @property
+    def size(self) -> int:
+        """The size requested at allocation, in bytes."""
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        """The block size of its pool: the most bytes the payload can hold."""
+        return self._manager._pool_block_size(self._pool_id)
+
+    @property
+    def pool(self) -> str:
+        """Name of the pool the block belongs to."""
+        return self._manager._pool_name(self._pool_id)
+
+    @property
+    def ref_count(self) -> int:
+        """References held on the block by every process and queue of the domain."""
+        self._check()
+        count = self._manager._ctx.ref_count(self._id)
+        if count < 0:
+            raise InvalidBufferError(f"buffer {self._id:#x} is no longer valid")
+        return count
+
+    @property
+    def released(self) -> bool:
+        return not self._live
+
+    # -- timestamps ---------------------------------------------------------------------
+
+    @property
+    def timestamp(self) -> int:
+        """Timestamp in integer nanoseconds (0 until set)."""
+        return self._word(_W_TIMESTAMP)
+
+    @timestamp.setter
+    def timestamp(self, ns: int) -> None:
+        self._set_word(_W_TIMESTAMP, _as_ns(ns, "timestamp"))
+
+    @property
+    def time_range(self) -> tuple[int, int] | None:
+        """Optional half-open time range ``(start_ns, end_ns)`` the payload covers."""
+        meta = self._meta()
+        base = (self._id & 0xFFFFFFFF) * _ENTRY_WORDS
+        if not meta[base + _W_FLAGS] & _HAS_RANGE:
+            return None
+        return meta[base + _W_RANGE_START], meta[base + _W_RANGE_END]
+
+    @time_range.setter
+    def time_range(self, value: tuple[int, int] | None) -> None:
+        meta = self._meta()
+        base = (self._id & 0xFFFFFFFF) * _ENTRY_WORDS
+        if value is None:
+            meta[base + _W_FLAGS] &= ~_HAS_RANGE
+            return
+        try:
+            start, end = value
+        except (TypeError, ValueError):
+            raise TypeError(f"time_range must be (start_ns, end_ns) or None, not {value!r}") from None
+        start, end = _as_ns(start, "time_range start"), _as_ns(end, "time_range end")
+        if end < start:
+            raise ValueError(f"time_range end {end} is before its start {start}")
+        meta[base + _W_RANGE_START] = start
+        meta[base + _W_RANGE_END] = end
+        meta[base + _W_FLAGS] |= _HAS_RANGE
+
+    @property
+    def alloc_time(self) -> int:
+        """CLOCK_MONOTONIC nanoseconds at which the block was allocated."""
+        return self._word(_W_ALLOC_TIME)
+
+    # -- payload views (no copies) -------------------------------------------------------
+
+    def memoryview(self) -> memoryview:
+        """A writable memoryview of the payload's ``size`` bytes, in place."""
+        self._check()
+        return self._manager._payload(self._id & 0xFFFFFFFF, self._size)
+
+    def numpy(self, dtype=np.uint8, shape=None) -> np.ndarray:
+        """A numpy array over the payload, in place (no copy).
+
+        Without ``shape`` the array is 1-D over all ``size`` bytes, which must be a
+        multiple of the dtype's item size; with ``shape`` it may cover fewer bytes.
+        """
+        dtype = np.dtype(dtype)
+        view = self.memoryview()
+        if shape is None:
+            if self._size % dtype.itemsize:
+                raise ValueError(
+                    f"buffer size {self._size} is not a multiple of {dtype} item size "
+                    f"{dtype.itemsize}; pass shape= or allocate a multiple"
+                )
+            return np.frombuffer(view, dtype=dtype)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        count = 1
+        for n in shape:
+            count *= n
+        if count * dtype.itemsize > self._size or any(n < 0 for n in shape):
+            raise ValueError(
+                f"shape {shape} of {dtype} needs {count * dtype.itemsize} bytes but the "
+                f"buffer holds {self._size}"
+            )
+        return np.frombuffer(view, dtype=dtype, count=count).reshape(shape)
+
+    # -- references ----------------------------------------------------------------------
+
+    def share(self) -> "Buffer":
+        """Take another reference on the same block (a new handle)."""
+        self._check()
+        return self._manager.get(self._id)
+
+    def release(self) -> None:
+        """Drop this handle's reference; the last one returns the block to its pool."""
+        if not self._live:
+            raise BufferReleasedError(f"buffer {self._id:#x} was already released")
+        self._live = False
+        if self._manager._ctx.release(self._id) < 0:
+            raise InvalidBufferError(
+                f"buffer {self._id:#x}: this process no longer holds its reference "
+                "(the manager was shut down or the process was reaped)"
+            )
+
+    def __enter__(self) -> "Buffer":
+        self._check()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live:
+            self.release()
+
+    def __del__(self):
+        if self._live:
+            self._live = False
+            try:
+                self._manager._release_quietly(self._id)
+            except Exception:
+                pass  # interpreter shutdown or a closed manager: its shutdown released it
+
+    def __repr__(self) -> str:
+        state = "live" if self._live else "released"
+        return f"<Buffer id={self._id:#x} size={self._size} pool={self._pool_id} {state}>"
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if not self._live:
+            raise BufferReleasedError(
+                f"buffer {self._id:#x} was released; take a new reference with "
+                "manager.get(id) before using it again"
+            )
+
+    def _meta(self):
+        self._check()
+        return self._manager._meta_q
+
+    def _word(self, index: int) -> int:
+        return self._meta()[(self._id & 0xFFFFFFFF) * _ENTRY_WORDS + index]
+
+    def _set_word(self, index: int, value: int) -> None:
+        self._meta()[(self._id & 0xFFFFFFFF) * _ENTRY_WORDS + index] = value
+
+
+def _as_ns(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an int of nanoseconds, not {type(value).__name__}")
+    value = int(value)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{what} {value} does not fit in 64 bits")
+    return value

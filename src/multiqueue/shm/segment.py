@@ -1,0 +1,236 @@
+"""Named shared-memory segments under /dev/shm: create, open, check, remove.
+
+Segments are plain files on the tmpfs at /dev/shm, mapped with mmap; we do not use
+``multiprocessing.shared_memory``, whose resource tracker (Python < 3.13) unlinks
+segments that other processes still use.  A segment is published atomically: it is
+built under a temporary name and hard-linked into place, so no process ever opens a
+half-initialized segment, and creating never replaces an existing one.
+"""
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import re
+import threading
+import time
+import uuid
+
+from ..errors import SegmentError, SegmentVersionError
+from .layout import LAYOUT_VERSION, SegmentHeader
+
+SHM_DIR = "/dev/shm"
+DEFAULT_PREFIX = "mq."
+_DOMAIN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{0,24}\.?$")
+
+
+def check_domain(domain: str) -> str:
+    if not isinstance(domain, str) or not _DOMAIN_RE.match(domain):
+        raise ValueError(
+            f"invalid domain name {domain!r}: use 1-64 letters, digits, '_' or '-' "
+            "(it becomes part of file names under /dev/shm)"
+        )
+    return domain
+
+
+def check_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+        raise ValueError(f"invalid name_prefix {prefix!r}: up to 24 letters, digits, '_' or '-'")
+    return prefix
+
+
+def segment_path(prefix: str, domain: str, obj: str) -> str:
+    return os.path.join(SHM_DIR, f"{prefix}{domain}.{obj}")
+
+
+def domain_segments(prefix: str, domain: str) -> list[str]:
+    """Every file of a domain under /dev/shm (including unpublished temporaries)."""
+    start = f"{prefix}{domain}."
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.join(SHM_DIR, n) for n in names if n.startswith(start))
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot, or None if it does not exist.
+
+    pid plus start time names a process uniquely: pids get reused, start times do not.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):  # zombie or dead: no longer runs anything
+        return None
+    return int(fields[19])
+
+
+def is_alive(pid: int, start_time: int) -> bool:
+    return pid > 0 and process_start_time(pid) == start_time
+
+
+class Segment:
+    """One mapped segment: its path, file descriptor, mmap and header."""
+
+    def __init__(self, path: str, fd: int, mm: mmap.mmap):
+        self.path = path
+        self.fd = fd
+        self.mmap = mm
+        self.header = SegmentHeader.from_buffer(mm)
+
+    @property
+    def size(self) -> int:
+        return len(self.mmap)
+
+    def close(self) -> None:
+        """Unmap and close; views still held elsewhere keep the memory mapped until freed."""
+        self.header = None
+        try:
+            self.mmap.close()
+        except BufferError:
+            pass  # live memoryviews or numpy arrays still use it; munmap happens when they go
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _fill_header(mm: mmap.mmap, magic: int, kind: int, header_size: int) -> None:
+    hdr = SegmentHeader.from_buffer(mm)
+    hdr.version = LAYOUT_VERSION
+    hdr.kind = kind
+    hdr.creator_pid = os.getpid()
+    hdr.header_size = header_size
+    hdr.creator_start = process_start_time(os.getpid()) or 0
+    hdr.created_ns = time.time_ns()
+    hdr.total_size = len(mm)
+    hdr.magic = magic  # last: a segment with a magic is complete
+    del hdr
+
+
+def create_segment(path, size, magic, kind, header_size, init=None, mode=0o600):
+    """Create and publish a segment; returns it, or None if `path` already exists.
+
+    The space is reserved with posix_fallocate, so a full /dev/shm fails here with a
+    clear error instead of a SIGBUS when a page is first touched.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    segment = None
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed it; never widen beyond `mode`
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise SegmentError(
+                    e.errno,
+                    f"cannot reserve {size / 2**20:.1f} MiB for segment {path}: /dev/shm is "
+                    "full; free space there (`df -h /dev/shm`) or configure smaller pools",
+                ) from None
+            raise
+        mm = mmap.mmap(fd, size)
+        if init is not None:
+            init(mm)
+        _fill_header(mm, magic, kind, header_size)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            mm.close()
+            return None
+        segment = Segment(path, fd, mm)
+        return segment
+    finally:
+        os.unlink(tmp)
+        if segment is None:
+            os.close(fd)
+
+
+def open_segment(path: str, magic: int, kind: int) -> Segment:
+    """Open and check an existing segment (magic, kind, layout version, size)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SegmentError(errno.ENOENT, f"segment {path} does not exist") from None
+    except PermissionError:
+        raise SegmentError(
+            errno.EACCES,
+            f"permission denied opening segment {path}: it belongs to another user "
+            "(segments are created owner-only); run as that user",
+        ) from None
+    try:
+        size = os.fstat(fd).st_size
+        if size < ctypes.sizeof(SegmentHeader):
+            raise SegmentError(errno.EINVAL, f"segment {path} is truncated ({size} bytes)")
+        mm = mmap.mmap(fd, size)
+        hdr = SegmentHeader.from_buffer_copy(mm[: ctypes.sizeof(SegmentHeader)])
+        if hdr.magic != magic or hdr.kind != kind:
+            mm.close()
+            raise SegmentError(
+                errno.EINVAL,
+                f"segment {path} is not a multiqueue segment of the expected kind "
+                f"(magic {hdr.magic:#x}, kind {hdr.kind}); remove it if it is stale",
+            )
+        if hdr.version != LAYOUT_VERSION:
+            mm.close()
+            raise SegmentVersionError(
+                errno.EINVAL,
+                f"segment {path} has layout version {hdr.version} but this multiqueue "
+                f"uses version {LAYOUT_VERSION}; stop the processes of the other version "
+                "and remove the domain (ShmManager.cleanup) before reusing its name",
+            )
+        if hdr.total_size != size:
+            mm.close()
+            raise SegmentError(
+                errno.EINVAL,
+                f"segment {path} is truncated: header says {hdr.total_size} bytes, file has {size}",
+            )
+        return Segment(path, fd, mm)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def unlink_quietly(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+class DomainLock:
+    """Mutual exclusion for a domain's slow paths (registry, pool changes, reaping).
+
+    flock on the control segment excludes other processes and is released by the
+    kernel when a holder dies, so a crash never leaves the domain locked.  flock does
+    not exclude threads sharing the descriptor, hence the thread lock in front of it.
+    """
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+
+    def __enter__(self):
+        self._thread_lock.acquire()
+        if self._depth == 0:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._thread_lock.release()
+                raise
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
