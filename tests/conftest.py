@@ -1,16 +1,12 @@
 """Shared fixtures: a unique domain per test, removed afterwards, and a leak check."""
 
-import os
-import subprocess
-import sys
 import uuid
 
 import pytest
 
-from multiqueue import ShmConfig, PoolConfig, ShmManager
+from helpers import run_python, spawn_python  # noqa: F401  (re-exported for tests)
+from multiqueue import PoolConfig, ShmConfig, ShmManager
 from multiqueue.shm.segment import domain_segments, unlink_quietly
-
-SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
 
 @pytest.fixture
@@ -36,15 +32,3 @@ def manager(domain, small_config):
     m = ShmManager(domain, small_config, reaper_interval=None)
     yield m
     m.shutdown()
-
-
-def run_python(code: str, *args, timeout=60, **kwargs) -> subprocess.CompletedProcess:
-    """Run `code` in a separate interpreter (attaching by domain name like any process)."""
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, **kwargs)
-
-
-def spawn_python(code: str, *args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **kwargs)

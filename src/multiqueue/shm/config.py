@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from .layout import MAX_CHUNKS, MAX_NAME
 from .segment import DEFAULT_PREFIX, check_prefix
 
-_POOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,%d}$" % MAX_NAME)
+_POOL_NAME_RE = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_NAME}}}$")
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ class ShmManager:
     died are reaped (their references released) on attach, periodically by a
     background thread every ``reaper_interval`` seconds (``None`` turns it off) and
     by :meth:`reap`.  The last process to shut down removes the domain's segments.
+    With ``create=False`` a missing domain raises SegmentError instead of being made.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class ShmManager:
         *,
         name: str | None = None,
         reaper_interval: float | None = 1.0,
+        create: bool = True,
     ):
         self.domain = check_domain(domain)
         if config is not None and not isinstance(config, ShmConfig):
@@ -88,6 +90,7 @@ class ShmManager:
         self._requested = config if config is not None else ShmConfig.default_config()
         self._name = (name or os.path.basename(sys.argv[0] or "python"))[: L.MAX_NAME]
         self._reaper_interval = reaper_interval
+        self._create = create
         self._initialized = False
         self._ctx = None
         self.initialize()
@@ -98,6 +101,7 @@ class ShmManager:
         """Create or attach to the domain and register this process (idempotent)."""
         if self._initialized:
             return True
+        self._forked_from = None
         prefix = self._requested.name_prefix
         self._prefix = prefix
         self._control = self._open_or_create_control(prefix)
@@ -279,7 +283,7 @@ class ShmManager:
         with self._lock:
             if config.name in self._pool_names_locked():
                 raise ValueError(f"domain {self.domain!r} already has a pool named {config.name!r}")
-            pool_id = _create_pool(self._control, self._ctx, self._prefix, self.domain, config)
+            _create_pool(self._control, self._ctx, self._prefix, self.domain, config)
         self._refresh_pools()
         return self.get_pool(config.name)
 
@@ -399,6 +403,12 @@ class ShmManager:
     # ------------------------------------------------------------------ internals
 
     def _check(self) -> None:
+        if not self._initialized and getattr(self, "_forked_from", None):
+            raise NotInitializedError(
+                f"this ShmManager for domain {self.domain!r} was inherited through fork from "
+                f"process {self._forked_from}; call initialize() or create a new ShmManager "
+                "in the child"
+            )
         if not self._initialized:
             raise NotInitializedError(
                 f"ShmManager for domain {self.domain!r} is shut down; call initialize()"
@@ -411,6 +421,10 @@ class ShmManager:
                 return open_segment(path, L.MAGIC_CONTROL, L.KIND_CONTROL)
             except SegmentError as e:
                 if not os.path.exists(path) and "does not exist" in str(e):
+                    if not self._create:
+                        raise SegmentError(
+                            e.errno, f"domain {self.domain!r} does not exist (no {path})"
+                        ) from None
                     seg = _create_domain(path, prefix, self.domain, self._requested)
                     if seg is not None:
                         return seg
@@ -419,7 +433,7 @@ class ShmManager:
         raise SegmentError(0, f"could not create or open {path}")
 
     def _register_locked(self) -> int:
-        for slot, p in enumerate(self._procs):
+        for slot, p in enumerate(self._procs):  # noqa: B007 - the loop finds `slot`
             if p.state == L.PROC_FREE:
                 break
         else:
@@ -612,7 +626,8 @@ class ShmManager:
             seen = _native.atomic_load_u32(mm, c.free_event.offset)
             buffer = self._try_pools(size, candidates)  # a block freed before we registered
             if buffer is None:
-                _native.futex_wait(mm, c.free_event.offset, seen, -1.0 if remaining is None else remaining)
+                wait = -1.0 if remaining is None else remaining  # -1: no timeout
+                _native.futex_wait(mm, c.free_event.offset, seen, wait)
             return buffer
         finally:
             _native.atomic_add_u32(mm, c.alloc_waiters.offset, -1)
@@ -640,10 +655,20 @@ class ShmManager:
         self._control.close()
 
     def _after_fork_in_child(self) -> None:
-        """The child inherits the mapping but not the registration: refuse to act."""
+        """The child inherits the mapping but not the registration: refuse to act.
+
+        Its references are the parent's; the child may call initialize() to attach
+        as a process of its own.
+        """
         if self._ctx is not None:
             self._ctx.disable()
+        self._ctx = None
         self._initialized = False
+        self._forked_from = self._pid
+        self._alloc = self._refuse_after_fork
+
+    def _refuse_after_fork(self, *args):
+        self._check()
 
 
 def _bad_size(size) -> None:
@@ -699,7 +724,8 @@ def _create_domain(path: str, prefix: str, domain: str, config: ShmConfig):
             ctx.close()
 
     try:
-        seg = create_segment(path, lay["total"], L.MAGIC_CONTROL, L.KIND_CONTROL, lay["procs"], init)
+        seg = create_segment(path, lay["total"], L.MAGIC_CONTROL, L.KIND_CONTROL, lay["procs"],
+                             init)
     except BaseException:
         for p in created_pools:
             unlink_quietly(p)
@@ -751,7 +777,7 @@ def _grow_pool(control, ctx, prefix: str, domain: str, pool_id: int) -> bool:
     freed or grew meanwhile), False if it is at its limit.
     """
     mm = control.mmap
-    rec = (L.Pool * L.Control.from_buffer(mm).max_pools).from_buffer(mm, L.Control.from_buffer(mm).pools_offset)[pool_id]
+    rec = _pool_record(mm, pool_id)
     if rec.head & 0xFFFFFFFF:
         return True
     room = min(rec.initial_count, rec.max_blocks - rec.block_count)
@@ -771,7 +797,7 @@ def _grow_pool(control, ctx, prefix: str, domain: str, pool_id: int) -> bool:
 def _add_chunk(mm, ctx, prefix, domain, pool_id: int, count: int, created: list[str]) -> None:
     """Create one segment of `count` blocks for a pool and link them into its free list."""
     c = L.Control.from_buffer(mm)
-    rec = (L.Pool * c.max_pools).from_buffer(mm, c.pools_offset)[pool_id]
+    rec = _pool_record(mm, pool_id)
     first = c.slots_used
     if first + count > c.max_buffers:
         raise DomainFullError(
@@ -802,6 +828,11 @@ def _add_chunk(mm, ctx, prefix, domain, pool_id: int, count: int, created: list[
     rec.block_count += count
     ctx.push_free(pool_id, first, count)
     del c, rec, entries
+
+
+def _pool_record(mm, pool_id: int) -> L.Pool:
+    c = L.Control.from_buffer(mm)
+    return L.Pool.from_buffer(mm, c.pools_offset + pool_id * ctypes.sizeof(L.Pool))
 
 
 def _after_fork_in_child() -> None:
