@@ -26,6 +26,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <math.h>
 #include <linux/futex.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -201,33 +202,58 @@ typedef struct {
     uint64_t epoch;          /* pools_epoch this process's pool view was built at */
 } Context;
 
-static int context_check(Context *self) {
+static int mapped_check(Context *self) {
     if (!self->has_view) {
         PyErr_SetString(PyExc_RuntimeError, "the shared-memory context is closed");
-        return -1;
-    }
-    if (self->disabled) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "this ShmManager belongs to the parent process (it was inherited "
-                        "through fork); create a new ShmManager in the child");
         return -1;
     }
     return 0;
 }
 
+/* The hot operations also refuse a disabled context: one that is shutting down (its
+   ledger row is being reclaimed) or that was inherited through fork. */
+static int context_check(Context *self) {
+    if (mapped_check(self) < 0) return -1;
+    if (self->disabled) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this shared-memory context is disabled: its manager was shut down, "
+                        "or inherited through fork (create a new ShmManager in the child)");
+        return -1;
+    }
+    return 0;
+}
+
+/* Do the control header's tables fit in `len` bytes?  A corrupt header must not
+   send any process writing outside its mapping. */
+static int control_fits(const mq_control *ctl, uint64_t len) {
+    uint64_t procs = ctl->max_processes, pools = ctl->max_pools, bufs = ctl->max_buffers;
+    if (procs == 0 || procs > 4096 || pools == 0 || pools > 1024 || bufs == 0 || bufs >= (1u << 31))
+        return 0;
+    return ctl->procs_offset + procs * sizeof(mq_process) <= len &&
+           ctl->pools_offset + pools * sizeof(mq_pool) <= len &&
+           ctl->meta_offset + bufs * sizeof(mq_entry) <= len &&
+           ctl->ledger_offset + procs * bufs * 8 <= len && ctl->slots_used <= bufs;
+}
+
 static int Context_init(Context *self, PyObject *args, PyObject *kwds) {
     PyObject *buffer;
     unsigned int proc_slot;
-    if (!PyArg_ParseTuple(args, "OI", &buffer, &proc_slot)) return -1;
-    if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE) < 0) return -1;
-    self->has_view = 1;
-    mq_control *ctl = (mq_control *)self->view.buf;
-    if ((size_t)self->view.len < sizeof(mq_control) || proc_slot >= ctl->max_processes ||
-        ctl->ledger_offset + (uint64_t)ctl->max_processes * ctl->max_buffers * 8 >
-            (uint64_t)self->view.len) {
-        PyErr_SetString(PyExc_ValueError, "control segment too small or process slot out of range");
+    if (self->has_view) {
+        PyErr_SetString(PyExc_RuntimeError, "Context is already initialized");
         return -1;
     }
+    if (!PyArg_ParseTuple(args, "OI", &buffer, &proc_slot)) return -1;
+    Py_buffer view;
+    if (PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE) < 0) return -1;
+    mq_control *ctl = (mq_control *)view.buf;
+    if ((size_t)view.len < sizeof(mq_control) || !control_fits(ctl, (uint64_t)view.len) ||
+        proc_slot >= ctl->max_processes) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "control segment too small or corrupt, or process slot out of range");
+        return -1;
+    }
+    self->view = view;
+    self->has_view = 1;
     char *base = (char *)ctl;
     self->ctl = ctl;
     self->pools = (mq_pool *)(base + ctl->pools_offset);
@@ -255,9 +281,11 @@ static void Context_dealloc(Context *self) {
 /* Return a freed block to its pool and wake allocators waiting for one. */
 static void free_block(Context *self, uint32_t slot) {
     mq_entry *e = &self->entries[slot];
-    mq_pool *pool = &self->pools[e->pool_id];
-    __atomic_fetch_sub(&pool->used, 1, __ATOMIC_RELAXED);
+    mq_pool *pool = &self->pools[e->pool_id % self->ctl->max_pools];
     freelist_push(pool, self->entries, slot);
+    __atomic_fetch_sub(&pool->used, 1, __ATOMIC_SEQ_CST); /* after the push: remove_pool trusts it */
+    /* pairs with the waiter's "register, then re-check the pools": one of us sees the other */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (LOAD(&self->ctl->alloc_waiters)) {
         __atomic_fetch_add(&self->ctl->free_event, 1, __ATOMIC_ACQ_REL);
         futex(&self->ctl->free_event, FUTEX_WAKE, INT32_MAX, NULL);
@@ -288,8 +316,9 @@ static PyObject *Context_alloc(Context *self, PyObject *const *args, Py_ssize_t 
     }
     if (context_check(self) < 0) return NULL;
     unsigned long pool_id = PyLong_AsUnsignedLong(args[0]);
+    if (pool_id == (unsigned long)-1 && PyErr_Occurred()) return NULL;
     unsigned long long size = PyLong_AsUnsignedLongLong(args[1]);
-    if (PyErr_Occurred()) return NULL;
+    if (size == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     if (pool_id >= self->ctl->max_pools) {
         PyErr_SetString(PyExc_ValueError, "pool id out of range");
         return NULL;
@@ -298,15 +327,20 @@ static PyObject *Context_alloc(Context *self, PyObject *const *args, Py_ssize_t 
     if (LOAD(&self->ctl->pools_epoch) != self->epoch) return PyLong_FromLong(-3);
     mq_pool *pool = &self->pools[pool_id];
     if (LOAD(&pool->state) != MQ_POOL_ACTIVE) return PyLong_FromLong(-2);
+    if (size == 0 || size > pool->block_size) {
+        PyErr_Format(PyExc_ValueError, "size %llu does not fit pool %lu's blocks", size, pool_id);
+        return NULL;
+    }
     int64_t popped = freelist_pop(pool, self->entries);
     if (popped < 0) return PyLong_FromLong(-1);
     uint32_t slot = (uint32_t)popped;
     uint64_t used = __atomic_add_fetch(&pool->used, 1, __ATOMIC_SEQ_CST);
-    if (LOAD(&pool->state) != MQ_POOL_ACTIVE) {
+    if (__atomic_load_n(&pool->state, __ATOMIC_SEQ_CST) != MQ_POOL_ACTIVE) {
         /* remove_pool() marked it while we popped: it checks `used` after marking, so
-           either it sees our increment or we see its mark; here we saw it, undo */
-        __atomic_fetch_sub(&pool->used, 1, __ATOMIC_RELAXED);
+           either it sees our increment or we see its mark; here we saw it, undo.
+           Pool records are never reused, so the push lands in the right list. */
         freelist_push(pool, self->entries, slot);
+        __atomic_fetch_sub(&pool->used, 1, __ATOMIC_SEQ_CST);
         return PyLong_FromLong(-2);
     }
     uint64_t high = __atomic_load_n(&pool->high_water, __ATOMIC_RELAXED);
@@ -314,7 +348,7 @@ static PyObject *Context_alloc(Context *self, PyObject *const *args, Py_ssize_t 
                                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
     }
     mq_entry *e = &self->entries[slot];
-    uint32_t gen = (uint32_t)(e->state >> 32) + 1;
+    uint32_t gen = (uint32_t)(__atomic_load_n(&e->state, __ATOMIC_RELAXED) >> 32) + 1;
     if (gen == 0) gen = 1; /* generation 0 is never valid, so small ints are never ids */
     STORE(&self->ledger[slot], ((uint64_t)gen << 32) | 1);  /* recorded before use */
     e->size = size;
@@ -358,6 +392,10 @@ static PyObject *Context_acquire(Context *self, PyObject *arg) {
     uint64_t state = LOAD(&e->state);
     for (;;) {
         if ((uint32_t)(state >> 32) != gen || (uint32_t)state == 0) return PyLong_FromLong(-1);
+        if ((uint32_t)state == UINT32_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "buffer reference count would overflow");
+            return NULL;
+        }
         if (CAS(&e->state, &state, state + 1)) break;
     }
     uint64_t held = self->ledger[slot];
@@ -395,7 +433,7 @@ static PyObject *Context_ref_count(Context *self, PyObject *arg) {
 static PyObject *Context_push_free(Context *self, PyObject *args) {
     unsigned int pool_id, first, count;
     if (!PyArg_ParseTuple(args, "III", &pool_id, &first, &count)) return NULL;
-    if (context_check(self) < 0) return NULL;
+    if (mapped_check(self) < 0) return NULL;
     if (pool_id >= self->ctl->max_pools || (uint64_t)first + count > self->ctl->max_buffers) {
         PyErr_SetString(PyExc_ValueError, "pool id or slot range out of bounds");
         return NULL;
@@ -409,9 +447,9 @@ static PyObject *Context_push_free(Context *self, PyObject *args) {
    reference a dead process's ledger row records, and clear the row.  The caller
    holds the domain lock and has established that the process is dead. */
 static PyObject *Context_reclaim(Context *self, PyObject *arg) {
-    if (context_check(self) < 0) return NULL;
+    if (mapped_check(self) < 0) return NULL;
     unsigned long dead = PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred()) return NULL;
+    if (dead == (unsigned long)-1 && PyErr_Occurred()) return NULL;
     if (dead >= self->ctl->max_processes) {
         PyErr_SetString(PyExc_ValueError, "process slot out of range");
         return NULL;
@@ -454,7 +492,7 @@ static PyObject *Context_close(Context *self, PyObject *Py_UNUSED(ignored)) {
 }
 
 static PyObject *Context_refresh_epoch(Context *self, PyObject *Py_UNUSED(ignored)) {
-    if (context_check(self) < 0) return NULL;
+    if (mapped_check(self) < 0) return NULL;
     self->epoch = LOAD(&self->ctl->pools_epoch);
     return PyLong_FromUnsignedLongLong(self->epoch);
 }
@@ -493,7 +531,7 @@ static PyTypeObject ContextType = {
 /* Resolve (buffer, offset) to an aligned word address; -1 with an exception set. */
 static int word_at(PyObject *buffer, Py_ssize_t offset, Py_ssize_t width, Py_buffer *view, void **addr) {
     if (PyObject_GetBuffer(buffer, view, PyBUF_WRITABLE) < 0) return -1;
-    if (offset < 0 || offset + width > view->len || ((uintptr_t)view->buf + offset) % width) {
+    if (offset < 0 || offset > view->len - width || ((uintptr_t)view->buf + offset) % width) {
         PyBuffer_Release(view);
         PyErr_Format(PyExc_ValueError, "offset %zd is out of range or not %zd-byte aligned", offset, width);
         return -1;
@@ -505,7 +543,7 @@ static int word_at(PyObject *buffer, Py_ssize_t offset, Py_ssize_t width, Py_buf
 static PyObject *atomic_load_u64(PyObject *m, PyObject *args) {
     PyObject *buf; Py_ssize_t off; Py_buffer v; void *a;
     if (!PyArg_ParseTuple(args, "On", &buf, &off) || word_at(buf, off, 8, &v, &a) < 0) return NULL;
-    uint64_t r = LOAD((uint64_t *)a);
+    uint64_t r = __atomic_load_n((uint64_t *)a, __ATOMIC_SEQ_CST);
     PyBuffer_Release(&v);
     return PyLong_FromUnsignedLongLong(r);
 }
@@ -513,7 +551,7 @@ static PyObject *atomic_load_u64(PyObject *m, PyObject *args) {
 static PyObject *atomic_store_u64(PyObject *m, PyObject *args) {
     PyObject *buf; Py_ssize_t off; unsigned long long val; Py_buffer v; void *a;
     if (!PyArg_ParseTuple(args, "OnK", &buf, &off, &val) || word_at(buf, off, 8, &v, &a) < 0) return NULL;
-    STORE((uint64_t *)a, (uint64_t)val);
+    __atomic_store_n((uint64_t *)a, (uint64_t)val, __ATOMIC_SEQ_CST);
     PyBuffer_Release(&v);
     Py_RETURN_NONE;
 }
@@ -521,7 +559,7 @@ static PyObject *atomic_store_u64(PyObject *m, PyObject *args) {
 static PyObject *atomic_add_u64(PyObject *m, PyObject *args) {
     PyObject *buf; Py_ssize_t off; long long delta; Py_buffer v; void *a;
     if (!PyArg_ParseTuple(args, "OnL", &buf, &off, &delta) || word_at(buf, off, 8, &v, &a) < 0) return NULL;
-    uint64_t r = __atomic_add_fetch((uint64_t *)a, (uint64_t)delta, __ATOMIC_ACQ_REL);
+    uint64_t r = __atomic_add_fetch((uint64_t *)a, (uint64_t)delta, __ATOMIC_SEQ_CST);
     PyBuffer_Release(&v);
     return PyLong_FromUnsignedLongLong(r);
 }
@@ -531,7 +569,8 @@ static PyObject *atomic_cas_u64(PyObject *m, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OnKK", &buf, &off, &expected, &desired) || word_at(buf, off, 8, &v, &a) < 0)
         return NULL;
     uint64_t exp = expected;
-    int ok = CAS((uint64_t *)a, &exp, (uint64_t)desired);
+    int ok = __atomic_compare_exchange_n((uint64_t *)a, &exp, (uint64_t)desired, 0, __ATOMIC_SEQ_CST,
+                                         __ATOMIC_SEQ_CST);
     PyBuffer_Release(&v);
     return Py_BuildValue("OK", ok ? Py_True : Py_False, (unsigned long long)exp);
 }
@@ -539,7 +578,7 @@ static PyObject *atomic_cas_u64(PyObject *m, PyObject *args) {
 static PyObject *atomic_load_u32(PyObject *m, PyObject *args) {
     PyObject *buf; Py_ssize_t off; Py_buffer v; void *a;
     if (!PyArg_ParseTuple(args, "On", &buf, &off) || word_at(buf, off, 4, &v, &a) < 0) return NULL;
-    uint32_t r = LOAD((uint32_t *)a);
+    uint32_t r = __atomic_load_n((uint32_t *)a, __ATOMIC_SEQ_CST);
     PyBuffer_Release(&v);
     return PyLong_FromUnsignedLong(r);
 }
@@ -547,7 +586,7 @@ static PyObject *atomic_load_u32(PyObject *m, PyObject *args) {
 static PyObject *atomic_add_u32(PyObject *m, PyObject *args) {
     PyObject *buf; Py_ssize_t off; int delta; Py_buffer v; void *a;
     if (!PyArg_ParseTuple(args, "Oni", &buf, &off, &delta) || word_at(buf, off, 4, &v, &a) < 0) return NULL;
-    uint32_t r = __atomic_add_fetch((uint32_t *)a, (uint32_t)delta, __ATOMIC_ACQ_REL);
+    uint32_t r = __atomic_add_fetch((uint32_t *)a, (uint32_t)delta, __ATOMIC_SEQ_CST);
     PyBuffer_Release(&v);
     return PyLong_FromUnsignedLong(r);
 }
@@ -559,8 +598,12 @@ static PyObject *futex_wait(PyObject *m, PyObject *args) {
     PyObject *buf; Py_ssize_t off; unsigned int expected; double timeout; Py_buffer v; void *a;
     if (!PyArg_ParseTuple(args, "OnId", &buf, &off, &expected, &timeout) || word_at(buf, off, 4, &v, &a) < 0)
         return NULL;
+    if (isnan(timeout)) {
+        PyErr_SetString(PyExc_ValueError, "timeout is NaN");
+        return NULL;
+    }
     struct timespec ts, *tsp = NULL;
-    if (timeout >= 0) {
+    if (timeout >= 0 && timeout < 1e9) { /* beyond ~31 years, or infinite: no timeout */
         ts.tv_sec = (time_t)timeout;
         ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
         tsp = &ts;

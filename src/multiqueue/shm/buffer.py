@@ -28,10 +28,11 @@ class Buffer:
     used after it is released: the block may then be reused.
     """
 
-    __slots__ = ("_manager", "_id", "_size", "_pool_id", "_live")
+    __slots__ = ("_manager", "_ctx", "_id", "_size", "_pool_id", "_live")
 
-    def __init__(self, manager, buffer_id: int, size: int, pool_id: int):
+    def __init__(self, manager, ctx, buffer_id: int, size: int, pool_id: int):
         self._manager = manager
+        self._ctx = ctx  # the manager's context when the reference was taken (see _check)
         self._id = buffer_id
         self._size = size
         self._pool_id = pool_id
@@ -63,7 +64,7 @@ class Buffer:
     def ref_count(self) -> int:
         """References held on the block by every process and queue of the domain."""
         self._check()
-        count = self._manager._ctx.ref_count(self._id)
+        count = self._ctx.ref_count(self._id)
         if count < 0:
             raise InvalidBufferError(f"buffer {self._id:#x} is no longer valid")
         return count
@@ -160,7 +161,11 @@ class Buffer:
         if not self._live:
             raise BufferReleasedError(f"buffer {self._id:#x} was already released")
         self._live = False
-        if self._manager._ctx.release(self._id) < 0:
+        try:
+            held = self._ctx.release(self._id)
+        except RuntimeError:  # the manager was shut down (or inherited through fork)
+            held = -1
+        if held < 0:
             raise InvalidBufferError(
                 f"buffer {self._id:#x}: this process no longer holds its reference "
                 "(the manager was shut down or the process was reaped)"
@@ -178,9 +183,9 @@ class Buffer:
         if self._live:
             self._live = False
             try:
-                self._manager._release_quietly(self._id)
+                self._ctx.release(self._id)
             except Exception:
-                pass  # interpreter shutdown or a closed manager: its shutdown released it
+                pass  # a closed or forked manager: its shutdown released the reference
 
     def __repr__(self) -> str:
         state = "live" if self._live else "released"
@@ -193,6 +198,12 @@ class Buffer:
             raise BufferReleasedError(
                 f"buffer {self._id:#x} was released; take a new reference with "
                 "manager.get(id) before using it again"
+            )
+        if self._ctx is not self._manager._ctx or not self._manager._initialized:
+            # shutdown() released every reference of the process, this one included
+            raise InvalidBufferError(
+                f"buffer {self._id:#x} belongs to a ShmManager of domain "
+                f"{self._manager.domain!r} that was shut down; its reference is gone"
             )
 
     def _meta(self):

@@ -32,6 +32,7 @@ PROC_REAPING = 2
 POOL_FREE = 0
 POOL_ACTIVE = 1
 POOL_REMOVING = 2
+POOL_REMOVED = 3  # never reused: an allocator stalled in the old pool must not see a new one
 
 PAGE = 4096
 CACHE_LINE = 64

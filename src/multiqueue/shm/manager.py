@@ -148,17 +148,18 @@ class ShmManager:
         if not self._initialized:
             return
         self._initialized = False
+        self._ctx.disable()  # other threads' allocate/get/release now refuse, before the reclaim
+        self._alloc = self._refuse_after_fork
         self._stop_reaper.set()
         if self._reaper is not None and self._reaper is not threading.current_thread():
             self._reaper.join()
         others_alive = False
         with self._lock:
-            self._ctx.reclaim(self._proc_slot)
-            self._retire_locked(self._proc_slot)
+            _released, freed = self._ctx.reclaim(self._proc_slot)
+            self._retire_locked(self._proc_slot, freed)
             self._reap_locked()
             others_alive = any(p.state != L.PROC_FREE for p in self._procs)
         self._ctx.close()
-        self._ctx = None
         if unlink or (unlink is None and not others_alive):
             for path in domain_segments(self._prefix, self.domain):
                 unlink_quietly(path)
@@ -241,7 +242,7 @@ class ShmManager:
         for pool_id in self._orders[i]:
             buffer_id = self._alloc(pool_id, size)
             if buffer_id >= 0:
-                return Buffer(self, buffer_id, size, pool_id)
+                return Buffer(self, self._ctx, buffer_id, size, pool_id)
         return self._allocate_slow(size, None, timeout)
 
     def allocate_from_pool(self, name: str, size: int | None = None, timeout: float | None = None) -> Buffer:
@@ -256,7 +257,7 @@ class ShmManager:
             raise ValueError(f"size {size} exceeds pool {name!r} block size {block_size}")
         buffer_id = self._alloc(pool.pool_id, size)
         if buffer_id >= 0:
-            return Buffer(self, buffer_id, size, pool.pool_id)
+            return Buffer(self, self._ctx, buffer_id, size, pool.pool_id)
         return self._allocate_slow(size, pool.pool_id, timeout)
 
     def get(self, buffer_id: int) -> Buffer:
@@ -271,7 +272,7 @@ class ShmManager:
             )
         base = (buffer_id & 0xFFFFFFFF) * _ENTRY_WORDS
         pool_id = (self._meta_Q[base + _W_LINK] >> 32) & 0xFFFF
-        return Buffer(self, buffer_id, self._meta_Q[base + _W_SIZE], pool_id)
+        return Buffer(self, self._ctx, buffer_id, self._meta_Q[base + _W_SIZE], pool_id)
 
     # ------------------------------------------------------------------ pools
 
@@ -284,6 +285,7 @@ class ShmManager:
             if config.name in self._pool_names_locked():
                 raise ValueError(f"domain {self.domain!r} already has a pool named {config.name!r}")
             _create_pool(self._control, self._ctx, self._prefix, self.domain, config)
+        self._notify_waiters()
         self._refresh_pools()
         return self.get_pool(config.name)
 
@@ -291,6 +293,7 @@ class ShmManager:
         """Remove a pool; refused with PoolInUseError while any of its blocks is in use."""
         self._check()
         with self._lock:
+            self._reap_locked()  # dead holders must not keep the pool "in use"
             pool_id = self._find_pool_locked(name)
             rec = self._pools[pool_id]
             state_offset = self._ctl.pools_offset + pool_id * ctypes.sizeof(L.Pool) + L.Pool.state.offset
@@ -303,10 +306,12 @@ class ShmManager:
                     f"pool {name!r} has {rec.used} blocks in use; release those buffers "
                     "before removing it"
                 )
-            self._ctl.pools_epoch += 1
             for chunk in range(rec.n_chunks):
                 unlink_quietly(_pool_segment_path(self._prefix, self.domain, rec, chunk))
-            ctypes.memset(ctypes.addressof(rec), 0, ctypes.sizeof(L.Pool))
+            # The record (and its metadata slots) stay retired for the domain's life: an
+            # allocator stalled between reading the state and popping must find this
+            # pool, not a new one in its place.
+            rec.state = L.POOL_REMOVED
             self._ctl.pools_epoch += 1
         self._refresh_pools()
 
@@ -443,6 +448,9 @@ class ShmManager:
             )
         p = self._procs[slot]
         ctypes.memset(ctypes.byref(p.stats), 0, ctypes.sizeof(L.Stats))
+        c = self._ctl
+        row = c.ledger_offset + slot * c.max_buffers * 8
+        self._control.mmap[row : row + c.max_buffers * 8] = bytes(c.max_buffers * 8)
         p.pid = self._pid
         p.start_time = process_start_time(self._pid) or 0
         p.name = self._name.encode()[: L.MAX_NAME]
@@ -450,10 +458,14 @@ class ShmManager:
         p.state = L.PROC_ALIVE
         return slot
 
-    def _retire_locked(self, slot: int) -> None:
-        """Fold a leaving process's counters into the domain's and free its slot."""
+    def _retire_locked(self, slot: int, blocks_freed: int = 0) -> None:
+        """Fold a leaving process's counters into the domain's and free its slot.
+
+        ``blocks_freed`` counts blocks the reclaim of its references returned.
+        """
         p = self._procs[slot]
         r = self._ctl.retired
+        r.dealloc_count += blocks_freed
         for f in ("alloc_count", "dealloc_count", "failed_count", "latency_sum_ns"):
             setattr(r, f, getattr(r, f) + getattr(p.stats, f))
         r.latency_max_ns = max(r.latency_max_ns, p.stats.latency_max_ns)
@@ -466,24 +478,23 @@ class ShmManager:
     def _reap_locked(self) -> ReapReport:
         report = ReapReport([], 0, 0)
         for slot, p in enumerate(self._procs):
-            if p.state == L.PROC_FREE or (slot == getattr(self, "_proc_slot", -1) and self._ctx):
+            if p.state == L.PROC_FREE or (self._initialized and slot == self._proc_slot):
                 continue
             if is_alive(p.pid, p.start_time):
                 continue
             # REAPING survives a reaper that dies mid-way; the next one redoes the rest
             p.state = L.PROC_REAPING
             released, freed = self._reclaim_locked(slot)
-            self._ctl.retired.dealloc_count += freed
             report.processes.append((p.pid, p.name.decode(errors="replace")))
             report.references_released += released
             report.blocks_freed += freed
-            self._retire_locked(slot)
+            self._retire_locked(slot, freed)
         return report
 
     def _reclaim_locked(self, slot: int) -> tuple[int, int]:
-        if self._ctx is not None:
+        if self._initialized:
             return self._ctx.reclaim(slot)
-        ctx = _native.Context(self._control.mmap, slot)  # during initialize()
+        ctx = _native.Context(self._control.mmap, slot)  # during initialize() or shutdown()
         try:
             return ctx.reclaim(slot)
         finally:
@@ -518,14 +529,14 @@ class ShmManager:
         active = sorted(self._active_pools(), key=lambda p: (self._pools[p].block_size, p))
         self._block_sizes = [self._pools[p].block_size for p in active]
         self._orders = [tuple(active[i:]) for i in range(len(active))]
-        self._pool_meta = {p: (self._pools[p].name.decode(), self._pools[p].block_size) for p in active}
+        self._active_ids = set(active)
         live_tokens = {(p, self._pools[p].token) for p in active}
         for key in [k for k in self._chunk_views if (k[0], k[2]) not in live_tokens]:
             del self._chunk_views[key]
             self._chunk_segments.pop(key).close()
 
     def _pool_name(self, pool_id: int) -> str:
-        return self._pool_meta[pool_id][0] if pool_id in self._pool_meta else f"<removed {pool_id}>"
+        return self._pools[pool_id].name.decode()  # records are never reused: always its own
 
     def _pool_block_size(self, pool_id: int) -> int:
         return self._pools[pool_id].block_size
@@ -561,33 +572,31 @@ class ShmManager:
         self._chunk_views[key] = view = memoryview(seg.mmap)
         return view
 
-    def _release_quietly(self, buffer_id: int) -> None:
-        if self._ctx is not None and self._initialized:
-            self._ctx.release(buffer_id)
-
     def _allocate_slow(self, size: int, only_pool: int | None, timeout: float | None) -> Buffer:
         """Full pools, changed pools, growth and waiting: everything off the fast path."""
         self._check()
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
         while True:
             self._refresh_pools()
             candidates = self._candidates(size, only_pool)
             buffer = self._try_pools(size, candidates)
-            if buffer is None and self._grow_one(candidates):
+            if buffer is _POOLS_CHANGED:
                 continue
             if buffer is not None:
                 return buffer
+            if self._grow_one(candidates):
+                continue
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 self._procs[self._proc_slot].stats.failed_count += 1
                 raise PoolExhaustedError(self._exhausted_message(size, candidates, timeout))
             buffer = self._wait_for_free_block(size, candidates, remaining)
-            if buffer is not None:
+            if buffer is not None and buffer is not _POOLS_CHANGED:
                 return buffer
 
     def _candidates(self, size: int, only_pool: int | None) -> tuple[int, ...]:
         if only_pool is not None:
-            if only_pool not in self._pool_meta:
+            if only_pool not in self._active_ids:
                 raise PoolNotFoundError(f"pool {only_pool} was removed from domain {self.domain!r}")
             return (only_pool,)
         i = bisect_left(self._block_sizes, size)
@@ -599,13 +608,14 @@ class ShmManager:
             )
         return self._orders[i]
 
-    def _try_pools(self, size: int, candidates) -> Buffer | None:
+    def _try_pools(self, size: int, candidates):
+        """A Buffer, None if every candidate is full, or _POOLS_CHANGED (refresh, retry)."""
         for pool_id in candidates:
             buffer_id = self._alloc(pool_id, size)
             if buffer_id >= 0:
-                return Buffer(self, buffer_id, size, pool_id)
-            if buffer_id == -3:  # pools changed under us: let the caller refresh
-                return None
+                return Buffer(self, self._ctx, buffer_id, size, pool_id)
+            if buffer_id < -1:  # pools added, grown or removed meanwhile
+                return _POOLS_CHANGED
         return None
 
     def _grow_one(self, candidates) -> bool:
@@ -614,9 +624,18 @@ class ShmManager:
             rec = self._pools[pool_id]
             if rec.expandable and rec.block_count < rec.max_blocks:
                 with self._lock:
-                    if _grow_pool(self._control, self._ctx, self._prefix, self.domain, pool_id):
-                        return True
+                    grown = _grow_pool(self._control, self._ctx, self._prefix, self.domain, pool_id)
+                if grown:
+                    self._notify_waiters()
+                    return True
         return False
+
+    def _notify_waiters(self) -> None:
+        """Wake allocators sleeping for a block: capacity was added."""
+        mm, c = self._control.mmap, L.Control
+        if _native.atomic_load_u32(mm, c.alloc_waiters.offset):
+            _native.atomic_add_u32(mm, c.free_event.offset, 1)
+            _native.futex_wake(mm, c.free_event.offset, 2**31 - 1)
 
     def _wait_for_free_block(self, size, candidates, remaining) -> Buffer | None:
         """Sleep in the kernel until some process frees a block (or time runs out)."""
@@ -625,7 +644,7 @@ class ShmManager:
         try:
             seen = _native.atomic_load_u32(mm, c.free_event.offset)
             buffer = self._try_pools(size, candidates)  # a block freed before we registered
-            if buffer is None:
+            if buffer is None:  # (a Buffer or _POOLS_CHANGED: return at once)
                 wait = -1.0 if remaining is None else remaining  # -1: no timeout
                 _native.futex_wait(mm, c.free_event.offset, seen, wait)
             return buffer
@@ -662,13 +681,27 @@ class ShmManager:
         """
         if self._ctx is not None:
             self._ctx.disable()
-        self._ctx = None
         self._initialized = False
         self._forked_from = self._pid
         self._alloc = self._refuse_after_fork
+        # the inherited descriptor shares the parent's flock: let it go with the parent
+        os.close(self._control.fd)
+        self._control.fd = -1
 
     def _refuse_after_fork(self, *args):
+        """Stands in for the C alloc once shut down or forked: a clear error instead."""
         self._check()
+
+
+_POOLS_CHANGED = object()  # _try_pools: the pool view is stale
+
+
+def _check_timeout(timeout) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be None or a number of seconds, not {type(timeout).__name__}")
+    if not timeout >= 0:  # also catches NaN
+        raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout}")
+    return float(timeout)
 
 
 def _bad_size(size) -> None:
@@ -763,6 +796,17 @@ def _create_pool_in(mm, ctx, prefix, domain, config: PoolConfig, created: list[s
     rec.max_blocks = config.block_limit
     rec.expandable = int(config.expandable)
     rec.token = secrets.randbits(64)
+    # Reserve metadata slots for every block the pool may ever have, so growth never
+    # competes with pools added later.
+    first = c.slots_used
+    if first + config.block_limit > c.max_buffers:
+        raise DomainFullError(
+            f"domain {domain!r} has room for {c.max_buffers - first} more blocks "
+            f"(max_buffers={c.max_buffers}) but pool {config.name!r} may hold "
+            f"{config.block_limit}; create the domain with a larger ShmConfig.max_buffers"
+        )
+    rec.chunks[0].first_slot = first
+    c.slots_used = first + config.block_limit  # reserved slots stay at generation 0: invalid ids
     _add_chunk(mm, ctx, prefix, domain, pool_id, config.block_count, created)
     rec.state = L.POOL_ACTIVE
     c.pools_epoch += 1
@@ -798,13 +842,7 @@ def _add_chunk(mm, ctx, prefix, domain, pool_id: int, count: int, created: list[
     """Create one segment of `count` blocks for a pool and link them into its free list."""
     c = L.Control.from_buffer(mm)
     rec = _pool_record(mm, pool_id)
-    first = c.slots_used
-    if first + count > c.max_buffers:
-        raise DomainFullError(
-            f"domain {domain!r} has room for {c.max_buffers - first} more blocks "
-            f"(max_buffers={c.max_buffers}) but pool {rec.name.decode()!r} needs {count}; "
-            "create the domain with a larger ShmConfig.max_buffers"
-        )
+    first = rec.chunks[0].first_slot + rec.block_count  # inside the pool's reserved range
     chunk = rec.n_chunks
     path = _pool_segment_path(prefix, domain, rec, chunk)
     size = _POOL_DATA_OFFSET + count * rec.stride
@@ -821,7 +859,6 @@ def _add_chunk(mm, ctx, prefix, domain, pool_id: int, count: int, created: list[
         e.chunk = chunk
         e.block_index = rec.block_count + i
         e.data_offset = _POOL_DATA_OFFSET + i * rec.stride
-    c.slots_used = first + count  # after the entries: C checks ids against it
     rec.chunks[chunk].first_slot = first
     rec.chunks[chunk].count = count
     rec.n_chunks = chunk + 1

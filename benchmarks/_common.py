@@ -1,0 +1,74 @@
+"""Helpers shared by the benchmark scripts: machine info, run statistics, table, JSON."""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+
+import numpy as np
+
+import multiqueue
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "multiqueue": multiqueue.__version__,
+        "platform": platform.platform(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def print_machine(info: dict) -> None:
+    print(f"CPU: {info['cpu']} ({info['cores']} cores), {info['platform']}")
+    print(f"Python {info['python']}, numpy {info['numpy']}, multiqueue {info['multiqueue']}, "
+          f"{info['date']}")
+
+
+def summarize(name: str, rates: list[float], target: float | None, reference: float) -> dict:
+    """One result row: per-run rates (operations/s) -> median/min/max, ns per operation."""
+    median = statistics.median(rates)
+    return {
+        "name": name,
+        "runs": rates,
+        "median": median,
+        "min": min(rates),
+        "max": max(rates),
+        "ns_per_op": 1e9 / median,
+        "target": target,
+        "target_met": None if target is None else median >= target,
+        "vs_reference": median / reference,
+    }
+
+
+def print_table(rows: list[dict], reference_label: str) -> None:
+    header = (f"{'scenario':<40} {'median/s':>11} {'min/s':>11} {'max/s':>11} "
+              f"{'ns/pair':>8} {reference_label:>8} {'target':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        verdict = "-" if r["target_met"] is None else ("PASS" if r["target_met"] else "FAIL")
+        print(f"{r['name']:<40} {r['median']:>11,.0f} {r['min']:>11,.0f} {r['max']:>11,.0f} "
+              f"{r['ns_per_op']:>8.0f} {r['vs_reference']:>7.2f}x {verdict:>6}")
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    print(f"wrote {path}")
