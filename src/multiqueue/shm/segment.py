@@ -174,8 +174,9 @@ def open_segment(path: str, magic: int, kind: int) -> Segment:
             mm.close()
             raise SegmentError(
                 errno.EINVAL,
-                f"segment {path} is not a multiqueue segment of the expected kind "
-                f"(magic {hdr.magic:#x}, kind {hdr.kind}); remove it if it is stale",
+                f"segment {path} is not a multiqueue segment of the expected kind: it has "
+                f"magic {hdr.magic:#x} kind {hdr.kind}, expected magic {magic:#x} kind {kind}; "
+                "remove it if it is stale",
             )
         if hdr.version != LAYOUT_VERSION:
             mm.close()
