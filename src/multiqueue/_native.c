@@ -30,6 +30,7 @@
 #include <linux/futex.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -526,6 +527,483 @@ static PyTypeObject ContextType = {
     .tp_methods = Context_methods,
 };
 
+/* ---------------------------------------------------------------- port queues */
+
+/* A port queue is a multicast ring of buffer ids in its own segment: one producer,
+ * up to max_readers readers, each with its own cursor, each seeing every item.
+ *
+ * References: the queue holds one reference per unread item per reader.  push()
+ * moves the producer's reference into the queue and adds one per extra reader;
+ * pop() moves one from the queue into the reader's process ledger.  A reader's
+ * cursor only moves by compare-and-swap "take": read the item at the cursor, then
+ * CAS the cursor past it; whoever wins (the reader popping, the producer dropping
+ * the oldest item of a drop_oldest reader, a detach) owns that item's reference.
+ *
+ * The queue lock (holder's process slot + 1) makes the reader set and the ring
+ * stable for push, join and detach; a reader's own pop needs no lock. */
+
+#define MQ_UNSET UINT64_MAX
+enum { MQ_READER_FREE = 0, MQ_READER_ACTIVE = 1 };
+enum { MQ_POLICY_BLOCK = 0, MQ_POLICY_DROP = 1 };
+enum { MQ_CLOCK_MONOTONIC = 0, MQ_CLOCK_REALTIME = 1 };
+
+typedef struct {
+    mq_segment_header seg;
+    uint32_t capacity;       /* a power of two */
+    uint32_t mask;
+    uint32_t max_readers;
+    uint32_t readers_hw;     /* reader slots ever used: scans stop here */
+    char name[32];
+    uint32_t clock;          /* MQ_CLOCK_*: stamps items pushed without a timestamp */
+    uint32_t reserved0;
+    uint64_t reserved[1];
+    /* producer line */
+    uint64_t head;           /* sequence number of the next item */
+    uint32_t lock;
+    uint32_t closed;         /* 1 closed by its producer, 2 abandoned (producer died) */
+    uint64_t producer;       /* pid << 32 | process slot + 1; 0 = none yet */
+    uint64_t producer_start;
+    uint64_t pushed;
+    uint64_t blocked_ns;     /* time the producer spent waiting for space */
+    uint64_t pad0[2];
+    /* waiting line */
+    uint32_t data_event;     /* bumped after a push when readers sleep */
+    uint32_t data_waiters;
+    uint32_t space_event;    /* bumped after a pop or detach when the producer sleeps */
+    uint32_t space_waiters;
+    uint64_t pad1[6];
+} mq_queue;
+
+typedef struct {
+    uint64_t cursor;         /* sequence number of the next item to read */
+    uint32_t state;
+    uint32_t policy;
+    uint32_t proc;           /* owner's process slot in the domain */
+    uint32_t pid;
+    uint64_t start_time;     /* owner's start time, for liveness */
+    uint64_t popped;
+    uint64_t drops;
+    uint64_t joined_seq;
+    uint64_t pad[1];
+} mq_reader;
+
+typedef struct {
+    uint64_t id;
+    int64_t timestamp_ns;
+} mq_item;
+
+_Static_assert(sizeof(mq_queue) == 256, "queue header is 256 bytes");
+_Static_assert(sizeof(mq_reader) == 64, "reader is one cache line");
+_Static_assert(offsetof(mq_queue, head) == 128 && offsetof(mq_queue, data_event) == 192, "lines");
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int has_view;
+    Context *ctx;            /* the domain: metadata, ledger, free lists */
+    mq_queue *q;
+    mq_reader *readers;
+    mq_item *ring;
+} Queue;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static int queue_check(Queue *self) {
+    if (!self->has_view) {
+        PyErr_SetString(PyExc_RuntimeError, "the queue is closed in this process");
+        return -1;
+    }
+    return context_check(self->ctx);
+}
+
+/* Take the queue lock, spinning a while; 0 if a holder keeps it (the caller then
+   checks whether that holder is alive and may steal it). */
+static int queue_lock(mq_queue *q, uint32_t me) {
+    for (int i = 0; i < 1 << 16; i++) {
+        uint32_t expected = 0;
+        if (__atomic_compare_exchange_n(&q->lock, &expected, me, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+            return 1;
+        cpu_relax();
+        if ((i & 1023) == 1023) sched_yield();
+    }
+    return 0;
+}
+
+static void queue_unlock(mq_queue *q) { __atomic_store_n(&q->lock, 0, __ATOMIC_RELEASE); }
+
+static void wake(uint32_t *event, uint32_t *waiters) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with the sleeper's register-then-check */
+    if (__atomic_load_n(waiters, __ATOMIC_SEQ_CST)) {
+        __atomic_fetch_add(event, 1, __ATOMIC_SEQ_CST);
+        futex(event, FUTEX_WAKE, INT32_MAX, NULL);
+    }
+}
+
+/* Move a reader's cursor past the item at `cur` if it is still there; 1 if this
+   caller won the item (and so owns its queue reference), 0 if someone else did. */
+static int take_item(Queue *self, mq_reader *r, uint64_t cur, uint64_t *id) {
+    *id = __atomic_load_n(&self->ring[cur & self->q->mask].id, __ATOMIC_ACQUIRE);
+    return __atomic_compare_exchange_n(&r->cursor, &cur, cur + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+/* Drop one queue-held reference (no ledger: the queue, not a process, held it). */
+static void drop_queue_ref(Queue *self, uint64_t id) {
+    drop_refs(self->ctx, (uint32_t)id, (uint32_t)(id >> 32), 1);
+}
+
+/* Take one more reference on a live id for the queue (join with start="oldest"). */
+static int add_queue_ref(Queue *self, uint64_t id) {
+    uint32_t slot = (uint32_t)id, gen = (uint32_t)(id >> 32);
+    if (gen == 0 || !slot_in_range(self->ctx, slot)) return 0;
+    mq_entry *e = &self->ctx->entries[slot];
+    uint64_t state = LOAD(&e->state);
+    for (;;) {
+        if ((uint32_t)(state >> 32) != gen || (uint32_t)state == 0 || (uint32_t)state == UINT32_MAX) return 0;
+        if (CAS(&e->state, &state, state + 1)) return 1;
+    }
+}
+
+static int Queue_init(Queue *self, PyObject *args, PyObject *kwds) {
+    Context *ctx;
+    PyObject *buffer;
+    if (self->has_view) {
+        PyErr_SetString(PyExc_RuntimeError, "Queue is already initialized");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "O!O", &ContextType, &ctx, &buffer)) return -1;
+    Py_buffer view;
+    if (PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE) < 0) return -1;
+    mq_queue *q = (mq_queue *)view.buf;
+    uint64_t need = (uint64_t)sizeof(mq_queue) + (uint64_t)q->max_readers * sizeof(mq_reader) +
+                    (uint64_t)q->capacity * sizeof(mq_item);
+    if ((size_t)view.len < sizeof(mq_queue) || q->capacity == 0 || (q->capacity & (q->capacity - 1)) ||
+        q->mask != q->capacity - 1 || q->max_readers == 0 || q->max_readers > 1024 ||
+        q->readers_hw > q->max_readers || need > (uint64_t)view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "queue segment too small or corrupt");
+        return -1;
+    }
+    self->view = view;
+    self->has_view = 1;
+    Py_INCREF(ctx);
+    self->ctx = ctx;
+    self->q = q;
+    self->readers = (mq_reader *)((char *)q + sizeof(mq_queue));
+    self->ring = (mq_item *)((char *)self->readers + (size_t)q->max_readers * sizeof(mq_reader));
+    return 0;
+}
+
+static void Queue_dealloc(Queue *self) {
+    if (self->has_view) PyBuffer_Release(&self->view);
+    Py_XDECREF(self->ctx);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* push(id) -> 1 pushed, 0 full (a blocking reader has no room), -1 closed, -2 lock
+   busy, -3 this process holds no reference of `id`.  On 1 the caller's reference
+   has moved into the queue. */
+static PyObject *Queue_push(Queue *self, PyObject *arg) {
+    if (queue_check(self) < 0) return NULL;
+    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
+    if (id == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    mq_queue *q = self->q;
+    Context *ctx = self->ctx;
+    if (LOAD(&q->closed)) return PyLong_FromLong(-1);
+    uint32_t slot = (uint32_t)id, gen = (uint32_t)(id >> 32);
+    if (gen == 0 || !slot_in_range(ctx, slot)) return PyLong_FromLong(-3);
+    uint64_t held = ctx->ledger[slot];
+    if ((uint32_t)(held >> 32) != gen || (uint32_t)held == 0) return PyLong_FromLong(-3);
+    if (!queue_lock(q, ctx->proc_slot + 1)) return PyLong_FromLong(-2);
+    uint64_t head = q->head;
+    uint32_t hw = LOAD(&q->readers_hw), readers = 0;
+    for (uint32_t i = 0; i < hw; i++) { /* room for the item in every reader */
+        mq_reader *r = &self->readers[i];
+        if (LOAD(&r->state) != MQ_READER_ACTIVE) continue;
+        uint64_t cur = LOAD(&r->cursor);
+        if (head - cur >= q->capacity) {
+            if (r->policy == MQ_POLICY_BLOCK) {
+                queue_unlock(q);
+                return PyLong_FromLong(0);
+            }
+            uint64_t dropped;
+            if (take_item(self, r, cur, &dropped)) { /* else the reader just popped it */
+                drop_queue_ref(self, dropped);
+                RELAXED_ADD(&r->drops, 1);
+            }
+        }
+        readers++;
+    }
+    mq_entry *e = &ctx->entries[slot];
+    int64_t ts = e->timestamp_ns;
+    if (ts == 0) { /* stamped at push when the producer did not */
+        struct timespec now;
+        clock_gettime(q->clock == MQ_CLOCK_REALTIME ? CLOCK_REALTIME : CLOCK_MONOTONIC, &now);
+        ts = e->timestamp_ns = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+    }
+    STORE(&ctx->ledger[slot], held - 1); /* our reference now belongs to the queue */
+    if (readers == 0) {
+        drop_refs(ctx, slot, gen, 1); /* nobody listens: released at once */
+    } else if (readers > 1) {
+        __atomic_fetch_add(&e->state, readers - 1, __ATOMIC_ACQ_REL); /* we hold one: still valid */
+    }
+    if (readers) {
+        mq_item *item = &self->ring[head & q->mask];
+        item->timestamp_ns = ts;
+        __atomic_store_n(&item->id, id, __ATOMIC_RELAXED);
+        STORE(&q->head, head + 1);
+    }
+    queue_unlock(q);
+    RELAXED_ADD(&q->pushed, 1);
+    if (readers) wake(&q->data_event, &q->data_waiters);
+    return PyLong_FromLong(1);
+}
+
+static mq_reader *reader_arg(Queue *self, PyObject *arg, unsigned long *index) {
+    *index = PyLong_AsUnsignedLong(arg);
+    if (*index == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    if (*index >= self->q->max_readers) {
+        PyErr_SetString(PyExc_ValueError, "reader index out of range");
+        return NULL;
+    }
+    return &self->readers[*index];
+}
+
+/* pop(reader) -> id, or -1 nothing to read, -2 closed and drained, -4 the reader
+   was detached.  The popped reference moves into this process's ledger. */
+static PyObject *Queue_pop(Queue *self, PyObject *arg) {
+    unsigned long index;
+    if (queue_check(self) < 0) return NULL;
+    mq_reader *r = reader_arg(self, arg, &index);
+    if (r == NULL) return NULL;
+    mq_queue *q = self->q;
+    uint64_t cur, id;
+    for (;;) {
+        if (LOAD(&r->state) != MQ_READER_ACTIVE) return PyLong_FromLong(-4);
+        cur = LOAD(&r->cursor);
+        if (cur >= LOAD(&q->head)) {
+            if (!LOAD(&q->closed)) return PyLong_FromLong(-1);
+            if (cur >= LOAD(&q->head)) return PyLong_FromLong(-2); /* re-read: pushed before close */
+            continue;
+        }
+        if (take_item(self, r, cur, &id)) break; /* lost it to a drop: try the next one */
+    }
+    uint32_t slot = (uint32_t)id, gen = (uint32_t)(id >> 32);
+    uint64_t *ledger = &self->ctx->ledger[slot];
+    uint64_t count = ((uint32_t)(*ledger >> 32) == gen) ? (uint32_t)*ledger + 1 : 1;
+    STORE(ledger, ((uint64_t)gen << 32) | count);
+    RELAXED_ADD(&r->popped, 1);
+    if (r->policy == MQ_POLICY_BLOCK) wake(&q->space_event, &q->space_waiters);
+    return PyLong_FromUnsignedLongLong(id);
+}
+
+/* peek(reader) -> id of the next item without taking it, or -1. */
+static PyObject *Queue_peek(Queue *self, PyObject *arg) {
+    unsigned long index;
+    if (queue_check(self) < 0) return NULL;
+    mq_reader *r = reader_arg(self, arg, &index);
+    if (r == NULL) return NULL;
+    uint64_t cur = LOAD(&r->cursor);
+    if (LOAD(&r->state) != MQ_READER_ACTIVE || cur >= LOAD(&self->q->head)) return PyLong_FromLong(-1);
+    return PyLong_FromUnsignedLongLong(LOAD(&self->ring[cur & self->q->mask].id));
+}
+
+/* join(policy, oldest, pid, start_time) -> reader index, -1 no free reader slot,
+   -2 lock busy.  With `oldest` the reader starts at the oldest item still alive. */
+static PyObject *Queue_join(Queue *self, PyObject *args) {
+    unsigned int policy, pid;
+    int oldest;
+    unsigned long long start_time;
+    if (!PyArg_ParseTuple(args, "IpIK", &policy, &oldest, &pid, &start_time)) return NULL;
+    if (queue_check(self) < 0) return NULL;
+    mq_queue *q = self->q;
+    if (!queue_lock(q, self->ctx->proc_slot + 1)) return PyLong_FromLong(-2);
+    uint32_t index = 0;
+    while (index < q->max_readers && LOAD(&self->readers[index].state) != MQ_READER_FREE) index++;
+    if (index == q->max_readers) {
+        queue_unlock(q);
+        return PyLong_FromLong(-1);
+    }
+    mq_reader *r = &self->readers[index];
+    uint64_t head = q->head, cursor = head;
+    if (oldest) { /* walk back while items are alive, taking a reference on each */
+        uint64_t low = head > q->capacity ? head - q->capacity : 0;
+        while (cursor > low && add_queue_ref(self, self->ring[(cursor - 1) & q->mask].id)) cursor--;
+    }
+    r->policy = policy ? MQ_POLICY_DROP : MQ_POLICY_BLOCK;
+    r->proc = self->ctx->proc_slot;
+    r->pid = pid;
+    r->start_time = start_time;
+    r->popped = r->drops = 0;
+    r->joined_seq = cursor;
+    STORE(&r->cursor, cursor);
+    STORE(&r->state, MQ_READER_ACTIVE);
+    if (index + 1 > q->readers_hw) STORE(&q->readers_hw, index + 1);
+    queue_unlock(q);
+    return PyLong_FromLong((long)index);
+}
+
+/* detach(reader) -> references released, or -2 lock busy.  Releases the reader's
+   unread items and frees its slot; used by the owner and to reap dead owners. */
+static PyObject *Queue_detach(Queue *self, PyObject *arg) {
+    unsigned long index;
+    if (!self->has_view || mapped_check(self->ctx) < 0) return NULL;
+    mq_reader *r = reader_arg(self, arg, &index);
+    if (r == NULL) return NULL;
+    mq_queue *q = self->q;
+    if (!queue_lock(q, self->ctx->proc_slot + 1)) return PyLong_FromLong(-2);
+    long released = 0;
+    if (LOAD(&r->state) == MQ_READER_ACTIVE) {
+        for (;;) {
+            uint64_t cur = LOAD(&r->cursor), id;
+            if (cur >= q->head) break;
+            if (take_item(self, r, cur, &id)) {
+                drop_queue_ref(self, id);
+                released++;
+            }
+        }
+        STORE(&r->state, MQ_READER_FREE);
+    }
+    queue_unlock(q);
+    wake(&q->space_event, &q->space_waiters);
+    return PyLong_FromLong(released);
+}
+
+/* Is what `kind` waits for there?  0: an item for reader `index`; 1: room for the
+   producer in every blocking reader.  -1 when closed (and, for readers, drained). */
+static int queue_ready(Queue *self, int kind, unsigned long index) {
+    mq_queue *q = self->q;
+    if (kind == 0) {
+        mq_reader *r = &self->readers[index];
+        if (LOAD(&r->state) != MQ_READER_ACTIVE) return -1;
+        if (LOAD(&r->cursor) < LOAD(&q->head)) return 1;
+        return LOAD(&q->closed) ? (LOAD(&r->cursor) < LOAD(&q->head) ? 1 : -1) : 0;
+    }
+    if (LOAD(&q->closed)) return -1;
+    uint64_t head = LOAD(&q->head);
+    uint32_t hw = LOAD(&q->readers_hw);
+    for (uint32_t i = 0; i < hw; i++) {
+        mq_reader *r = &self->readers[i];
+        if (LOAD(&r->state) == MQ_READER_ACTIVE && r->policy == MQ_POLICY_BLOCK &&
+            head - LOAD(&r->cursor) >= q->capacity)
+            return 0;
+    }
+    return 1;
+}
+
+/* wait(kind, reader, timeout_s, spin_s) -> 1 ready, 0 timed out, -1 closed.
+   Spins up to spin_s (a negative spin_s spins for the whole timeout: busy-poll),
+   then sleeps on the futex; the GIL is released throughout. */
+static PyObject *Queue_wait(Queue *self, PyObject *args) {
+    int kind;
+    unsigned long index;
+    double timeout, spin;
+    if (!PyArg_ParseTuple(args, "ikdd", &kind, &index, &timeout, &spin)) return NULL;
+    if (queue_check(self) < 0) return NULL;
+    if (isnan(timeout) || isnan(spin) || (kind != 0 && kind != 1) || index >= self->q->max_readers) {
+        PyErr_SetString(PyExc_ValueError, "wait(kind 0|1, reader, timeout, spin)");
+        return NULL;
+    }
+    mq_queue *q = self->q;
+    uint32_t *event = kind ? &q->space_event : &q->data_event;
+    uint32_t *waiters = kind ? &q->space_waiters : &q->data_waiters;
+    int ready;
+    int64_t start = now_ns();
+    int64_t deadline = timeout < 0 || timeout > 1e9 ? INT64_MAX : start + (int64_t)(timeout * 1e9);
+    int64_t spin_until = spin < 0 ? deadline : start + (int64_t)(spin * 1e9);
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) { /* spin: a wake-up through the kernel costs tens of microseconds */
+        ready = queue_ready(self, kind, index);
+        if (ready) break;
+        int64_t t = now_ns();
+        if (t >= spin_until || t >= deadline) break;
+        for (int i = 0; i < 32; i++) cpu_relax();
+    }
+    if (!ready) {
+        __atomic_fetch_add(waiters, 1, __ATOMIC_SEQ_CST);
+        for (;;) {
+            uint32_t seen = __atomic_load_n(event, __ATOMIC_SEQ_CST);
+            ready = queue_ready(self, kind, index);
+            if (ready) break;
+            int64_t left = deadline - now_ns();
+            if (left <= 0) break;
+            struct timespec ts = {left / 1000000000, left % 1000000000};
+            futex(event, FUTEX_WAIT, seen, deadline == INT64_MAX ? NULL : &ts);
+        }
+        __atomic_fetch_sub(waiters, 1, __ATOMIC_SEQ_CST);
+    }
+    Py_END_ALLOW_THREADS
+    if (kind == 1) RELAXED_ADD(&q->blocked_ns, (uint64_t)(now_ns() - start));
+    return PyLong_FromLong(ready);
+}
+
+/* close(state) -> previous state: 1 closed by the producer, 2 abandoned.  Wakes
+   every waiter. */
+static PyObject *Queue_close(Queue *self, PyObject *arg) {
+    unsigned long state = PyLong_AsUnsignedLong(arg);
+    if (state == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    if (!self->has_view) return PyErr_Format(PyExc_RuntimeError, "the queue is closed in this process");
+    mq_queue *q = self->q;
+    uint32_t expected = 0;
+    __atomic_compare_exchange_n(&q->closed, &expected, (uint32_t)state, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&q->data_event, 1, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&q->space_event, 1, __ATOMIC_SEQ_CST);
+    futex(&q->data_event, FUTEX_WAKE, INT32_MAX, NULL);
+    futex(&q->space_event, FUTEX_WAKE, INT32_MAX, NULL);
+    return PyLong_FromUnsignedLong(expected);
+}
+
+/* steal_lock(holder) -> True if the lock was held by `holder` (a dead process's
+   slot + 1, as the caller established) and is now free. */
+static PyObject *Queue_steal_lock(Queue *self, PyObject *arg) {
+    unsigned long holder = PyLong_AsUnsignedLong(arg);
+    if (holder == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    if (!self->has_view) return PyErr_Format(PyExc_RuntimeError, "the queue is closed in this process");
+    uint32_t expected = (uint32_t)holder;
+    int ok = __atomic_compare_exchange_n(&self->q->lock, &expected, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *Queue_release_view(Queue *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->has_view) {
+        PyBuffer_Release(&self->view);
+        self->has_view = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Queue_methods[] = {
+    {"push", (PyCFunction)Queue_push, METH_O,
+     "push(id) -> 1 pushed, 0 full, -1 closed, -2 lock busy, -3 id not held"},
+    {"pop", (PyCFunction)Queue_pop, METH_O, "pop(reader) -> id, or -1 empty, -2 closed, -4 detached"},
+    {"peek", (PyCFunction)Queue_peek, METH_O, "peek(reader) -> id of the next item or -1"},
+    {"join", (PyCFunction)Queue_join, METH_VARARGS,
+     "join(policy, oldest, pid, start_time) -> reader index, -1 full, -2 lock busy"},
+    {"detach", (PyCFunction)Queue_detach, METH_O, "detach(reader) -> references released, -2 busy"},
+    {"wait", (PyCFunction)Queue_wait, METH_VARARGS,
+     "wait(kind, reader, timeout_s, spin_s) -> 1 ready, 0 timeout, -1 closed"},
+    {"close", (PyCFunction)Queue_close, METH_O, "close(state) -> previous state; wakes everyone"},
+    {"steal_lock", (PyCFunction)Queue_steal_lock, METH_O, "steal_lock(dead_holder) -> freed"},
+    {"release_view", (PyCFunction)Queue_release_view, METH_NOARGS, "drop the mapping"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject QueueType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "multiqueue._native.Queue",
+    .tp_basicsize = sizeof(Queue),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Queue(context, queue_segment_buffer): multicast ring of buffer ids",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Queue_init,
+    .tp_dealloc = (destructor)Queue_dealloc,
+    .tp_methods = Queue_methods,
+};
+
 /* ------------------------------------------- primitives on any writable buffer */
 
 /* Resolve (buffer, offset) to an aligned word address; -1 with an exception set. */
@@ -659,6 +1137,13 @@ static PyObject *layout(PyObject *m, PyObject *Py_UNUSED(ignored)) {
               FIELD(mq_entry, chunk) | FIELD(mq_entry, size) | FIELD(mq_entry, data_offset) |
               FIELD(mq_entry, timestamp_ns) | FIELD(mq_entry, range_end_ns) |
               FIELD(mq_entry, alloc_time_ns) | FIELD(mq_entry, creator_pid) |
+              SIZE(mq_queue) | FIELD(mq_queue, capacity) | FIELD(mq_queue, readers_hw) |
+              FIELD(mq_queue, clock) | FIELD(mq_queue, head) | FIELD(mq_queue, lock) |
+              FIELD(mq_queue, closed) | FIELD(mq_queue, producer) | FIELD(mq_queue, pushed) |
+              FIELD(mq_queue, blocked_ns) | FIELD(mq_queue, data_event) |
+              FIELD(mq_queue, space_waiters) | SIZE(mq_reader) | FIELD(mq_reader, state) |
+              FIELD(mq_reader, proc) | FIELD(mq_reader, start_time) | FIELD(mq_reader, drops) |
+              FIELD(mq_reader, joined_seq) | SIZE(mq_item) | FIELD(mq_item, timestamp_ns) |
               put(d, "MQ_SIZE_BUCKETS", MQ_SIZE_BUCKETS) | put(d, "MQ_MAX_CHUNKS", MQ_MAX_CHUNKS);
     if (bad) {
         Py_DECREF(d);
@@ -688,12 +1173,13 @@ static struct PyModuleDef native_module = {
 };
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&ContextType) < 0) return NULL;
+    if (PyType_Ready(&ContextType) < 0 || PyType_Ready(&QueueType) < 0) return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL) return NULL;
     Py_INCREF(&ContextType);
-    if (PyModule_AddObject(m, "Context", (PyObject *)&ContextType) < 0) {
-        Py_DECREF(&ContextType);
+    Py_INCREF(&QueueType);
+    if (PyModule_AddObject(m, "Context", (PyObject *)&ContextType) < 0 ||
+        PyModule_AddObject(m, "Queue", (PyObject *)&QueueType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

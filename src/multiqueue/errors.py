@@ -49,3 +49,11 @@ class DomainFullError(MultiQueueError):
 
 class NotInitializedError(MultiQueueError, RuntimeError):
     """The ShmManager was shut down (or never initialized)."""
+
+
+class QueueClosedError(MultiQueueError):
+    """The queue was closed (or its producer died) and, for a reader, is drained."""
+
+
+class QueueFullError(MultiQueueError):
+    """A queue has no free consumer slot, or a reader cannot attach."""

@@ -118,6 +118,8 @@ class ShmManager:
         self._pid = os.getpid()
         self._chunk_views: dict[tuple[int, int, int], memoryview] = {}
         self._chunk_segments: dict[tuple[int, int, int], object] = {}
+        # objects living on this domain (port queues...) told about reaps and shutdown
+        self._attachments: weakref.WeakSet = weakref.WeakSet()
         with self._lock:
             self._reap_locked()
             self._proc_slot = self._register_locked()
@@ -148,6 +150,8 @@ class ShmManager:
         if not self._initialized:
             return
         self._initialized = False
+        for attachment in list(self._attachments):
+            attachment._on_shutdown()
         self._ctx.disable()  # other threads' allocate/get/release now refuse, before the reclaim
         self._alloc = self._refuse_after_fork
         self._stop_reaper.set()
@@ -259,6 +263,12 @@ class ShmManager:
         if buffer_id >= 0:
             return Buffer(self, self._ctx, buffer_id, size, pool.pool_id)
         return self._allocate_slow(size, pool.pool_id, timeout)
+
+    def _adopt(self, buffer_id: int) -> Buffer:
+        """A handle on a reference this process already holds (moved in from a queue)."""
+        base = (buffer_id & 0xFFFFFFFF) * _ENTRY_WORDS
+        pool_id = (self._meta_Q[base + _W_LINK] >> 32) & 0xFFFF
+        return Buffer(self, self._ctx, buffer_id, self._meta_Q[base + _W_SIZE], pool_id)
 
     def get(self, buffer_id: int) -> Buffer:
         """Take a new reference on a buffer by id (from any process of the domain)."""
@@ -387,7 +397,10 @@ class ShmManager:
         """Release the references of every dead process of the domain and free its slot."""
         self._check()
         with self._lock:
-            return self._reap_locked()
+            report = self._reap_locked()
+        for attachment in list(self._attachments):
+            attachment._on_reap()
+        return report
 
     def processes(self) -> list[dict]:
         """The registered processes: slot, pid, name, alive, heartbeat age."""

@@ -1,0 +1,506 @@
+"""PortQueue: a multicast ring of buffer ids in shared memory, named inside a domain.
+
+One producer pushes buffers; any number of readers (up to ``max_readers``), in any
+processes, each see every item in order from their own cursor.  Only buffer ids
+travel: the payload stays where the producer wrote it.  The queue holds one
+reference per unread item per reader, so a buffer lives exactly as long as some
+reader still has to read it (or some process holds it).
+"""
+
+import ctypes as C
+import os
+import time
+from dataclasses import dataclass
+
+from .. import _native
+from ..errors import MultiQueueError, QueueClosedError, QueueFullError, SegmentError
+from ..shm import layout as L
+from ..shm.buffer import Buffer
+from ..shm.manager import ShmManager
+from ..shm.segment import (
+    create_segment,
+    is_alive,
+    open_segment,
+    process_start_time,
+    segment_path,
+)
+
+MAGIC_QUEUE = int.from_bytes(b"MQQUEUE1", "little")
+KIND_QUEUE = 3
+POLICIES = {"block": 0, "drop_oldest": 1}
+CLOCKS = {"monotonic": 0, "wall": 1}
+_SPIN_S = 50e-6  # spin this long before sleeping: a kernel wake-up costs ~40 us here
+_LIVENESS_S = 0.2  # while waiting, look at the other side's liveness this often
+
+
+class QueueHeader(C.Structure):
+    _fields_ = [
+        ("seg", L.SegmentHeader),
+        ("capacity", C.c_uint32),
+        ("mask", C.c_uint32),
+        ("max_readers", C.c_uint32),
+        ("readers_hw", C.c_uint32),
+        ("name", C.c_char * 32),
+        ("clock", C.c_uint32),
+        ("reserved0", C.c_uint32),
+        ("reserved", C.c_uint64 * 1),
+        ("head", C.c_uint64),
+        ("lock", C.c_uint32),
+        ("closed", C.c_uint32),
+        ("producer", C.c_uint64),
+        ("producer_start", C.c_uint64),
+        ("pushed", C.c_uint64),
+        ("blocked_ns", C.c_uint64),
+        ("pad0", C.c_uint64 * 2),
+        ("data_event", C.c_uint32),
+        ("data_waiters", C.c_uint32),
+        ("space_event", C.c_uint32),
+        ("space_waiters", C.c_uint32),
+        ("pad1", C.c_uint64 * 6),
+    ]
+
+
+class ReaderRecord(C.Structure):
+    _fields_ = [
+        ("cursor", C.c_uint64),
+        ("state", C.c_uint32),
+        ("policy", C.c_uint32),
+        ("proc", C.c_uint32),
+        ("pid", C.c_uint32),
+        ("start_time", C.c_uint64),
+        ("popped", C.c_uint64),
+        ("drops", C.c_uint64),
+        ("joined_seq", C.c_uint64),
+        ("pad", C.c_uint64 * 1),
+    ]
+
+
+class Item(C.Structure):
+    _fields_ = [("id", C.c_uint64), ("timestamp_ns", C.c_int64)]
+
+
+L.C_NAMES.update({"mq_queue": QueueHeader, "mq_reader": ReaderRecord, "mq_item": Item})
+
+
+@dataclass
+class ReaderStats:
+    index: int
+    pid: int
+    policy: str
+    popped: int
+    drops: int
+    lag: int  # items pushed but not yet read by this reader
+    alive: bool
+
+
+@dataclass
+class QueueStats:
+    name: str
+    capacity: int
+    pushed: int
+    producer_blocked_s: float
+    closed: str  # "open", "closed" or "abandoned"
+    readers: list[ReaderStats]
+
+
+class PortQueue:
+    """A named multicast queue of buffers in a domain (create or open by name).
+
+    ``capacity`` (a power of two) bounds the unread items per reader.  ``clock``
+    stamps items pushed with no timestamp: ``"monotonic"`` (default) or ``"wall"``.
+    With no reader attached, ``push`` never blocks and the item is released at once.
+    """
+
+    def __init__(self, manager: ShmManager, name: str, capacity: int = 64, *, max_readers: int = 64,
+                 clock: str = "monotonic", create: bool = True):
+        if not isinstance(manager, ShmManager):
+            raise TypeError(f"manager must be a ShmManager, not {type(manager).__name__}")
+        if not isinstance(capacity, int) or capacity < 1 or capacity & (capacity - 1) or capacity > 2**24:
+            raise ValueError(f"capacity must be a power of two from 1 to 2**24, not {capacity!r}")
+        if not 1 <= max_readers <= 1024:
+            raise ValueError(f"max_readers must be 1..1024, not {max_readers!r}")
+        if clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {sorted(CLOCKS)}, not {clock!r}")
+        _check_name(name)
+        manager._check()
+        self.manager = manager
+        self.name = name
+        self._segment = _open_or_create(manager, name, capacity, max_readers, CLOCKS[clock], create)
+        self._native = _native.Queue(manager._ctx, self._segment.mmap)
+        self._header = QueueHeader.from_buffer(self._segment.mmap)
+        self._readers = (ReaderRecord * self._header.max_readers).from_buffer(
+            self._segment.mmap, C.sizeof(QueueHeader))
+        self._push = self._native.push
+        self._producer_checked = False
+        manager._attachments.add(self)  # reaped and detached along with the manager
+
+    # -------------------------------------------------------------- producer side
+
+    @property
+    def capacity(self) -> int:
+        return self._header.capacity
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._header.closed)
+
+    @property
+    def size(self) -> int:
+        """Unread items of the slowest reader (0 with no reader)."""
+        head = self._header.head
+        lags = [head - r.cursor for r in self._active_readers()]
+        return max(lags, default=0)
+
+    def push(self, buffer: Buffer, timeout: float | None = None) -> None:
+        """Send a buffer to every reader; its handle's reference moves into the queue.
+
+        The handle is released by the push (like iceoryx2's ``send``): share() it first
+        to keep writing or to push it elsewhere too.  A blocking reader without room
+        makes this wait: forever for ``timeout=None``, else up to ``timeout`` seconds,
+        then TimeoutError.  Raises QueueClosedError once the queue is closed.
+        """
+        if buffer.__class__ is not Buffer:
+            raise TypeError(f"push takes a Buffer, not {type(buffer).__name__}")
+        buffer._check()
+        if not self._producer_checked:
+            self._claim_producer()
+        result = self._push(buffer._id)
+        if result == 1:
+            buffer._live = False
+            return
+        self._push_slow(buffer, result, timeout)
+
+    def try_push(self, buffer: Buffer) -> bool:
+        """push() without waiting: False (and the handle still yours) if a reader is full."""
+        try:
+            self.push(buffer, timeout=0)
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        """Close the queue: later pushes raise QueueClosedError, readers drain then get it.
+
+        Wakes every waiter.  Readers of dead processes are detached (their items released).
+        """
+        self._native.close(1)
+        self.reap_dead_readers()
+
+    def reader(self, policy: str = "block", start: str = "latest", *, busy_poll: bool = False,
+               spin: float = _SPIN_S) -> "QueueReader":
+        """Attach a reader.  ``policy``: ``"block"`` (lossless: the producer waits for
+        it) or ``"drop_oldest"`` (it loses its oldest unread items, counted, and never
+        delays anyone).  ``start``: ``"latest"`` (only new items) or ``"oldest"``
+        (everything still held).  ``busy_poll`` spins instead of sleeping."""
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be 'block' or 'drop_oldest', not {policy!r}")
+        if start not in ("latest", "oldest"):
+            raise ValueError(f"start must be 'latest' or 'oldest', not {start!r}")
+        pid = os.getpid()
+        while True:
+            index = self._native.join(POLICIES[policy], start == "oldest", pid, _start_time())
+            if index >= 0:
+                return QueueReader(self, index, policy, busy_poll, spin)
+            if index == -1:
+                raise QueueFullError(
+                    f"queue {self.name!r} already has {self._header.max_readers} readers; "
+                    "detach some or create it with a larger max_readers")
+            self._break_dead_lock()
+
+    def reap_dead_readers(self) -> int:
+        """Detach every reader whose process died; returns how many were detached."""
+        reaped = 0
+        for index, r in enumerate(self._readers[: self._header.readers_hw]):
+            if r.state == 1 and not is_alive(r.pid, r.start_time):
+                self._detach(index)
+                reaped += 1
+        return reaped
+
+    def stats(self) -> QueueStats:
+        h = self._header
+        readers = [
+            ReaderStats(i, r.pid, "drop_oldest" if r.policy else "block", r.popped, r.drops,
+                        h.head - r.cursor, is_alive(r.pid, r.start_time))
+            for i, r in enumerate(self._readers[: h.readers_hw]) if r.state == 1
+        ]
+        return QueueStats(self.name, h.capacity, h.pushed, h.blocked_ns / 1e9,
+                          ("open", "closed", "abandoned")[min(h.closed, 2)], readers)
+
+    def _on_reap(self) -> None:
+        self.reap_dead_readers()
+
+    def _on_shutdown(self) -> None:
+        """The manager is leaving: detach this process's readers, then unmap."""
+        pid = os.getpid()
+        for index, r in enumerate(self._readers[: self._header.readers_hw]):
+            if r.state == 1 and r.pid == pid:
+                self._detach(index)
+        self.release()
+
+    def release(self) -> None:
+        """Unmap the queue in this process (the queue itself lives on in the domain)."""
+        if self._native is not None:
+            self._header = self._readers = None
+            self._native.release_view()
+            self._native = None
+            self._segment.close()
+
+    def __enter__(self) -> "PortQueue":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<PortQueue {self.name!r} capacity={self.capacity} in domain {self.manager.domain!r}>"
+
+    # -------------------------------------------------------------- internals
+
+    def _push_slow(self, buffer: Buffer, result: int, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        while True:
+            if result == 1:
+                buffer._live = False
+                return
+            if result == -1:
+                raise QueueClosedError(f"queue {self.name!r} is closed; nothing more can be pushed")
+            if result == -3:
+                raise MultiQueueError(
+                    f"buffer {buffer.id:#x} is not held by this process; cannot push it to "
+                    f"queue {self.name!r}")
+            if result == -2:
+                self._break_dead_lock()
+            else:  # full: wait for room, looking after dead blocking readers meanwhile
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(
+                        f"queue {self.name!r}: a blocking reader has {self.capacity} unread items "
+                        f"and made no room within {timeout} s")
+                if self.reap_dead_readers() == 0:
+                    wait = _LIVENESS_S if left is None else min(left, _LIVENESS_S)
+                    self._native.wait(1, 0, wait, _SPIN_S)
+            result = self._push(buffer._id)
+
+    def _claim_producer(self) -> None:
+        """One producer per queue: record this process (or refuse a second live one)."""
+        me = (os.getpid() << 32) | (self.manager._proc_slot + 1)
+        h = self._header
+        current = h.producer
+        if current and current != me and is_alive(current >> 32, h.producer_start):
+            raise MultiQueueError(
+                f"queue {self.name!r} already has a producer (pid {current >> 32}); a port "
+                "queue has one producer side")
+        offset = QueueHeader.producer.offset
+        swapped, seen = _native.atomic_cas_u64(self._segment.mmap, offset, current, me)
+        if not swapped and seen != me:
+            raise MultiQueueError(f"queue {self.name!r}: another process became its producer")
+        h.producer_start = _start_time()
+        self._producer_checked = True
+
+    def _producer_alive(self) -> bool:
+        producer = self._header.producer
+        return producer == 0 or is_alive(producer >> 32, self._header.producer_start)
+
+    def _break_dead_lock(self) -> None:
+        """The queue lock is held for long: if its holder died, take it away."""
+        holder = self._header.lock
+        if holder == 0:
+            return
+        proc = self.manager._procs[holder - 1]
+        if proc.state == L.PROC_FREE or not is_alive(proc.pid, proc.start_time):
+            self._native.steal_lock(holder)
+
+    def _detach(self, index: int) -> int:
+        while True:
+            released = self._native.detach(index)
+            if released != -2:
+                return released
+            self._break_dead_lock()
+
+    def _active_readers(self):
+        return [r for r in self._readers[: self._header.readers_hw] if r.state == 1]
+
+
+class QueueReader:
+    """One reader's side of a PortQueue: pops buffers in order, each a reference of its own.
+
+    ``for buffer in reader:`` yields until the queue is closed and drained.  The
+    reader holds one reference per unread item; ``detach()`` (or the death of its
+    process) releases them.
+    """
+
+    def __init__(self, queue: PortQueue, index: int, policy: str, busy_poll: bool, spin: float):
+        self.queue = queue
+        self.index = index
+        self.policy = policy
+        self._manager = queue.manager
+        self._native = queue._native
+        self._pop = queue._native.pop
+        self._spin = -1.0 if busy_poll else spin
+        self._attached = True
+
+    def pop(self, timeout: float | None = None) -> Buffer:
+        """The next buffer; waits forever for ``timeout=None``, else raises TimeoutError.
+        Raises QueueClosedError when the queue is closed and this reader drained it."""
+        buffer_id = self._pop(self.index)
+        if buffer_id >= 0:
+            return self._manager._adopt(buffer_id)
+        return self._pop_slow(buffer_id, timeout)
+
+    def try_pop(self) -> Buffer | None:
+        """The next buffer, or None if there is none yet (QueueClosedError once drained)."""
+        buffer_id = self._pop(self.index)
+        if buffer_id >= 0:
+            return self._manager._adopt(buffer_id)
+        if buffer_id == -1:
+            return None
+        return self._pop_slow(buffer_id, 0)
+
+    def pop_many(self, max_n: int, timeout: float | None = None) -> list[Buffer]:
+        """Up to ``max_n`` buffers: waits (as pop) for the first, takes the rest if ready.
+        Returns fewer, possibly none, when the timeout passes first."""
+        out = []
+        try:
+            out.append(self.pop(timeout))
+            while len(out) < max_n:
+                buffer_id = self._pop(self.index)
+                if buffer_id < 0:
+                    break
+                out.append(self._manager._adopt(buffer_id))
+        except TimeoutError:
+            pass
+        except QueueClosedError:
+            if not out:
+                raise
+        return out
+
+    def peek(self) -> Buffer | None:
+        """A new reference to the next buffer without consuming it, or None."""
+        while True:
+            buffer_id = self._native.peek(self.index)
+            if buffer_id < 0:
+                return None
+            try:
+                return self._manager.get(buffer_id)
+            except MultiQueueError:
+                continue  # dropped or consumed meanwhile: look again
+
+    @property
+    def lag(self) -> int:
+        """Items pushed and not yet read by this reader."""
+        record = self.queue._readers[self.index]
+        return self.queue._header.head - record.cursor
+
+    @property
+    def drops(self) -> int:
+        return self.queue._readers[self.index].drops
+
+    @property
+    def popped(self) -> int:
+        return self.queue._readers[self.index].popped
+
+    def detach(self) -> int:
+        """Leave the queue, releasing every unread item; returns how many."""
+        if not self._attached:
+            return 0
+        self._attached = False
+        return self.queue._detach(self.index)
+
+    close = detach
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.pop()
+            except QueueClosedError:
+                return
+
+    def __enter__(self) -> "QueueReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        return f"<QueueReader {self.index} of {self.queue.name!r} policy={self.policy}>"
+
+    def __del__(self):
+        # a reader dropped without detach() must not hold items (or the producer) forever
+        if self._attached and self.queue._native is not None:
+            try:
+                self.detach()
+            except Exception:
+                pass
+
+    def _pop_slow(self, code: int, timeout: float | None) -> Buffer:
+        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        while True:
+            if code >= 0:
+                return self._manager._adopt(code)
+            if code == -2:
+                raise QueueClosedError(self._closed_message())
+            if code == -4:
+                raise QueueClosedError(f"reader {self.index} of queue {self.queue.name!r} was detached")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"nothing arrived on queue {self.queue.name!r} within {timeout} s")
+            wait = _LIVENESS_S if left is None else min(left, _LIVENESS_S)
+            if self._native.wait(0, self.index, wait, self._spin) == 0 and not self.queue._producer_alive():
+                self._native.close(2)  # the producer died: drain, then report it
+            code = self._pop(self.index)
+
+    def _closed_message(self) -> str:
+        if self.queue._header.closed == 2:
+            return f"queue {self.queue.name!r} was abandoned: its producer died; every item was read"
+        return f"queue {self.queue.name!r} is closed and every item was read"
+
+
+def _check_name(name) -> None:
+    if not isinstance(name, str) or not name or len(name) > L.MAX_NAME or not all(
+            ch.isalnum() or ch in "_-" for ch in name):
+        raise ValueError(f"invalid queue name {name!r}: 1-{L.MAX_NAME} letters, digits, '_' or '-'")
+
+
+def _check_timeout(timeout) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be None or seconds, not {type(timeout).__name__}")
+    if not timeout >= 0:
+        raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout}")
+    return float(timeout)
+
+
+_START_TIME: list = []
+
+
+def _start_time() -> int:
+    """This process's start time (cached; reset by fork through the pid check)."""
+    pid = os.getpid()
+    if not _START_TIME or _START_TIME[0] != pid:
+        _START_TIME[:] = [pid, process_start_time(pid) or 0]
+    return _START_TIME[1]
+
+
+def _open_or_create(manager, name, capacity, max_readers, clock, create):
+    path = segment_path(manager._prefix, manager.domain, f"q.{name}")
+    for _ in range(100):
+        try:
+            return open_segment(path, MAGIC_QUEUE, KIND_QUEUE)
+        except SegmentError:
+            if os.path.exists(path):
+                raise
+            if not create:
+                raise SegmentError(2, f"queue {name!r} does not exist in domain {manager.domain!r}") from None
+
+        def init(mm):
+            h = QueueHeader.from_buffer(mm)
+            h.capacity, h.mask, h.max_readers = capacity, capacity - 1, max_readers
+            h.name = name.encode()
+            h.clock = clock
+            del h
+
+        size = C.sizeof(QueueHeader) + max_readers * C.sizeof(ReaderRecord) + capacity * C.sizeof(Item)
+        segment = create_segment(path, L.align(size, L.PAGE), MAGIC_QUEUE, KIND_QUEUE,
+                                 C.sizeof(QueueHeader), init)
+        if segment is not None:
+            return segment
+    raise SegmentError(0, f"could not create or open queue {name!r}")
