@@ -845,6 +845,7 @@ static PyObject *Queue_join(Queue *self, PyObject *args) {
     STORE(&r->state, MQ_READER_ACTIVE);
     if (index + 1 > q->readers_hw) STORE(&q->readers_hw, index + 1);
     queue_unlock(q);
+    wake(&q->space_event, &q->space_waiters); /* a producer may wait for readers to join */
     return PyLong_FromLong((long)index);
 }
 
@@ -875,9 +876,15 @@ static PyObject *Queue_detach(Queue *self, PyObject *arg) {
 }
 
 /* Is what `kind` waits for there?  0: an item for reader `index`; 1: room for the
-   producer in every blocking reader.  -1 when closed (and, for readers, drained). */
+   producer in every blocking reader; 2: at least `index` readers attached.  -1 when
+   closed (and, for readers, drained). */
 static int queue_ready(Queue *self, int kind, unsigned long index) {
     mq_queue *q = self->q;
+    if (kind == 2) {
+        uint32_t hw = LOAD(&q->readers_hw), active = 0;
+        for (uint32_t i = 0; i < hw; i++) active += LOAD(&self->readers[i].state) == MQ_READER_ACTIVE;
+        return LOAD(&q->closed) ? -1 : active >= index;
+    }
     if (kind == 0) {
         mq_reader *r = &self->readers[index];
         if (LOAD(&r->state) != MQ_READER_ACTIVE) return -1;
@@ -905,12 +912,12 @@ static PyObject *Queue_wait(Queue *self, PyObject *args) {
     double timeout, spin;
     if (!PyArg_ParseTuple(args, "ikdd", &kind, &index, &timeout, &spin)) return NULL;
     if (queue_check(self) < 0) return NULL;
-    if (isnan(timeout) || isnan(spin) || (kind != 0 && kind != 1) || index >= self->q->max_readers) {
-        PyErr_SetString(PyExc_ValueError, "wait(kind 0|1, reader, timeout, spin)");
+    if (isnan(timeout) || isnan(spin) || kind < 0 || kind > 2 || (kind == 0 && index >= self->q->max_readers)) {
+        PyErr_SetString(PyExc_ValueError, "wait(kind 0|1|2, reader or count, timeout, spin)");
         return NULL;
     }
     mq_queue *q = self->q;
-    uint32_t *event = kind ? &q->space_event : &q->data_event;
+    uint32_t *event = kind ? &q->space_event : &q->data_event; /* joins wake the space waiters */
     uint32_t *waiters = kind ? &q->space_waiters : &q->data_waiters;
     int ready;
     int64_t start = now_ns();
@@ -986,7 +993,8 @@ static PyMethodDef Queue_methods[] = {
      "join(policy, oldest, pid, start_time) -> reader index, -1 full, -2 lock busy"},
     {"detach", (PyCFunction)Queue_detach, METH_O, "detach(reader) -> references released, -2 busy"},
     {"wait", (PyCFunction)Queue_wait, METH_VARARGS,
-     "wait(kind, reader, timeout_s, spin_s) -> 1 ready, 0 timeout, -1 closed"},
+     "wait(kind, reader_or_count, timeout_s, spin_s) -> 1 ready, 0 timeout, -1 closed; kind 0 data, "
+     "1 space, 2 readers"},
     {"close", (PyCFunction)Queue_close, METH_O, "close(state) -> previous state; wakes everyone"},
     {"steal_lock", (PyCFunction)Queue_steal_lock, METH_O, "steal_lock(dead_holder) -> freed"},
     {"release_view", (PyCFunction)Queue_release_view, METH_NOARGS, "drop the mapping"},

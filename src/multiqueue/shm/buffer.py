@@ -13,7 +13,12 @@ _W_TIMESTAMP = 5
 _W_RANGE_START = 6
 _W_RANGE_END = 7
 _W_ALLOC_TIME = 8
+_W_FRAME_DTYPE = 10  # frame descriptor, in the entry's reserved words: dtype.str (8 bytes)
+_W_FRAME_NDIM = 11
+_W_FRAME_DIMS = 12  # up to MAX_FRAME_DIMS words
+MAX_FRAME_DIMS = 4
 _HAS_RANGE = 1 << 32  # layout.ENTRY_HAS_RANGE in the flags half of _W_FLAGS
+_HAS_FRAME = 2 << 32  # a frame descriptor (dtype, shape) is recorded; cleared at allocation
 _ENTRY_WORDS = 16
 
 
@@ -123,13 +128,54 @@ class Buffer:
         self._check()
         return self._manager._payload(self._id & 0xFFFFFFFF, self._size)
 
-    def numpy(self, dtype=np.uint8, shape=None) -> np.ndarray:
-        """A numpy array over the payload, in place (no copy).
+    @property
+    def frame(self) -> tuple[np.dtype, tuple[int, ...]] | None:
+        """The (dtype, shape) recorded with :meth:`set_frame`, or None."""
+        meta = self._meta()
+        base = (self._id & 0xFFFFFFFF) * _ENTRY_WORDS
+        if not meta[base + _W_FLAGS] & _HAS_FRAME:
+            return None
+        code = int(meta[base + _W_FRAME_DTYPE]).to_bytes(8, "little", signed=True).rstrip(b"\0")
+        ndim = meta[base + _W_FRAME_NDIM]
+        shape = tuple(meta[base + _W_FRAME_DIMS + i] for i in range(ndim))
+        return np.dtype(code.decode()), shape
 
-        Without ``shape`` the array is 1-D over all ``size`` bytes, which must be a
-        multiple of the dtype's item size; with ``shape`` it may cover fewer bytes.
+    def set_frame(self, dtype, shape) -> None:
+        """Record the payload's dtype and shape with the buffer, for every reader.
+
+        ``numpy()`` without arguments then returns an array of that dtype and shape,
+        in any process.  Plain dtypes and up to four dimensions can be recorded.
         """
         dtype = np.dtype(dtype)
+        shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
+        code = dtype.str.encode()
+        if dtype.fields is not None or len(code) > 8 or len(shape) > MAX_FRAME_DIMS:
+            raise ValueError(f"cannot record frame {dtype} {shape}: plain dtypes, up to "
+                             f"{MAX_FRAME_DIMS} dimensions")
+        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        if nbytes > self._size or any(n < 0 for n in shape):
+            raise ValueError(
+                f"frame {shape} of {dtype} needs {nbytes} bytes but the buffer holds {self._size}")
+        meta = self._meta()
+        base = (self._id & 0xFFFFFFFF) * _ENTRY_WORDS
+        meta[base + _W_FRAME_DTYPE] = int.from_bytes(code.ljust(8, b"\0"), "little", signed=True)
+        meta[base + _W_FRAME_NDIM] = len(shape)
+        for i, n in enumerate(shape):
+            meta[base + _W_FRAME_DIMS + i] = n
+        meta[base + _W_FLAGS] |= _HAS_FRAME
+
+    def numpy(self, dtype=None, shape=None) -> np.ndarray:
+        """A numpy array over the payload, in place (no copy).
+
+        With neither argument, the frame recorded by :meth:`set_frame` if any, else
+        uint8 bytes.  Without ``shape`` the array is 1-D over all ``size`` bytes, which
+        must be a multiple of the dtype's item size; with ``shape`` it may cover fewer.
+        """
+        if dtype is None and shape is None:
+            recorded = self.frame
+            if recorded is not None:
+                dtype, shape = recorded
+        dtype = np.dtype(np.uint8 if dtype is None else dtype)
         view = self.memoryview()
         if shape is None:
             if self._size % dtype.itemsize:

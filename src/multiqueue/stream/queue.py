@@ -207,6 +207,22 @@ class PortQueue:
                     "detach some or create it with a larger max_readers")
             self._break_dead_lock()
 
+    def wait_for_readers(self, count: int, timeout: float | None = None) -> None:
+        """Wait until ``count`` readers are attached (items pushed before a reader joins
+        are not delivered to it).  TimeoutError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"queue {self.name!r}: {count} readers did not attach within {timeout} s")
+            wait = _LIVENESS_S if left is None else min(left, _LIVENESS_S)
+            ready = self._native.wait(2, count, wait, 0.0)
+            if ready == 1:
+                return
+            if ready == -1:
+                raise QueueClosedError(f"queue {self.name!r} is closed")
+            self.reap_dead_readers()
+
     def reap_dead_readers(self) -> int:
         """Detach every reader whose process died; returns how many were detached."""
         reaped = 0
@@ -227,10 +243,13 @@ class PortQueue:
                           ("open", "closed", "abandoned")[min(h.closed, 2)], readers)
 
     def _on_reap(self) -> None:
-        self.reap_dead_readers()
+        if self._native is not None:
+            self.reap_dead_readers()
 
     def _on_shutdown(self) -> None:
         """The manager is leaving: detach this process's readers, then unmap."""
+        if self._native is None:
+            return
         pid = os.getpid()
         for index, r in enumerate(self._readers[: self._header.readers_hw]):
             if r.state == 1 and r.pid == pid:
@@ -240,6 +259,7 @@ class PortQueue:
     def release(self) -> None:
         """Unmap the queue in this process (the queue itself lives on in the domain)."""
         if self._native is not None:
+            self.manager._attachments.discard(self)
             self._header = self._readers = None
             self._native.release_view()
             self._native = None
