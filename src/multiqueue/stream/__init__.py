@@ -2,6 +2,7 @@
 
 from .endpoints import Consumer, Producer, Stage, consumer, producer
 from .queue import PortQueue, QueueReader, QueueStats, ReaderStats
+from .sync import POLICIES, PortSyncStats, SyncReader, SyncStats, SyncTuple
 
-__all__ = ["Consumer", "PortQueue", "Producer", "QueueReader", "QueueStats", "ReaderStats", "Stage",
-           "consumer", "producer"]
+__all__ = ["POLICIES", "Consumer", "PortQueue", "PortSyncStats", "Producer", "QueueReader", "QueueStats",
+           "ReaderStats", "Stage", "SyncReader", "SyncStats", "SyncTuple", "consumer", "producer"]
