@@ -654,7 +654,8 @@ static int take_item(Queue *self, mq_reader *r, uint64_t cur, uint64_t *id) {
 
 /* Drop one queue-held reference (no ledger: the queue, not a process, held it). */
 static void drop_queue_ref(Queue *self, uint64_t id) {
-    drop_refs(self->ctx, (uint32_t)id, (uint32_t)(id >> 32), 1);
+    if (drop_refs(self->ctx, (uint32_t)id, (uint32_t)(id >> 32), 1) == 1)
+        RELAXED_ADD(&self->ctx->proc->stats.dealloc_count, 1);
 }
 
 /* Take one more reference on a live id for the queue (join with start="oldest"). */
@@ -680,9 +681,14 @@ static int Queue_init(Queue *self, PyObject *args, PyObject *kwds) {
     Py_buffer view;
     if (PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE) < 0) return -1;
     mq_queue *q = (mq_queue *)view.buf;
+    if ((size_t)view.len < sizeof(mq_queue)) { /* before reading any field */
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "queue segment too small or corrupt");
+        return -1;
+    }
     uint64_t need = (uint64_t)sizeof(mq_queue) + (uint64_t)q->max_readers * sizeof(mq_reader) +
                     (uint64_t)q->capacity * sizeof(mq_item);
-    if ((size_t)view.len < sizeof(mq_queue) || q->capacity == 0 || (q->capacity & (q->capacity - 1)) ||
+    if (q->capacity == 0 || (q->capacity & (q->capacity - 1)) ||
         q->mask != q->capacity - 1 || q->max_readers == 0 || q->max_readers > 1024 ||
         q->readers_hw > q->max_readers || need > (uint64_t)view.len) {
         PyBuffer_Release(&view);
@@ -722,15 +728,19 @@ static PyObject *Queue_push(Queue *self, PyObject *arg) {
     if (!queue_lock(q, ctx->proc_slot + 1)) return PyLong_FromLong(-2);
     uint64_t head = q->head;
     uint32_t hw = LOAD(&q->readers_hw), readers = 0;
-    for (uint32_t i = 0; i < hw; i++) { /* room for the item in every reader */
+    for (uint32_t i = 0; i < hw; i++) { /* a full blocking reader refuses, before any drop */
+        mq_reader *r = &self->readers[i];
+        if (LOAD(&r->state) == MQ_READER_ACTIVE && r->policy == MQ_POLICY_BLOCK &&
+            head - LOAD(&r->cursor) >= q->capacity) {
+            queue_unlock(q);
+            return PyLong_FromLong(0);
+        }
+    }
+    for (uint32_t i = 0; i < hw; i++) { /* room in every drop_oldest reader: drop its oldest */
         mq_reader *r = &self->readers[i];
         if (LOAD(&r->state) != MQ_READER_ACTIVE) continue;
         uint64_t cur = LOAD(&r->cursor);
-        if (head - cur >= q->capacity) {
-            if (r->policy == MQ_POLICY_BLOCK) {
-                queue_unlock(q);
-                return PyLong_FromLong(0);
-            }
+        if (head - cur >= q->capacity && r->policy != MQ_POLICY_BLOCK) {
             uint64_t dropped;
             if (take_item(self, r, cur, &dropped)) { /* else the reader just popped it */
                 drop_queue_ref(self, dropped);
@@ -747,8 +757,8 @@ static PyObject *Queue_push(Queue *self, PyObject *arg) {
         ts = e->timestamp_ns = (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
     }
     STORE(&ctx->ledger[slot], held - 1); /* our reference now belongs to the queue */
-    if (readers == 0) {
-        drop_refs(ctx, slot, gen, 1); /* nobody listens: released at once */
+    if (readers == 0) { /* nobody listens: released at once */
+        if (drop_refs(ctx, slot, gen, 1) == 1) RELAXED_ADD(&ctx->proc->stats.dealloc_count, 1);
     } else if (readers > 1) {
         __atomic_fetch_add(&e->state, readers - 1, __ATOMIC_ACQ_REL); /* we hold one: still valid */
     }
@@ -853,7 +863,8 @@ static PyObject *Queue_join(Queue *self, PyObject *args) {
    unread items and frees its slot; used by the owner and to reap dead owners. */
 static PyObject *Queue_detach(Queue *self, PyObject *arg) {
     unsigned long index;
-    if (!self->has_view || mapped_check(self->ctx) < 0) return NULL;
+    if (!self->has_view) return PyErr_Format(PyExc_RuntimeError, "the queue is closed in this process");
+    if (mapped_check(self->ctx) < 0) return NULL;
     mq_reader *r = reader_arg(self, arg, &index);
     if (r == NULL) return NULL;
     mq_queue *q = self->q;

@@ -89,6 +89,11 @@ class Segment:
     def size(self) -> int:
         return len(self.mmap)
 
+    def __del__(self):
+        if self.fd >= 0:  # dropped without close(): at least give the descriptor back
+            os.close(self.fd)
+            self.fd = -1
+
     def close(self) -> None:
         """Unmap and close; views still held elsewhere keep the memory mapped until freed."""
         self.header = None

@@ -9,7 +9,9 @@ reader still has to read it (or some process holds it).
 
 import ctypes as C
 import os
+import re
 import time
+import weakref
 from dataclasses import dataclass
 
 from .. import _native
@@ -132,6 +134,7 @@ class PortQueue:
             self._segment.mmap, C.sizeof(QueueHeader))
         self._push = self._native.push
         self._producer_checked = False
+        self._my_readers: weakref.WeakSet[QueueReader] = weakref.WeakSet()
         manager._attachments.add(self)  # reaped and detached along with the manager
 
     # -------------------------------------------------------------- producer side
@@ -162,6 +165,10 @@ class PortQueue:
         if buffer.__class__ is not Buffer:
             raise TypeError(f"push takes a Buffer, not {type(buffer).__name__}")
         buffer._check()
+        if buffer._ctx is not self.manager._ctx:
+            raise MultiQueueError(
+                f"buffer {buffer.id:#x} belongs to domain {buffer._manager.domain!r} (or another "
+                f"manager); queue {self.name!r} carries buffers of its own manager only")
         if not self._producer_checked:
             self._claim_producer()
         result = self._push(buffer._id)
@@ -200,7 +207,9 @@ class PortQueue:
         while True:
             index = self._native.join(POLICIES[policy], start == "oldest", pid, _start_time())
             if index >= 0:
-                return QueueReader(self, index, policy, busy_poll, spin)
+                reader = QueueReader(self, index, policy, busy_poll, spin)
+                self._my_readers.add(reader)
+                return reader
             if index == -1:
                 raise QueueFullError(
                     f"queue {self.name!r} already has {self._header.max_readers} readers; "
@@ -212,15 +221,14 @@ class PortQueue:
         are not delivered to it).  TimeoutError after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise TimeoutError(f"queue {self.name!r}: {count} readers did not attach within {timeout} s")
-            wait = _LIVENESS_S if left is None else min(left, _LIVENESS_S)
-            ready = self._native.wait(2, count, wait, 0.0)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = self._native.wait(2, count, _LIVENESS_S if left is None else min(left, _LIVENESS_S), 0.0)
             if ready == 1:
                 return
             if ready == -1:
                 raise QueueClosedError(f"queue {self.name!r} is closed")
+            if left is not None and deadline - time.monotonic() <= 0:
+                raise TimeoutError(f"queue {self.name!r}: {count} readers did not attach within {timeout} s")
             self.reap_dead_readers()
 
     def reap_dead_readers(self) -> int:
@@ -248,17 +256,14 @@ class PortQueue:
 
     def _on_shutdown(self) -> None:
         """The manager is leaving: detach this process's readers, then unmap."""
-        if self._native is None:
-            return
-        pid = os.getpid()
-        for index, r in enumerate(self._readers[: self._header.readers_hw]):
-            if r.state == 1 and r.pid == pid:
-                self._detach(index)
         self.release()
 
     def release(self) -> None:
-        """Unmap the queue in this process (the queue itself lives on in the domain)."""
+        """Detach the readers made through this object and unmap the queue in this
+        process (the queue itself lives on in the domain)."""
         if self._native is not None:
+            for reader in list(self._my_readers):
+                reader.detach()
             self.manager._attachments.discard(self)
             self._header = self._readers = None
             self._native.release_view()
@@ -379,7 +384,11 @@ class QueueReader:
     def pop_many(self, max_n: int, timeout: float | None = None) -> list[Buffer]:
         """Up to ``max_n`` buffers: waits (as pop) for the first, takes the rest if ready.
         Returns fewer, possibly none, when the timeout passes first."""
+        if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 0:
+            raise ValueError(f"max_n must be an int >= 0, not {max_n!r}")
         out = []
+        if max_n == 0:
+            return out
         try:
             out.append(self.pop(timeout))
             while len(out) < max_n:
@@ -424,6 +433,8 @@ class QueueReader:
         if not self._attached:
             return 0
         self._attached = False
+        if self.queue._native is None:
+            return 0  # the queue object was released, which detached us first
         return self.queue._detach(self.index)
 
     close = detach
@@ -475,9 +486,11 @@ class QueueReader:
         return f"queue {self.queue.name!r} is closed and every item was read"
 
 
+_NAME_RE = re.compile(rf"^[A-Za-z0-9_-]{{1,{L.MAX_NAME}}}$")
+
+
 def _check_name(name) -> None:
-    if not isinstance(name, str) or not name or len(name) > L.MAX_NAME or not all(
-            ch.isalnum() or ch in "_-" for ch in name):
+    if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"invalid queue name {name!r}: 1-{L.MAX_NAME} letters, digits, '_' or '-'")
 
 
