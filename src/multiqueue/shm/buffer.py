@@ -126,7 +126,9 @@ class Buffer:
     def memoryview(self) -> memoryview:
         """A writable memoryview of the payload's ``size`` bytes, in place."""
         self._check()
-        return self._manager._payload(self._id & 0xFFFFFFFF, self._size)
+        slot = self._id & 0xFFFFFFFF
+        view = self._manager._block_views[slot] or self._manager._block_view(slot)
+        return view if len(view) == self._size else view[: self._size]
 
     @property
     def frame(self) -> tuple[np.dtype, tuple[int, ...]] | None:
@@ -176,14 +178,18 @@ class Buffer:
             if recorded is not None:
                 dtype, shape = recorded
         dtype = np.dtype(np.uint8 if dtype is None else dtype)
-        view = self.memoryview()
+        self._check()
+        slot = self._id & 0xFFFFFFFF
+        block = self._manager._block_arrays[slot]  # a uint8 array of the block, made once
+        if block is None:
+            block = self._manager._block_array(slot)
         if shape is None:
             if self._size % dtype.itemsize:
                 raise ValueError(
                     f"buffer size {self._size} is not a multiple of {dtype} item size "
                     f"{dtype.itemsize}; pass shape= or allocate a multiple"
                 )
-            return np.frombuffer(view, dtype=dtype)
+            return block[: self._size].view(dtype)
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         count = 1
         for n in shape:
@@ -193,7 +199,7 @@ class Buffer:
                 f"shape {shape} of {dtype} needs {count * dtype.itemsize} bytes but the "
                 f"buffer holds {self._size}"
             )
-        return np.frombuffer(view, dtype=dtype, count=count).reshape(shape)
+        return block[: count * dtype.itemsize].view(dtype).reshape(shape)
 
     # -- references ----------------------------------------------------------------------
 
@@ -226,7 +232,7 @@ class Buffer:
             self.release()
 
     def __del__(self):
-        if self._live:
+        if getattr(self, "_live", False):  # False too if __init__ was interrupted
             self._live = False
             try:
                 self._ctx.release(self._id)

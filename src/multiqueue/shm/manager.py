@@ -10,6 +10,8 @@ import time
 import weakref
 from bisect import bisect_left
 
+import numpy as np
+
 from .. import _native
 from ..errors import (
     DomainFullError,
@@ -538,7 +540,9 @@ class ShmManager:
 
     def _refresh_pools(self) -> None:
         """Rebuild this process's view of the pools: size order and names."""
-        self._ctx.refresh_epoch()
+        self._epoch = self._ctx.refresh_epoch()
+        self._block_views = [None] * self._ctl.max_buffers  # blocks may have moved: map anew
+        self._block_arrays = [None] * self._ctl.max_buffers
         active = sorted(self._active_pools(), key=lambda p: (self._pools[p].block_size, p))
         self._block_sizes = [self._pools[p].block_size for p in active]
         self._orders = [tuple(active[i:]) for i in range(len(active))]
@@ -565,6 +569,19 @@ class ShmManager:
             max_blocks=rec.max_blocks,
         )
 
+    def _block_view(self, slot: int) -> memoryview:
+        """The memoryview of a slot's whole block, made once per process and kept:
+        slots are never reused by another pool, so the view stays right."""
+        view = self._payload(slot, self._pools[(self._meta_Q[slot * _ENTRY_WORDS + _W_LINK] >> 32) & 0xFFFF]
+                             .block_size)
+        self._block_views[slot] = view
+        return view
+
+    def _block_array(self, slot: int):
+        view = self._block_views[slot] or self._block_view(slot)
+        self._block_arrays[slot] = array = np.frombuffer(view, np.uint8)
+        return array
+
     def _payload(self, slot: int, size: int) -> memoryview:
         base = slot * _ENTRY_WORDS
         link = self._meta_Q[base + _W_LINK]
@@ -590,7 +607,8 @@ class ShmManager:
         self._check()
         deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
         while True:
-            self._refresh_pools()
+            if self._ctl.pools_epoch != self._epoch:
+                self._refresh_pools()
             candidates = self._candidates(size, only_pool)
             buffer = self._try_pools(size, candidates)
             if buffer is _POOLS_CHANGED:
@@ -651,18 +669,24 @@ class ShmManager:
             _native.futex_wake(mm, c.free_event.offset, 2**31 - 1)
 
     def _wait_for_free_block(self, size, candidates, remaining) -> Buffer | None:
-        """Sleep in the kernel until some process frees a block (or time runs out)."""
+        """Sleep in the kernel until some process frees a block (or time runs out).
+
+        Spins (yielding the core) for up to 50 us first: blocks of a busy stream come
+        back sooner than a kernel wake-up takes."""
+        spin_until = time.monotonic() + min(50e-6, remaining if remaining is not None else 50e-6)
+        while time.monotonic() < spin_until:
+            os.sched_yield()
+            buffer = self._try_pools(size, candidates)
+            if buffer is not None:
+                return buffer
         mm, c = self._control.mmap, L.Control
-        _native.atomic_add_u32(mm, c.alloc_waiters.offset, 1)
-        try:
-            seen = _native.atomic_load_u32(mm, c.free_event.offset)
-            buffer = self._try_pools(size, candidates)  # a block freed before we registered
-            if buffer is None:  # (a Buffer or _POOLS_CHANGED: return at once)
-                wait = -1.0 if remaining is None else remaining  # -1: no timeout
-                _native.futex_wait(mm, c.free_event.offset, seen, wait)
-            return buffer
-        finally:
-            _native.atomic_add_u32(mm, c.alloc_waiters.offset, -1)
+        _native.atomic_add_u32(mm, c.alloc_waiters.offset, 1)  # arm: the next free wakes us
+        seen = _native.atomic_load_u32(mm, c.free_event.offset)
+        buffer = self._try_pools(size, candidates)  # a block freed before we armed
+        if buffer is None:  # (a Buffer or _POOLS_CHANGED: return at once)
+            wait = -1.0 if remaining is None else remaining  # -1: no timeout
+            _native.futex_wait(mm, c.free_event.offset, seen, wait)
+        return buffer
 
     def _exhausted_message(self, size, candidates, timeout) -> str:
         parts = []
@@ -677,6 +701,7 @@ class ShmManager:
                 "expandable or pass a longer timeout")
 
     def _unmap(self) -> None:
+        self._block_views = self._block_arrays = []
         for seg in self._chunk_segments.values():
             seg.close()
         self._chunk_segments.clear()

@@ -301,9 +301,9 @@ class PortQueue:
                     raise TimeoutError(
                         f"queue {self.name!r}: a blocking reader has {self.capacity} unread items "
                         f"and made no room within {timeout} s")
-                if self.reap_dead_readers() == 0:
-                    wait = _LIVENESS_S if left is None else min(left, _LIVENESS_S)
-                    self._native.wait(1, 0, wait, _SPIN_S)
+                wait = _LIVENESS_S if left is None else min(left, _LIVENESS_S)
+                if self._native.wait(1, 0, wait, _SPIN_S) == 0:
+                    self.reap_dead_readers()  # no room for a whole slice: is a reader dead?
             result = self._push(buffer._id)
 
     def _claim_producer(self) -> None:
