@@ -58,12 +58,12 @@ class Buffer:
     @property
     def capacity(self) -> int:
         """The block size of its pool: the most bytes the payload can hold."""
-        return self._manager._pool_block_size(self._pool_id)
+        return self._manager._pool_block_size(self._pool())
 
     @property
     def pool(self) -> str:
         """Name of the pool the block belongs to."""
-        return self._manager._pool_name(self._pool_id)
+        return self._manager._pool_name(self._pool())
 
     @property
     def ref_count(self) -> int:
@@ -242,6 +242,14 @@ class Buffer:
     def __repr__(self) -> str:
         state = "live" if self._live else "released"
         return f"<Buffer id={self._id:#x} size={self._size} pool={self._pool_id} {state}>"
+
+    def _pool(self) -> int:
+        """The pool id, read from the metadata the first time it is needed."""
+        if self._pool_id < 0:
+            self._check()
+            link = self._manager._meta_Q[(self._id & 0xFFFFFFFF) * _ENTRY_WORDS + _W_LINK]
+            self._pool_id = (link >> 32) & 0xFFFF
+        return self._pool_id
 
     # -- internals -----------------------------------------------------------------------
 

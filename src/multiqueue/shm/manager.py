@@ -7,6 +7,7 @@ import secrets
 import sys
 import threading
 import time
+import traceback
 import weakref
 from bisect import bisect_left
 
@@ -267,10 +268,10 @@ class ShmManager:
         return self._allocate_slow(size, pool.pool_id, timeout)
 
     def _adopt(self, buffer_id: int) -> Buffer:
-        """A handle on a reference this process already holds (moved in from a queue)."""
-        base = (buffer_id & 0xFFFFFFFF) * _ENTRY_WORDS
-        pool_id = (self._meta_Q[base + _W_LINK] >> 32) & 0xFFFF
-        return Buffer(self, self._ctx, buffer_id, self._meta_Q[base + _W_SIZE], pool_id)
+        """A handle on a reference this process already holds (moved in from a queue);
+        its pool id is read later, if ever asked for."""
+        return Buffer(self, self._ctx, buffer_id,
+                      self._meta_Q[(buffer_id & 0xFFFFFFFF) * _ENTRY_WORDS + _W_SIZE], -1)
 
     def get(self, buffer_id: int) -> Buffer:
         """Take a new reference on a buffer by id (from any process of the domain)."""
@@ -524,7 +525,8 @@ class ShmManager:
             except Exception:
                 if not self._initialized:
                     return
-                raise
+                # keep reaping: one failed round must not end crash reclaim for this process
+                traceback.print_exc()
 
     def _active_pools(self) -> list[int]:
         return [i for i, p in enumerate(self._pools) if p.state == L.POOL_ACTIVE]

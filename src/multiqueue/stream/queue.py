@@ -251,8 +251,12 @@ class PortQueue:
                           ("open", "closed", "abandoned")[min(h.closed, 2)], readers)
 
     def _on_reap(self) -> None:
-        if self._native is not None:
-            self.reap_dead_readers()
+        """From the manager's reaper thread: best effort, the queue may be released meanwhile."""
+        try:
+            if self._native is not None:
+                self.reap_dead_readers()
+        except (AttributeError, TypeError):
+            pass  # released by another thread while we looked: nothing left to reap here
 
     def _on_shutdown(self) -> None:
         """The manager is leaving: detach this process's readers, then unmap."""
@@ -359,6 +363,7 @@ class QueueReader:
         self.index = index
         self.policy = policy
         self._manager = queue.manager
+        self._adopt = queue.manager._adopt
         self._native = queue._native
         self._pop = queue._native.pop
         self._spin = -1.0 if busy_poll else spin
@@ -369,14 +374,14 @@ class QueueReader:
         Raises QueueClosedError when the queue is closed and this reader drained it."""
         buffer_id = self._pop(self.index)
         if buffer_id >= 0:
-            return self._manager._adopt(buffer_id)
+            return self._adopt(buffer_id)
         return self._pop_slow(buffer_id, timeout)
 
     def try_pop(self) -> Buffer | None:
         """The next buffer, or None if there is none yet (QueueClosedError once drained)."""
         buffer_id = self._pop(self.index)
         if buffer_id >= 0:
-            return self._manager._adopt(buffer_id)
+            return self._adopt(buffer_id)
         if buffer_id == -1:
             return None
         return self._pop_slow(buffer_id, 0)
@@ -395,7 +400,7 @@ class QueueReader:
                 buffer_id = self._pop(self.index)
                 if buffer_id < 0:
                     break
-                out.append(self._manager._adopt(buffer_id))
+                out.append(self._adopt(buffer_id))
         except TimeoutError:
             pass
         except QueueClosedError:
@@ -467,7 +472,7 @@ class QueueReader:
         deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
         while True:
             if code >= 0:
-                return self._manager._adopt(code)
+                return self._adopt(code)
             if code == -2:
                 raise QueueClosedError(self._closed_message())
             if code == -4:
