@@ -607,7 +607,7 @@ class ShmManager:
     def _allocate_slow(self, size: int, only_pool: int | None, timeout: float | None) -> Buffer:
         """Full pools, changed pools, growth and waiting: everything off the fast path."""
         self._check()
-        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
         while True:
             if self._ctl.pools_epoch != self._epoch:
                 self._refresh_pools()
@@ -736,7 +736,7 @@ class ShmManager:
 _POOLS_CHANGED = object()  # _try_pools: the pool view is stale
 
 
-def _check_timeout(timeout) -> float:
+def check_timeout(timeout) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be None or a number of seconds, not {type(timeout).__name__}")
     if not timeout >= 0:  # also catches NaN

@@ -18,7 +18,7 @@ from .. import _native
 from ..errors import MultiQueueError, QueueClosedError, QueueFullError, SegmentError
 from ..shm import layout as L
 from ..shm.buffer import Buffer
-from ..shm.manager import ShmManager
+from ..shm.manager import ShmManager, check_timeout
 from ..shm.segment import (
     create_segment,
     is_alive,
@@ -219,7 +219,7 @@ class PortQueue:
     def wait_for_readers(self, count: int, timeout: float | None = None) -> None:
         """Wait until ``count`` readers are attached (items pushed before a reader joins
         are not delivered to it).  TimeoutError after ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = self._native.wait(2, count, _LIVENESS_S if left is None else min(left, _LIVENESS_S), 0.0)
@@ -286,7 +286,7 @@ class PortQueue:
     # -------------------------------------------------------------- internals
 
     def _push_slow(self, buffer: Buffer, result: int, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
         while True:
             if result == 1:
                 buffer._live = False
@@ -469,7 +469,7 @@ class QueueReader:
                 pass
 
     def _pop_slow(self, code: int, timeout: float | None) -> Buffer:
-        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
         while True:
             if code >= 0:
                 return self._adopt(code)
@@ -497,14 +497,6 @@ _NAME_RE = re.compile(rf"^[A-Za-z0-9_-]{{1,{L.MAX_NAME}}}$")
 def _check_name(name) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"invalid queue name {name!r}: 1-{L.MAX_NAME} letters, digits, '_' or '-'")
-
-
-def _check_timeout(timeout) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be None or seconds, not {type(timeout).__name__}")
-    if not timeout >= 0:
-        raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout}")
-    return float(timeout)
 
 
 _START_TIME: list = []
