@@ -948,8 +948,12 @@ static PyObject *Queue_wait(Queue *self, PyObject *args) {
     }
     if (!ready) {
         for (;;) {
-            __atomic_store_n(waiters, 1, __ATOMIC_SEQ_CST); /* arm: a wake clears it */
+            /* Read the event, then arm, then look: a waker that clears the arm after we
+               set it bumps the event after we read it, so the futex will not sleep; one
+               that cleared it before finds us armed again.  (Arming first could let a
+               wake-up slip between, and leave us asleep with nobody armed.) */
             uint32_t seen = __atomic_load_n(event, __ATOMIC_SEQ_CST);
+            __atomic_store_n(waiters, 1, __ATOMIC_SEQ_CST);
             ready = queue_ready(self, kind, index);
             if (ready) break;
             int64_t left = deadline - now_ns();

@@ -682,8 +682,9 @@ class ShmManager:
             if buffer is not None:
                 return buffer
         mm, c = self._control.mmap, L.Control
-        _native.atomic_add_u32(mm, c.alloc_waiters.offset, 1)  # arm: the next free wakes us
+        # event first, then arm, then look (see wait() in _native.c for why this order)
         seen = _native.atomic_load_u32(mm, c.free_event.offset)
+        _native.atomic_add_u32(mm, c.alloc_waiters.offset, 1)  # arm: the next free wakes us
         buffer = self._try_pools(size, candidates)  # a block freed before we armed
         if buffer is None:  # (a Buffer or _POOLS_CHANGED: return at once)
             wait = -1.0 if remaining is None else remaining  # -1: no timeout
