@@ -320,6 +320,7 @@ class PortQueue:
                 f"queue {self.name!r} already has a producer (pid {current >> 32}); a port "
                 "queue has one producer side")
         offset = QueueHeader.producer.offset
+        h.producer_start = 0  # "claim in progress": readers must not judge the new pid by the old start
         swapped, seen = _native.atomic_cas_u64(self._segment.mmap, offset, current, me)
         if not swapped and seen != me:
             raise MultiQueueError(f"queue {self.name!r}: another process became its producer")
@@ -327,8 +328,9 @@ class PortQueue:
         self._producer_checked = True
 
     def _producer_alive(self) -> bool:
-        producer = self._header.producer
-        return producer == 0 or is_alive(producer >> 32, self._header.producer_start)
+        """False only for a producer known dead (none yet, or one claiming, counts as alive)."""
+        producer, start = self._header.producer, self._header.producer_start
+        return producer == 0 or start == 0 or is_alive(producer >> 32, start)
 
     def _break_dead_lock(self) -> None:
         """The queue lock is held for long: if its holder died, take it away."""
