@@ -131,7 +131,7 @@ def test_back_pressure_times_out_and_loses_nothing(domain, owner, roles):
     with pytest.raises(TimeoutError):
         q.push(extra, timeout=0.1)
     waited = time.monotonic() - t0
-    assert 0.1 <= waited < 0.6
+    assert 0.1 <= waited < 2.0  # about 0.1 s; generous above for a loaded CI machine
     assert not q.try_push(extra)
     assert extra.ref_count == 1  # still ours after the failed pushes
     assert q.stats().producer_blocked_s >= 0.1
