@@ -574,26 +574,20 @@ class ShmManager:
     def _block_view(self, slot: int) -> memoryview:
         """The memoryview of a slot's whole block, made once per process and kept:
         slots are never reused by another pool, so the view stays right."""
-        view = self._payload(slot, self._pools[(self._meta_Q[slot * _ENTRY_WORDS + _W_LINK] >> 32) & 0xFFFF]
-                             .block_size)
-        self._block_views[slot] = view
+        base = slot * _ENTRY_WORDS
+        link = self._meta_Q[base + _W_LINK]
+        pool_id, chunk = (link >> 32) & 0xFFFF, link >> 48
+        rec = self._pools[pool_id]
+        key = (pool_id, chunk, rec.token)
+        segment_view = self._chunk_views.get(key) or self._map_chunk(key)
+        offset = self._meta_Q[base + _W_OFFSET]
+        self._block_views[slot] = view = segment_view[offset : offset + rec.block_size]
         return view
 
     def _block_array(self, slot: int):
         view = self._block_views[slot] or self._block_view(slot)
         self._block_arrays[slot] = array = np.frombuffer(view, np.uint8)
         return array
-
-    def _payload(self, slot: int, size: int) -> memoryview:
-        base = slot * _ENTRY_WORDS
-        link = self._meta_Q[base + _W_LINK]
-        pool_id, chunk = (link >> 32) & 0xFFFF, link >> 48
-        key = (pool_id, chunk, self._pools[pool_id].token)
-        view = self._chunk_views.get(key)
-        if view is None:
-            view = self._map_chunk(key)
-        offset = self._meta_Q[base + _W_OFFSET]
-        return view[offset : offset + size]
 
     def _map_chunk(self, key) -> memoryview:
         pool_id, chunk, _token = key
