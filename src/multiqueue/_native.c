@@ -25,6 +25,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <errno.h>
 #include <math.h>
 #include <linux/futex.h>
@@ -201,6 +202,7 @@ typedef struct {
     mq_process *proc;
     uint32_t proc_slot;
     uint64_t epoch;          /* pools_epoch this process's pool view was built at */
+    PyObject *block_views;   /* the manager's per-slot memoryview cache (a list), or NULL */
 } Context;
 
 static int mapped_check(Context *self) {
@@ -276,6 +278,7 @@ static void Context_release_view(Context *self) {
 
 static void Context_dealloc(Context *self) {
     Context_release_view(self);
+    Py_CLEAR(self->block_views);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -315,32 +318,31 @@ static int drop_refs(Context *self, uint32_t slot, uint32_t gen, uint32_t count)
     return 1;
 }
 
-/* alloc(pool_id, size) -> id >= 0, or -1 pool empty, -2 pool inactive,
-   -3 pools changed since this context's epoch (refresh, then retry). */
-static PyObject *Context_alloc(Context *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "alloc(pool_id, size)");
-        return NULL;
-    }
-    if (context_check(self) < 0) return NULL;
-    unsigned long pool_id = PyLong_AsUnsignedLong(args[0]);
-    if (pool_id == (unsigned long)-1 && PyErr_Occurred()) return NULL;
-    unsigned long long size = PyLong_AsUnsignedLongLong(args[1]);
-    if (size == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+#define MQ_ERROR INT64_MIN /* a C helper's "exception set" return */
+
+/* Allocate a block of `pool_id` for `size` bytes: its id >= 0, or -1 pool empty, -2
+   pool inactive, -3 pools changed since this context's epoch (refresh, then retry),
+   MQ_ERROR with an exception set. */
+static int64_t alloc_block(Context *self, PyObject *pool_arg, PyObject *size_arg) {
+    if (context_check(self) < 0) return MQ_ERROR;
+    unsigned long pool_id = PyLong_AsUnsignedLong(pool_arg);
+    if (pool_id == (unsigned long)-1 && PyErr_Occurred()) return MQ_ERROR;
+    unsigned long long size = PyLong_AsUnsignedLongLong(size_arg);
+    if (size == (unsigned long long)-1 && PyErr_Occurred()) return MQ_ERROR;
     if (pool_id >= self->ctl->max_pools) {
         PyErr_SetString(PyExc_ValueError, "pool id out of range");
-        return NULL;
+        return MQ_ERROR;
     }
     int64_t t0 = now_ns();
-    if (LOAD(&self->ctl->pools_epoch) != self->epoch) return PyLong_FromLong(-3);
+    if (LOAD(&self->ctl->pools_epoch) != self->epoch) return -3;
     mq_pool *pool = &self->pools[pool_id];
-    if (LOAD(&pool->state) != MQ_POOL_ACTIVE) return PyLong_FromLong(-2);
+    if (LOAD(&pool->state) != MQ_POOL_ACTIVE) return -2;
     if (size == 0 || size > pool->block_size) {
         PyErr_Format(PyExc_ValueError, "size %llu does not fit pool %lu's blocks", size, pool_id);
-        return NULL;
+        return MQ_ERROR;
     }
     int64_t popped = freelist_pop(pool, self->entries);
-    if (popped < 0) return PyLong_FromLong(-1);
+    if (popped < 0) return -1;
     uint32_t slot = (uint32_t)popped;
     uint64_t used = __atomic_add_fetch(&pool->used, 1, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&pool->state, __ATOMIC_SEQ_CST) != MQ_POOL_ACTIVE) {
@@ -349,7 +351,7 @@ static PyObject *Context_alloc(Context *self, PyObject *const *args, Py_ssize_t 
            Pool records are never reused, so the push lands in the right list. */
         freelist_push(pool, self->entries, slot);
         __atomic_fetch_sub(&pool->used, 1, __ATOMIC_SEQ_CST);
-        return PyLong_FromLong(-2);
+        return -2;
     }
     /* `used` may briefly exceed the blocks while a concurrent free has pushed its block
        but not yet counted it down; the high-water mark counts blocks, so clamp */
@@ -377,7 +379,18 @@ static PyObject *Context_alloc(Context *self, PyObject *const *args, Py_ssize_t 
     uint64_t latency = (uint64_t)(now_ns() - t0);
     RELAXED_ADD(&st->latency_sum_ns, latency);
     if (latency > st->latency_max_ns) __atomic_store_n(&st->latency_max_ns, latency, __ATOMIC_RELAXED);
-    return PyLong_FromUnsignedLongLong(((uint64_t)gen << 32) | slot);
+    return (int64_t)(((uint64_t)gen << 32) | slot);
+}
+
+/* alloc(pool_id, size) -> id >= 0, or -1 pool empty, -2 pool inactive,
+   -3 pools changed since this context's epoch (refresh, then retry). */
+static PyObject *Context_alloc(Context *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "alloc(pool_id, size)");
+        return NULL;
+    }
+    int64_t id = alloc_block(self, args[0], args[1]);
+    return id == MQ_ERROR ? NULL : PyLong_FromLongLong(id);
 }
 
 /* Split an id and check its slot is in range; 0 ok, -1 with an exception set. */
@@ -417,16 +430,22 @@ static PyObject *Context_acquire(Context *self, PyObject *arg) {
 
 /* release(id) -> 1 if this freed the block, 0 if others still hold it, -1 if this
    process holds no reference of that id (stale, forged or released twice). */
-static PyObject *Context_release(Context *self, PyObject *arg) {
-    uint32_t slot, gen;
-    if (context_check(self) < 0 || parse_id(self, arg, &slot, &gen) < 0) return NULL;
-    if (gen == 0 || !slot_in_range(self, slot)) return PyLong_FromLong(-1);
+static int release_ref(Context *self, uint64_t id) {
+    uint32_t slot = (uint32_t)id, gen = (uint32_t)(id >> 32);
+    if (gen == 0 || !slot_in_range(self, slot)) return -1;
     uint64_t held = self->ledger[slot];
-    if ((uint32_t)(held >> 32) != gen || (uint32_t)held == 0) return PyLong_FromLong(-1);
+    if ((uint32_t)(held >> 32) != gen || (uint32_t)held == 0) return -1;
     STORE(&self->ledger[slot], held - 1);  /* ledger first: a crash here leaks, never frees twice */
     int freed = drop_refs(self, slot, gen, 1);
     if (freed == 1) RELAXED_ADD(&self->proc->stats.dealloc_count, 1);
-    return PyLong_FromLong(freed);
+    return freed;
+}
+
+static PyObject *Context_release(Context *self, PyObject *arg) {
+    if (context_check(self) < 0) return NULL;
+    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
+    if (id == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromLong(release_ref(self, id));
 }
 
 /* ref_count(id) -> current count, or -1 if the id is not valid now. */
@@ -508,9 +527,28 @@ static PyObject *Context_refresh_epoch(Context *self, PyObject *Py_UNUSED(ignore
     return PyLong_FromUnsignedLongLong(self->epoch);
 }
 
+static PyObject *new_buffer(PyObject *manager, Context *ctx, uint64_t id);
+
+/* alloc_buffer(manager, pool_id, size) -> a Buffer holding the new block, or the
+   int code of alloc() (-1, -2, -3): allocate() in one call. */
+static PyObject *Context_alloc_buffer(Context *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "alloc_buffer(manager, pool_id, size)");
+        return NULL;
+    }
+    int64_t id = alloc_block(self, args[1], args[2]);
+    if (id == MQ_ERROR) return NULL;
+    if (id < 0) return PyLong_FromLongLong(id);
+    PyObject *buffer = new_buffer(args[0], self, (uint64_t)id);
+    if (buffer == NULL) release_ref(self, (uint64_t)id);
+    return buffer;
+}
+
 static PyMethodDef Context_methods[] = {
     {"alloc", (PyCFunction)(void (*)(void))Context_alloc, METH_FASTCALL,
      "alloc(pool_id, size) -> id, or -1 empty, -2 inactive pool, -3 pools changed"},
+    {"alloc_buffer", (PyCFunction)(void (*)(void))Context_alloc_buffer, METH_FASTCALL,
+     "alloc_buffer(manager, pool_id, size) -> Buffer, or alloc()'s code"},
     {"acquire", (PyCFunction)Context_acquire, METH_O, "acquire(id) -> 0, or -1 if invalid"},
     {"release", (PyCFunction)Context_release, METH_O,
      "release(id) -> 1 freed, 0 still held, -1 not held by this process"},
@@ -526,6 +564,12 @@ static PyMethodDef Context_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyMemberDef Context_members[] = {
+    {"block_views", T_OBJECT, offsetof(Context, block_views), 0,
+     "list of per-slot memoryviews (None until made) that Buffer.memoryview() reads"},
+    {NULL, 0, 0, 0, NULL},
+};
+
 static PyTypeObject ContextType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "multiqueue._native.Context",
     .tp_basicsize = sizeof(Context),
@@ -535,7 +579,170 @@ static PyTypeObject ContextType = {
     .tp_init = (initproc)Context_init,
     .tp_dealloc = (destructor)Context_dealloc,
     .tp_methods = Context_methods,
+    .tp_members = Context_members,
 };
+
+/* ---------------------------------------------------------------- buffers */
+
+/* BufferBase: the hot half of multiqueue.Buffer (a Python subclass adds the rest).
+ * One handle = one reference of this process on one block.  Creating, viewing and
+ * releasing handles is the per-message cost of every stream, so those live here;
+ * error messages stay in Python: on any failure the C code calls the subclass's
+ * _raise_unusable() / _release_failed(), which raise the right exception. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *manager;       /* the ShmManager the reference was taken through */
+    Context *ctx;            /* its context at that time (a shut-down one is disabled) */
+    uint64_t id;
+    Py_ssize_t size;
+    int pool_id;             /* -1: not read yet */
+    char live;
+} BufferBase;
+
+static PyTypeObject BufferBaseType;
+static PyTypeObject *buffer_class = &BufferBaseType; /* set_buffer_class() replaces it */
+
+static int buffer_usable(BufferBase *self) {
+    return self->live && self->ctx != NULL && self->ctx->has_view && !self->ctx->disabled;
+}
+
+static PyObject *new_buffer(PyObject *manager, Context *ctx, uint64_t id) {
+    BufferBase *b = (BufferBase *)buffer_class->tp_alloc(buffer_class, 0);
+    if (b == NULL) return NULL;
+    mq_entry *e = &ctx->entries[(uint32_t)id];
+    Py_INCREF(manager);
+    b->manager = manager;
+    Py_INCREF(ctx);
+    b->ctx = ctx;
+    b->id = id;
+    b->size = (Py_ssize_t)e->size;
+    b->pool_id = e->pool_id;
+    b->live = 1;
+    return (PyObject *)b;
+}
+
+/* Buffer(manager, ctx, id, size, pool_id): a handle on a reference already taken. */
+static int BufferBase_init(BufferBase *self, PyObject *args, PyObject *kwds) {
+    PyObject *manager;
+    Context *ctx;
+    unsigned long long id;
+    Py_ssize_t size;
+    int pool_id;
+    if (self->ctx != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Buffer is already initialized");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "OO!Kni", &manager, &ContextType, &ctx, &id, &size, &pool_id)) return -1;
+    Py_INCREF(manager);
+    self->manager = manager;
+    Py_INCREF(ctx);
+    self->ctx = ctx;
+    self->id = id;
+    self->size = size;
+    self->pool_id = pool_id;
+    self->live = 1;
+    return 0;
+}
+
+static void BufferBase_dealloc(BufferBase *self) {
+    /* a handle dropped without release() releases its reference (a closed or
+       disabled context already gave it up at shutdown) */
+    if (buffer_usable(self)) release_ref(self->ctx, self->id);
+    Py_CLEAR(self->manager);
+    Py_CLEAR(self->ctx);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *raise_unusable(BufferBase *self) {
+    PyObject *r = PyObject_CallMethod((PyObject *)self, "_raise_unusable", NULL);
+    if (r == NULL) return NULL;
+    Py_DECREF(r);
+    PyErr_SetString(PyExc_RuntimeError, "buffer is not usable");
+    return NULL;
+}
+
+/* _check(): None if the handle may be used, else raises (released, shut down). */
+static PyObject *BufferBase_check(BufferBase *self, PyObject *Py_UNUSED(ignored)) {
+    if (!buffer_usable(self)) return raise_unusable(self);
+    Py_RETURN_NONE;
+}
+
+/* memoryview(): the payload's `size` bytes in place, from the per-slot cache. */
+static PyObject *BufferBase_memoryview(BufferBase *self, PyObject *Py_UNUSED(ignored)) {
+    if (!buffer_usable(self)) return raise_unusable(self);
+    uint32_t slot = (uint32_t)self->id;
+    PyObject *views = self->ctx->block_views, *view = NULL;
+    if (views != NULL && PyList_CheckExact(views) && slot < (uint64_t)PyList_GET_SIZE(views)) {
+        view = PyList_GET_ITEM(views, slot);
+        if (PyMemoryView_Check(view)) Py_INCREF(view);
+        else view = NULL;
+    }
+    if (view == NULL) {  /* first use of the slot in this process: the manager maps it */
+        view = PyObject_CallMethod(self->manager, "_block_view", "I", slot);
+        if (view == NULL) return NULL;
+        if (!PyMemoryView_Check(view)) {
+            Py_DECREF(view);
+            PyErr_SetString(PyExc_TypeError, "_block_view() must return a memoryview");
+            return NULL;
+        }
+    }
+    if (PyMemoryView_GET_BUFFER(view)->len == self->size) return view;
+    PyObject *part = PySequence_GetSlice(view, 0, self->size);
+    Py_DECREF(view);
+    return part;
+}
+
+/* release(): drop this handle's reference; the last one returns the block. */
+static PyObject *BufferBase_release(BufferBase *self, PyObject *Py_UNUSED(ignored)) {
+    int was_live = self->live, held = -1;
+    self->live = 0;
+    if (was_live && self->ctx != NULL && self->ctx->has_view && !self->ctx->disabled)
+        held = release_ref(self->ctx, self->id);
+    if (held >= 0) Py_RETURN_NONE;
+    return PyObject_CallMethod((PyObject *)self, "_release_failed", "O", was_live ? Py_True : Py_False);
+}
+
+static PyMethodDef BufferBase_methods[] = {
+    {"memoryview", (PyCFunction)BufferBase_memoryview, METH_NOARGS,
+     "A writable memoryview of the payload's size bytes, in place."},
+    {"release", (PyCFunction)BufferBase_release, METH_NOARGS,
+     "Drop this handle's reference; the last one returns the block to its pool."},
+    {"_check", (PyCFunction)BufferBase_check, METH_NOARGS, "raise unless the handle is usable"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef BufferBase_members[] = {
+    {"_manager", T_OBJECT, offsetof(BufferBase, manager), READONLY, NULL},
+    {"_ctx", T_OBJECT, offsetof(BufferBase, ctx), READONLY, NULL},
+    {"_id", T_ULONGLONG, offsetof(BufferBase, id), READONLY, NULL},
+    {"_size", T_PYSSIZET, offsetof(BufferBase, size), READONLY, NULL},
+    {"_pool_id", T_INT, offsetof(BufferBase, pool_id), 0, NULL},
+    {"_live", T_BOOL, offsetof(BufferBase, live), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject BufferBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "multiqueue._native.BufferBase",
+    .tp_basicsize = sizeof(BufferBase),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "BufferBase(manager, context, id, size, pool_id): hot half of multiqueue.Buffer",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)BufferBase_init,
+    .tp_dealloc = (destructor)BufferBase_dealloc,
+    .tp_methods = BufferBase_methods,
+    .tp_members = BufferBase_members,
+};
+
+/* set_buffer_class(cls): the BufferBase subclass that alloc_buffer / pop_buffer make. */
+static PyObject *set_buffer_class(PyObject *m, PyObject *cls) {
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &BufferBaseType)) {
+        PyErr_SetString(PyExc_TypeError, "set_buffer_class takes a subclass of BufferBase");
+        return NULL;
+    }
+    Py_INCREF(cls);  /* kept for the life of the process */
+    buffer_class = (PyTypeObject *)cls;
+    Py_RETURN_NONE;
+}
 
 /* ---------------------------------------------------------------- port queues */
 
@@ -715,19 +922,16 @@ static void Queue_dealloc(Queue *self) {
 
 /* push(id) -> 1 pushed, 0 full (a blocking reader has no room), -1 closed, -2 lock
    busy, -3 this process holds no reference of `id`.  On 1 the caller's reference
-   has moved into the queue. */
-static PyObject *Queue_push(Queue *self, PyObject *arg) {
-    if (queue_check(self) < 0) return NULL;
-    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
-    if (id == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+   has moved into the queue.  (push_id: the same, for C callers.) */
+static int push_id(Queue *self, uint64_t id) {
     mq_queue *q = self->q;
     Context *ctx = self->ctx;
-    if (LOAD(&q->closed)) return PyLong_FromLong(-1);
+    if (LOAD(&q->closed)) return -1;
     uint32_t slot = (uint32_t)id, gen = (uint32_t)(id >> 32);
-    if (gen == 0 || !slot_in_range(ctx, slot)) return PyLong_FromLong(-3);
+    if (gen == 0 || !slot_in_range(ctx, slot)) return -3;
     uint64_t held = ctx->ledger[slot];
-    if ((uint32_t)(held >> 32) != gen || (uint32_t)held == 0) return PyLong_FromLong(-3);
-    if (!queue_lock(q, ctx->proc_slot + 1)) return PyLong_FromLong(-2);
+    if ((uint32_t)(held >> 32) != gen || (uint32_t)held == 0) return -3;
+    if (!queue_lock(q, ctx->proc_slot + 1)) return -2;
     uint64_t head = q->head;
     uint32_t hw = LOAD(&q->readers_hw), readers = 0;
     for (uint32_t i = 0; i < hw; i++) { /* a full blocking reader refuses, before any drop */
@@ -735,7 +939,7 @@ static PyObject *Queue_push(Queue *self, PyObject *arg) {
         if (LOAD(&r->state) == MQ_READER_ACTIVE && r->policy == MQ_POLICY_BLOCK &&
             head - LOAD(&r->cursor) >= q->capacity) {
             queue_unlock(q);
-            return PyLong_FromLong(0);
+            return 0;
         }
     }
     for (uint32_t i = 0; i < hw; i++) { /* room in every drop_oldest reader: drop its oldest */
@@ -773,7 +977,28 @@ static PyObject *Queue_push(Queue *self, PyObject *arg) {
     queue_unlock(q);
     RELAXED_ADD(&q->pushed, 1);
     if (readers) wake(&q->data_event, &q->data_waiters);
-    return PyLong_FromLong(1);
+    return 1;
+}
+
+static PyObject *Queue_push(Queue *self, PyObject *arg) {
+    if (queue_check(self) < 0) return NULL;
+    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
+    if (id == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromLong(push_id(self, id));
+}
+
+/* push_buffer(buffer) -> push()'s codes, or -5 not a Buffer, -6 the handle is
+   released or unusable, -7 the handle belongs to another context.  On 1 the
+   handle's reference has moved into the queue and the handle is released. */
+static PyObject *Queue_push_buffer(Queue *self, PyObject *arg) {
+    if (queue_check(self) < 0) return NULL;
+    if (!PyObject_TypeCheck(arg, &BufferBaseType)) return PyLong_FromLong(-5);
+    BufferBase *b = (BufferBase *)arg;
+    if (!buffer_usable(b)) return PyLong_FromLong(-6);
+    if (b->ctx != self->ctx) return PyLong_FromLong(-7);
+    int result = push_id(self, b->id);
+    if (result == 1) b->live = 0;
+    return PyLong_FromLong(result);
 }
 
 static mq_reader *reader_arg(Queue *self, PyObject *arg, unsigned long *index) {
@@ -786,21 +1011,22 @@ static mq_reader *reader_arg(Queue *self, PyObject *arg, unsigned long *index) {
     return &self->readers[*index];
 }
 
-/* pop(reader) -> id, or -1 nothing to read, -2 closed and drained, -4 the reader
-   was detached.  The popped reference moves into this process's ledger. */
-static PyObject *Queue_pop(Queue *self, PyObject *arg) {
+/* Pop the reader's next item: its id, or -1 nothing to read, -2 closed and drained,
+   -4 the reader was detached, MQ_ERROR with an exception set.  The popped reference
+   moves into this process's ledger. */
+static int64_t pop_item(Queue *self, PyObject *arg) {
     unsigned long index;
-    if (queue_check(self) < 0) return NULL;
+    if (queue_check(self) < 0) return MQ_ERROR;
     mq_reader *r = reader_arg(self, arg, &index);
-    if (r == NULL) return NULL;
+    if (r == NULL) return MQ_ERROR;
     mq_queue *q = self->q;
     uint64_t cur, id;
     for (;;) {
-        if (LOAD(&r->state) != MQ_READER_ACTIVE) return PyLong_FromLong(-4);
+        if (LOAD(&r->state) != MQ_READER_ACTIVE) return -4;
         cur = LOAD(&r->cursor);
         if (cur >= LOAD(&q->head)) {
-            if (!LOAD(&q->closed)) return PyLong_FromLong(-1);
-            if (cur >= LOAD(&q->head)) return PyLong_FromLong(-2); /* re-read: pushed before close */
+            if (!LOAD(&q->closed)) return -1;
+            if (cur >= LOAD(&q->head)) return -2; /* re-read: pushed before close */
             continue;
         }
         if (take_item(self, r, cur, &id)) break; /* lost it to a drop: try the next one */
@@ -811,7 +1037,29 @@ static PyObject *Queue_pop(Queue *self, PyObject *arg) {
     STORE(ledger, ((uint64_t)gen << 32) | count);
     RELAXED_ADD(&r->popped, 1);
     if (r->policy == MQ_POLICY_BLOCK) wake(&q->space_event, &q->space_waiters);
-    return PyLong_FromUnsignedLongLong(id);
+    return (int64_t)id;
+}
+
+/* pop(reader) -> id, or -1 nothing to read, -2 closed and drained, -4 detached. */
+static PyObject *Queue_pop(Queue *self, PyObject *arg) {
+    int64_t id = pop_item(self, arg);
+    if (id == MQ_ERROR) return NULL;
+    return id >= 0 ? PyLong_FromUnsignedLongLong((uint64_t)id) : PyLong_FromLongLong(id);
+}
+
+/* pop_buffer(reader, manager) -> a Buffer holding the popped reference, or pop()'s
+   negative code. */
+static PyObject *Queue_pop_buffer(Queue *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "pop_buffer(reader, manager)");
+        return NULL;
+    }
+    int64_t id = pop_item(self, args[0]);
+    if (id == MQ_ERROR) return NULL;
+    if (id < 0) return PyLong_FromLongLong(id);
+    PyObject *buffer = new_buffer(args[1], self->ctx, (uint64_t)id);
+    if (buffer == NULL) release_ref(self->ctx, (uint64_t)id);
+    return buffer;
 }
 
 /* peek(reader) -> id of the next item without taking it, or -1. */
@@ -1005,7 +1253,11 @@ static PyObject *Queue_release_view(Queue *self, PyObject *Py_UNUSED(ignored)) {
 static PyMethodDef Queue_methods[] = {
     {"push", (PyCFunction)Queue_push, METH_O,
      "push(id) -> 1 pushed, 0 full, -1 closed, -2 lock busy, -3 id not held"},
+    {"push_buffer", (PyCFunction)Queue_push_buffer, METH_O,
+     "push_buffer(buffer) -> push()'s codes, -5 not a Buffer, -6 unusable, -7 other context"},
     {"pop", (PyCFunction)Queue_pop, METH_O, "pop(reader) -> id, or -1 empty, -2 closed, -4 detached"},
+    {"pop_buffer", (PyCFunction)(void (*)(void))Queue_pop_buffer, METH_FASTCALL,
+     "pop_buffer(reader, manager) -> Buffer, or pop()'s negative code"},
     {"peek", (PyCFunction)Queue_peek, METH_O, "peek(reader) -> id of the next item or -1"},
     {"join", (PyCFunction)Queue_join, METH_VARARGS,
      "join(policy, oldest, pid, start_time) -> reader index, -1 full, -2 lock busy"},
@@ -1190,6 +1442,7 @@ static PyMethodDef module_methods[] = {
      "futex_wait(buffer, offset, expected, timeout_s) -> False on timeout"},
     {"futex_wake", futex_wake, METH_VARARGS, "futex_wake(buffer, offset, count) -> woken"},
     {"layout", layout, METH_NOARGS, "sizes and offsets of the shared structures"},
+    {"set_buffer_class", set_buffer_class, METH_O, "set_buffer_class(cls): the Buffer type to make"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1199,12 +1452,16 @@ static struct PyModuleDef native_module = {
 };
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&ContextType) < 0 || PyType_Ready(&QueueType) < 0) return NULL;
+    if (PyType_Ready(&ContextType) < 0 || PyType_Ready(&QueueType) < 0 ||
+        PyType_Ready(&BufferBaseType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL) return NULL;
     Py_INCREF(&ContextType);
     Py_INCREF(&QueueType);
+    Py_INCREF(&BufferBaseType);
     if (PyModule_AddObject(m, "Context", (PyObject *)&ContextType) < 0 ||
+        PyModule_AddObject(m, "BufferBase", (PyObject *)&BufferBaseType) < 0 ||
         PyModule_AddObject(m, "Queue", (PyObject *)&QueueType) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from .. import _native
 from ..errors import BufferReleasedError, InvalidBufferError
 
 # Word indexes into a metadata entry seen as 16 uint64 / int64 (layout.Entry).
@@ -22,7 +23,7 @@ _HAS_FRAME = 2 << 32  # a frame descriptor (dtype, shape) is recorded; cleared a
 _ENTRY_WORDS = 16
 
 
-class Buffer:
+class Buffer(_native.BufferBase):
     """One reference to a block of a pool, taken by this process.
 
     The payload is read and written in place through :meth:`memoryview` and
@@ -31,17 +32,15 @@ class Buffer:
     release returns the block to its pool.  A handle that is garbage-collected
     without ``release()`` releases itself.  Views obtained from a handle must not be
     used after it is released: the block may then be reused.
+
+    The per-message half (construction, ``memoryview()``, ``release()``, the
+    release on garbage collection, ``_check()``) is ``_native.BufferBase`` in C:
+    every stream pays it per item.  Its fields are ``_manager``, ``_ctx`` (the
+    manager's context when the reference was taken), ``_id``, ``_size``,
+    ``_pool_id`` (-1 until read) and ``_live``.
     """
 
-    __slots__ = ("_manager", "_ctx", "_id", "_size", "_pool_id", "_live")
-
-    def __init__(self, manager, ctx, buffer_id: int, size: int, pool_id: int):
-        self._manager = manager
-        self._ctx = ctx  # the manager's context when the reference was taken (see _check)
-        self._id = buffer_id
-        self._size = size
-        self._pool_id = pool_id
-        self._live = True
+    __slots__ = ()
 
     # -- identity and geometry ---------------------------------------------------------
 
@@ -123,12 +122,8 @@ class Buffer:
 
     # -- payload views (no copies) -------------------------------------------------------
 
-    def memoryview(self) -> memoryview:
-        """A writable memoryview of the payload's ``size`` bytes, in place."""
-        self._check()
-        slot = self._id & 0xFFFFFFFF
-        view = self._manager._block_views[slot] or self._manager._block_view(slot)
-        return view if len(view) == self._size else view[: self._size]
+    # memoryview(): in BufferBase (C): a writable memoryview of the payload's ``size``
+    # bytes, in place, from the manager's per-slot view cache.
 
     @property
     def frame(self) -> tuple[np.dtype, tuple[int, ...]] | None:
@@ -208,20 +203,15 @@ class Buffer:
         self._check()
         return self._manager.get(self._id)
 
-    def release(self) -> None:
-        """Drop this handle's reference; the last one returns the block to its pool."""
-        if not self._live:
+    # release(): in BufferBase (C); its failures come back to _release_failed().
+
+    def _release_failed(self, was_live: bool) -> None:
+        if not was_live:
             raise BufferReleasedError(f"buffer {self._id:#x} was already released")
-        self._live = False
-        try:
-            held = self._ctx.release(self._id)
-        except RuntimeError:  # the manager was shut down (or inherited through fork)
-            held = -1
-        if held < 0:
-            raise InvalidBufferError(
-                f"buffer {self._id:#x}: this process no longer holds its reference "
-                "(the manager was shut down or the process was reaped)"
-            )
+        raise InvalidBufferError(
+            f"buffer {self._id:#x}: this process no longer holds its reference "
+            "(the manager was shut down or the process was reaped)"
+        )
 
     def __enter__(self) -> "Buffer":
         self._check()
@@ -230,14 +220,6 @@ class Buffer:
     def __exit__(self, *exc) -> None:
         if self._live:
             self.release()
-
-    def __del__(self):
-        if getattr(self, "_live", False):  # False too if __init__ was interrupted
-            self._live = False
-            try:
-                self._ctx.release(self._id)
-            except Exception:
-                pass  # a closed or forked manager: its shutdown released the reference
 
     def __repr__(self) -> str:
         state = "live" if self._live else "released"
@@ -253,7 +235,10 @@ class Buffer:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _check(self) -> None:
+    # _check(): in BufferBase (C); raises through _raise_unusable() when the handle
+    # is released or its manager's context was shut down (or inherited through fork).
+
+    def _raise_unusable(self) -> None:
         if not self._live:
             raise BufferReleasedError(
                 f"buffer {self._id:#x} was released; take a new reference with "
@@ -265,6 +250,10 @@ class Buffer:
                 f"buffer {self._id:#x} belongs to a ShmManager of domain "
                 f"{self._manager.domain!r} that was shut down; its reference is gone"
             )
+        raise InvalidBufferError(
+            f"buffer {self._id:#x}: its domain {self._manager.domain!r} is no longer usable "
+            "in this process (shut down, or inherited through fork)"
+        )
 
     def _meta(self):
         self._check()
@@ -284,3 +273,6 @@ def _as_ns(value, what: str) -> int:
     if not -(2**63) <= value < 2**63:
         raise ValueError(f"{what} {value} does not fit in 64 bits")
     return value
+
+
+_native.set_buffer_class(Buffer)

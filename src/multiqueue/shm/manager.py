@@ -128,6 +128,7 @@ class ShmManager:
             self._proc_slot = self._register_locked()
         self._ctx = _native.Context(mm, self._proc_slot)
         self._alloc = self._ctx.alloc
+        self._alloc_buffer = self._ctx.alloc_buffer
         self._refresh_pools()
         self._initialized = True
         _live_managers.add(self)
@@ -156,7 +157,7 @@ class ShmManager:
         for attachment in list(self._attachments):
             attachment._on_shutdown()
         self._ctx.disable()  # other threads' allocate/get/release now refuse, before the reclaim
-        self._alloc = self._refuse_after_fork
+        self._alloc = self._alloc_buffer = self._refuse_after_fork
         self._stop_reaper.set()
         if self._reaper is not None and self._reaper is not threading.current_thread():
             self._reaper.join()
@@ -247,10 +248,10 @@ class ShmManager:
         if i == len(self._block_sizes):
             return self._allocate_slow(size, None, timeout)
         for pool_id in self._orders[i]:
-            buffer_id = self._alloc(pool_id, size)
-            if buffer_id >= 0:
-                return Buffer(self, self._ctx, buffer_id, size, pool_id)
-        return self._allocate_slow(size, None, timeout)
+            buffer = self._alloc_buffer(self, pool_id, size)
+            if buffer.__class__ is Buffer:
+                return buffer
+        return self._allocate_slow(size, None, timeout)  # full, or the pools changed
 
     def allocate_from_pool(self, name: str, size: int | None = None, timeout: float | None = None) -> Buffer:
         """A buffer from the named pool only (``size`` defaults to its block size)."""
@@ -262,16 +263,10 @@ class ShmManager:
             _bad_size(size)
         elif size > block_size:
             raise ValueError(f"size {size} exceeds pool {name!r} block size {block_size}")
-        buffer_id = self._alloc(pool.pool_id, size)
-        if buffer_id >= 0:
-            return Buffer(self, self._ctx, buffer_id, size, pool.pool_id)
+        buffer = self._alloc_buffer(self, pool.pool_id, size)
+        if buffer.__class__ is Buffer:
+            return buffer
         return self._allocate_slow(size, pool.pool_id, timeout)
-
-    def _adopt(self, buffer_id: int) -> Buffer:
-        """A handle on a reference this process already holds (moved in from a queue);
-        its pool id is read later, if ever asked for."""
-        return Buffer(self, self._ctx, buffer_id,
-                      self._meta_Q[(buffer_id & 0xFFFFFFFF) * _ENTRY_WORDS + _W_SIZE], -1)
 
     def get(self, buffer_id: int) -> Buffer:
         """Take a new reference on a buffer by id (from any process of the domain)."""
@@ -545,6 +540,7 @@ class ShmManager:
         self._epoch = self._ctx.refresh_epoch()
         self._block_views = [None] * self._ctl.max_buffers  # blocks may have moved: map anew
         self._block_arrays = [None] * self._ctl.max_buffers
+        self._ctx.block_views = self._block_views  # Buffer.memoryview() (C) reads it
         active = sorted(self._active_pools(), key=lambda p: (self._pools[p].block_size, p))
         self._block_sizes = [self._pools[p].block_size for p in active]
         self._orders = [tuple(active[i:]) for i in range(len(active))]
@@ -699,6 +695,7 @@ class ShmManager:
 
     def _unmap(self) -> None:
         self._block_views = self._block_arrays = []
+        self._ctx.block_views = None
         for seg in self._chunk_segments.values():
             seg.close()
         self._chunk_segments.clear()
@@ -718,7 +715,7 @@ class ShmManager:
             self._ctx.disable()
         self._initialized = False
         self._forked_from = self._pid
-        self._alloc = self._refuse_after_fork
+        self._alloc = self._alloc_buffer = self._refuse_after_fork
         # the inherited descriptor shares the parent's flock: let it go with the parent
         os.close(self._control.fd)
         self._control.fd = -1

@@ -132,7 +132,7 @@ class PortQueue:
         self._header = QueueHeader.from_buffer(self._segment.mmap)
         self._readers = (ReaderRecord * self._header.max_readers).from_buffer(
             self._segment.mmap, C.sizeof(QueueHeader))
-        self._push = self._native.push
+        self._push_buffer = self._native.push_buffer
         self._producer_checked = False
         self._my_readers: weakref.WeakSet[QueueReader] = weakref.WeakSet()
         manager._attachments.add(self)  # reaped and detached along with the manager
@@ -162,20 +162,12 @@ class PortQueue:
         makes this wait: forever for ``timeout=None``, else up to ``timeout`` seconds,
         then TimeoutError.  Raises QueueClosedError once the queue is closed.
         """
-        if buffer.__class__ is not Buffer:
-            raise TypeError(f"push takes a Buffer, not {type(buffer).__name__}")
-        buffer._check()
-        if buffer._ctx is not self.manager._ctx:
-            raise MultiQueueError(
-                f"buffer {buffer.id:#x} belongs to domain {buffer._manager.domain!r} (or another "
-                f"manager); queue {self.name!r} carries buffers of its own manager only")
         if not self._producer_checked:
+            self._check_pushable(buffer)  # before claiming: a wrong push claims nothing
             self._claim_producer()
-        result = self._push(buffer._id)
-        if result == 1:
-            buffer._live = False
-            return
-        self._push_slow(buffer, result, timeout)
+        result = self._push_buffer(buffer)  # checks the handle again, in C
+        if result != 1:
+            self._push_slow(buffer, result, timeout)
 
     def try_push(self, buffer: Buffer) -> bool:
         """push() without waiting: False (and the handle still yours) if a reader is full."""
@@ -285,12 +277,24 @@ class PortQueue:
 
     # -------------------------------------------------------------- internals
 
+    def _check_pushable(self, buffer) -> None:
+        """Raise the error push_buffer's codes -5, -6 and -7 stand for."""
+        if buffer.__class__ is not Buffer:
+            raise TypeError(f"push takes a Buffer, not {type(buffer).__name__}")
+        buffer._check()
+        if buffer._ctx is not self.manager._ctx:
+            raise MultiQueueError(
+                f"buffer {buffer.id:#x} belongs to domain {buffer._manager.domain!r} (or another "
+                f"manager); queue {self.name!r} carries buffers of its own manager only")
+
     def _push_slow(self, buffer: Buffer, result: int, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
         while True:
             if result == 1:
-                buffer._live = False
                 return
+            if result <= -5:
+                self._check_pushable(buffer)
+                raise MultiQueueError(f"queue {self.name!r} refused buffer {buffer!r} (code {result})")
             if result == -1:
                 raise QueueClosedError(f"queue {self.name!r} is closed; nothing more can be pushed")
             if result == -3:
@@ -308,7 +312,7 @@ class PortQueue:
                 wait = _LIVENESS_S if left is None else min(left, _LIVENESS_S)
                 if self._native.wait(1, 0, wait, _SPIN_S) == 0:
                     self.reap_dead_readers()  # no room for a whole slice: is a reader dead?
-            result = self._push(buffer._id)
+            result = self._push_buffer(buffer)
 
     def _claim_producer(self) -> None:
         """One producer per queue: record this process (or refuse a second live one)."""
@@ -365,28 +369,27 @@ class QueueReader:
         self.index = index
         self.policy = policy
         self._manager = queue.manager
-        self._adopt = queue.manager._adopt
         self._native = queue._native
-        self._pop = queue._native.pop
+        self._pop_buffer = queue._native.pop_buffer
         self._spin = -1.0 if busy_poll else spin
         self._attached = True
 
     def pop(self, timeout: float | None = None) -> Buffer:
         """The next buffer; waits forever for ``timeout=None``, else raises TimeoutError.
         Raises QueueClosedError when the queue is closed and this reader drained it."""
-        buffer_id = self._pop(self.index)
-        if buffer_id >= 0:
-            return self._adopt(buffer_id)
-        return self._pop_slow(buffer_id, timeout)
+        buffer = self._pop_buffer(self.index, self._manager)
+        if buffer.__class__ is Buffer:
+            return buffer
+        return self._pop_slow(buffer, timeout)
 
     def try_pop(self) -> Buffer | None:
         """The next buffer, or None if there is none yet (QueueClosedError once drained)."""
-        buffer_id = self._pop(self.index)
-        if buffer_id >= 0:
-            return self._adopt(buffer_id)
-        if buffer_id == -1:
+        buffer = self._pop_buffer(self.index, self._manager)
+        if buffer.__class__ is Buffer:
+            return buffer
+        if buffer == -1:
             return None
-        return self._pop_slow(buffer_id, 0)
+        return self._pop_slow(buffer, 0)
 
     def pop_many(self, max_n: int, timeout: float | None = None) -> list[Buffer]:
         """Up to ``max_n`` buffers: waits (as pop) for the first, takes the rest if ready.
@@ -398,11 +401,12 @@ class QueueReader:
             return out
         try:
             out.append(self.pop(timeout))
+            pop_buffer, index, manager = self._pop_buffer, self.index, self._manager
             while len(out) < max_n:
-                buffer_id = self._pop(self.index)
-                if buffer_id < 0:
+                buffer = pop_buffer(index, manager)
+                if buffer.__class__ is not Buffer:
                     break
-                out.append(self._adopt(buffer_id))
+                out.append(buffer)
         except TimeoutError:
             pass
         except QueueClosedError:
@@ -473,8 +477,8 @@ class QueueReader:
     def _pop_slow(self, code: int, timeout: float | None) -> Buffer:
         deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
         while True:
-            if code >= 0:
-                return self._adopt(code)
+            if code.__class__ is Buffer:
+                return code
             if code == -2:
                 raise QueueClosedError(self._closed_message())
             if code == -4:
@@ -485,7 +489,7 @@ class QueueReader:
             wait = _LIVENESS_S if left is None else min(left, _LIVENESS_S)
             if self._native.wait(0, self.index, wait, self._spin) == 0 and not self.queue._producer_alive():
                 self._native.close(2)  # the producer died: drain, then report it
-            code = self._pop(self.index)
+            code = self._pop_buffer(self.index, self._manager)
 
     def _closed_message(self) -> str:
         if self.queue._header.closed == 2:
