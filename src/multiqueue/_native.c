@@ -623,16 +623,21 @@ static PyObject *new_buffer(PyObject *manager, Context *ctx, uint64_t id) {
 
 /* Buffer(manager, ctx, id, size, pool_id): a handle on a reference already taken. */
 static int BufferBase_init(BufferBase *self, PyObject *args, PyObject *kwds) {
-    PyObject *manager;
+    PyObject *manager, *id_arg;
     Context *ctx;
-    unsigned long long id;
     Py_ssize_t size;
     int pool_id;
     if (self->ctx != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Buffer is already initialized");
         return -1;
     }
-    if (!PyArg_ParseTuple(args, "OO!Kni", &manager, &ContextType, &ctx, &id, &size, &pool_id)) return -1;
+    if (!PyArg_ParseTuple(args, "OO!Oni", &manager, &ContextType, &ctx, &id_arg, &size, &pool_id)) return -1;
+    unsigned long long id = PyLong_AsUnsignedLongLong(id_arg);  /* OverflowError if < 0 */
+    if (id == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "buffer size must be >= 0");
+        return -1;
+    }
     Py_INCREF(manager);
     self->manager = manager;
     Py_INCREF(ctx);
@@ -686,8 +691,11 @@ static PyObject *BufferBase_memoryview(BufferBase *self, PyObject *Py_UNUSED(ign
             return NULL;
         }
     }
-    if (PyMemoryView_GET_BUFFER(view)->len == self->size) return view;
-    PyObject *part = PySequence_GetSlice(view, 0, self->size);
+    /* always a new view: a caller releasing it (`with b.memoryview() as v`) must not
+       release the cached one that every later handle on the slot shares */
+    PyObject *part = PyMemoryView_GET_BUFFER(view)->len == self->size
+                         ? PyMemoryView_FromObject(view)
+                         : PySequence_GetSlice(view, 0, self->size);
     Py_DECREF(view);
     return part;
 }
