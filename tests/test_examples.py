@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import spawn_python
@@ -51,11 +52,37 @@ def test_readme_example_output():
 
 
 def test_mq_demo_shares_and_verifies_every_frame(domain):
-    result = mq("demo", "--domain", domain, "--frames", "300")
+    result = mq("stream-demo", "--domain", domain, "--frames", "300")
     assert result.returncode == 0, result.stderr
     assert "300 frames read in place, 300 verified" in result.stdout
     assert "allocations 300, deallocations 300" in result.stdout
     assert "2 process(es)" in result.stdout  # mid-stream both processes are attached
+    assert not domain_segments("mq.", domain)
+
+
+def test_mq_demo_runs_the_spectrum_monitor_and_stops_clean(domain, tmp_path):
+    record = tmp_path / "spectra.npy"
+    result = mq("demo", "--domain", domain, "--duration", "2", "--record", str(record),
+                "--record-frames", "5")
+    assert result.returncode == 0, result.stderr
+    assert "pool blocks still in use after the stop: 0" in result.stdout
+    assert re.search(r"spectra +\d+ \(\s*\d", result.stdout)  # live progress lines
+    assert "peaks: bin" in result.stdout  # the probe saw detections
+    assert np.load(record).shape == (5, 160_000)
+    assert not domain_segments("mq.", domain)
+
+
+def test_mq_demo_stops_in_order_on_ctrl_c(domain, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "multiqueue.cli", "demo", "--domain", domain,
+                             "--duration", "0", "--record", str(tmp_path / "r.npy"), "--bins", "20000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait for the first progress line: the graph runs
+        if line.startswith("spectra"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopping..." in out and "pool blocks still in use after the stop: 0" in out
     assert not domain_segments("mq.", domain)
 
 

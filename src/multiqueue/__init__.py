@@ -13,6 +13,7 @@ from .errors import (
     SegmentError,
     SegmentVersionError,
 )
+from .graph import Runtime, attach
 from .shm import (
     Buffer,
     BufferPool,
@@ -29,6 +30,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Buffer", "BufferPool", "BufferReleasedError", "DomainFullError", "DomainInUseError",
     "InvalidBufferError", "MultiQueueError", "NotInitializedError", "PoolConfig",
-    "PoolExhaustedError", "PoolInUseError", "PoolNotFoundError", "PoolStats", "ReapReport",
-    "SegmentError", "SegmentVersionError", "ShmConfig", "ShmManager", "ShmStats",
+    "PoolExhaustedError", "PoolInUseError", "PoolNotFoundError", "PoolStats", "ReapReport", "Runtime",
+    "SegmentError", "SegmentVersionError", "ShmConfig", "ShmManager", "ShmStats", "attach",
 ]

@@ -186,11 +186,13 @@ class PortQueue:
         self.reap_dead_readers()
 
     def reader(self, policy: str = "block", start: str = "latest", *, busy_poll: bool = False,
-               spin: float = _SPIN_S) -> "QueueReader":
+               spin: float = _SPIN_S, watch_producer: bool = True) -> "QueueReader":
         """Attach a reader.  ``policy``: ``"block"`` (lossless: the producer waits for
         it) or ``"drop_oldest"`` (it loses its oldest unread items, counted, and never
         delays anyone).  ``start``: ``"latest"`` (only new items) or ``"oldest"``
-        (everything still held).  ``busy_poll`` spins instead of sleeping."""
+        (everything still held).  ``busy_poll`` spins instead of sleeping.
+        ``watch_producer=False`` keeps waiting when the producer dies instead of
+        marking the queue abandoned (for a supervisor that restarts producers)."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be 'block' or 'drop_oldest', not {policy!r}")
         if start not in ("latest", "oldest"):
@@ -199,7 +201,7 @@ class PortQueue:
         while True:
             index = self._native.join(POLICIES[policy], start == "oldest", pid, _start_time())
             if index >= 0:
-                reader = QueueReader(self, index, policy, busy_poll, spin)
+                reader = QueueReader(self, index, policy, busy_poll, spin, watch_producer)
                 self._my_readers.add(reader)
                 return reader
             if index == -1:
@@ -364,7 +366,8 @@ class QueueReader:
     process) releases them.
     """
 
-    def __init__(self, queue: PortQueue, index: int, policy: str, busy_poll: bool, spin: float):
+    def __init__(self, queue: PortQueue, index: int, policy: str, busy_poll: bool, spin: float,
+                 watch_producer: bool = True):
         self.queue = queue
         self.index = index
         self.policy = policy
@@ -372,6 +375,7 @@ class QueueReader:
         self._native = queue._native
         self._pop_buffer = queue._native.pop_buffer
         self._spin = -1.0 if busy_poll else spin
+        self._watch_producer = watch_producer
         self._attached = True
 
     def pop(self, timeout: float | None = None) -> Buffer:
@@ -487,7 +491,8 @@ class QueueReader:
             if left is not None and left <= 0:
                 raise TimeoutError(f"nothing arrived on queue {self.queue.name!r} within {timeout} s")
             wait = _LIVENESS_S if left is None else min(left, _LIVENESS_S)
-            if self._native.wait(0, self.index, wait, self._spin) == 0 and not self.queue._producer_alive():
+            if (self._native.wait(0, self.index, wait, self._spin) == 0 and self._watch_producer
+                    and not self.queue._producer_alive()):
                 self._native.close(2)  # the producer died: drain, then report it
             code = self._pop_buffer(self.index, self._manager)
 

@@ -1,0 +1,41 @@
+"""Flow graphs: blocks with typed ports, run across processes by a supervising runtime."""
+
+from .attach import AttachedGraph, Tap, attach
+from .block import (
+    DONE,
+    ERROR,
+    INSUFFICIENT_INPUT,
+    INSUFFICIENT_OUTPUT,
+    OK,
+    Block,
+    BlockError,
+    Frame,
+    GraphError,
+    Port,
+    WorkResult,
+    block,
+)
+from .blocks import (
+    Add,
+    Amplifier,
+    Decimate,
+    FileSink,
+    FileSource,
+    Multiply,
+    NullSink,
+    NullSource,
+    Probe,
+    SignalSource,
+    Spectrum,
+    SyncMerge,
+    Tee,
+    Throttle,
+)
+from .runtime import BlockFailure, BlockStats, EdgeStats, GraphStats, Runtime
+
+__all__ = [
+    "DONE", "ERROR", "INSUFFICIENT_INPUT", "INSUFFICIENT_OUTPUT", "OK", "Add", "Amplifier", "AttachedGraph",
+    "Block", "BlockError", "BlockFailure", "BlockStats", "Decimate", "EdgeStats", "FileSink", "FileSource",
+    "Frame", "GraphError", "GraphStats", "Multiply", "NullSink", "NullSource", "Port", "Probe", "Runtime",
+    "SignalSource", "Spectrum", "SyncMerge", "Tap", "Tee", "Throttle", "WorkResult", "attach", "block",
+]

@@ -1,0 +1,152 @@
+"""Attach to a running graph from any process: list it, read its stats, tap ports.
+
+::
+
+    import multiqueue
+
+    with multiqueue.attach("spectrum") as graph:
+        print(graph.ports)                       # ['source.out', 'detector.out', ...]
+        for frame in graph.subscribe("source.out"):
+            print(frame.timestamp, frame.array.max())
+
+A tap is an extra reader of the port's queue, ``drop_oldest`` by default, so a
+viewer never slows the graph down; it ends when the graph stops.
+"""
+
+from ..errors import QueueClosedError
+from ..shm import ShmManager
+from ..stream.queue import PortQueue
+from . import registry as R
+from .block import Frame, GraphError
+from .runtime import GraphStats, graph_stats
+
+
+class Tap:
+    """Frames of one output port as they come (an iterator; see :meth:`read`).
+
+    A frame yielded by the iterator stays valid until the next one is requested;
+    ``frame.array.copy()`` keeps it longer.
+    """
+
+    def __init__(self, port: str, queue: PortQueue, policy: str, start: str):
+        self.port = port
+        self._queue = queue
+        self._reader = queue.reader(policy, start)
+        self._current = None
+
+    def read(self, timeout: float | None = None) -> Frame | None:
+        """The next frame (its buffer is yours: release it, or use ``with``), or None
+        if ``timeout`` passed.  Raises QueueClosedError when the graph stopped."""
+        try:
+            buffer = self._reader.pop(timeout)
+        except TimeoutError:
+            return None
+        array = buffer.numpy()
+        array.flags.writeable = False
+        return Frame(buffer, array, True)
+
+    def __iter__(self):
+        try:
+            while True:
+                self._release_current()
+                try:
+                    self._current = self.read()
+                except QueueClosedError:
+                    return
+                yield self._current
+        finally:
+            self._release_current()
+
+    @property
+    def drops(self) -> int:
+        """Frames this tap lost because it read too slowly (drop_oldest)."""
+        return self._reader.drops
+
+    def close(self) -> None:
+        self._release_current()
+        self._reader.detach()
+
+    def _release_current(self) -> None:
+        if self._current is not None and not self._current.buffer.released:
+            self._current.buffer.release()
+        self._current = None
+
+    def __enter__(self) -> "Tap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AttachedGraph:
+    """A running graph seen from another process (see :func:`attach`)."""
+
+    def __init__(self, domain: str, name: str = "attach"):
+        self.domain = domain
+        self.manager = ShmManager(domain, create=False, name=name)
+        try:
+            self._graph = R.GraphSegment.open(self.manager._prefix, domain)
+        except BaseException:
+            self.manager.shutdown()
+            raise
+        self._queues: dict[str, PortQueue] = {}
+        self._taps: list[Tap] = []
+
+    @property
+    def description(self) -> dict:
+        return self._graph.description
+
+    @property
+    def blocks(self) -> list[str]:
+        return [b["name"] for b in self.description["blocks"]]
+
+    @property
+    def ports(self) -> list[str]:
+        """Every output port, as "block.port" (what subscribe() takes)."""
+        return [f"{b['name']}.{p}" for b in self.description["blocks"] for p in b["outputs"]]
+
+    def stats(self) -> GraphStats:
+        for b in self.description["blocks"]:
+            for info in b["outputs"].values():
+                self._queue(info["queue"])
+        return graph_stats(self._graph, {name: q.stats() for name, q in self._queues.items()})
+
+    def subscribe(self, port: str, *, policy: str = "drop_oldest", start: str = "latest") -> Tap:
+        """A tap on an output port ("block.port")."""
+        block, _, name = port.partition(".")
+        for b in self.description["blocks"]:
+            if b["name"] == block and name in b["outputs"]:
+                tap = Tap(port, self._queue(b["outputs"][name]["queue"]), policy, start)
+                self._taps.append(tap)
+                return tap
+        raise GraphError(f"graph {self.domain!r} has no output port {port!r}; it has {self.ports}")
+
+    def close(self) -> None:
+        for tap in self._taps:
+            tap.close()
+        for q in self._queues.values():
+            q.release()
+        self._queues.clear()
+        if self._graph is not None:
+            self._graph.close()
+            self._graph = None
+        self.manager.shutdown()
+
+    def _queue(self, name: str) -> PortQueue:
+        if name not in self._queues:
+            self._queues[name] = PortQueue(self.manager, name, create=False)
+        return self._queues[name]
+
+    def __enter__(self) -> "AttachedGraph":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<AttachedGraph {self.domain!r} blocks={self.blocks}>"
+
+
+def attach(domain: str, *, name: str = "attach") -> AttachedGraph:
+    """Attach to the graph running in ``domain`` (SegmentError if none runs)."""
+    return AttachedGraph(domain, name)

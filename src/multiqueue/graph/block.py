@@ -1,0 +1,355 @@
+"""Blocks: units of processing with named, typed ports, run by the graph runtime.
+
+A block declares its ports as data (``inputs`` / ``outputs``: name -> Port) and
+writes one ``work()`` over numpy frames, in the style of a GNU Radio embedded block::
+
+    class Amplifier(Block):
+        inputs = {"in": Port(np.float32)}
+        outputs = {"out": Port(np.float32)}
+        parameters = ("gain",)
+
+        def __init__(self, gain=1.0):
+            super().__init__()
+            self.gain = gain
+
+        def work(self, inputs):
+            for frame in inputs["in"]:
+                out = self.allocate("out", frame.array.shape)
+                np.multiply(frame.array, self.gain, out=out.array)
+                self.send("out", out)
+
+The runtime hands ``work`` the frames waiting on each input (up to ``batch`` per
+port), releases the ones it consumed afterwards, and pushes what it sent.  A block
+instance is pickled into its worker process before ``initialize()``: keep open
+files, sockets and arrays for ``initialize()`` / ``start()``.
+"""
+
+import enum
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import MultiQueueError
+
+
+class WorkResult(enum.Enum):
+    """What ``work()`` reports (returning None means OK)."""
+
+    OK = "ok"  # made progress: call again when there is input (sources: at once)
+    DONE = "done"  # finished for good: its outputs are closed after this call
+    INSUFFICIENT_INPUT = "insufficient_input"  # call again when more input arrived
+    INSUFFICIENT_OUTPUT = "insufficient_output"  # no room for output yet: retry shortly
+    ERROR = "error"  # failed: the runtime reports it, as it would an exception
+
+
+OK = WorkResult.OK
+DONE = WorkResult.DONE
+INSUFFICIENT_INPUT = WorkResult.INSUFFICIENT_INPUT
+INSUFFICIENT_OUTPUT = WorkResult.INSUFFICIENT_OUTPUT
+ERROR = WorkResult.ERROR
+
+
+class GraphError(MultiQueueError):
+    """An invalid graph: unknown block or port, type mismatch, cycle, two writers."""
+
+
+class BlockError(MultiQueueError):
+    """A block failed (raised, returned ERROR, or its process died)."""
+
+
+@dataclass(frozen=True)
+class Port:
+    """A port's frame type: numpy ``dtype`` and frame ``shape`` (None = any).
+
+    ``Port()`` accepts anything; ``Port(np.float32)`` float32 frames of any shape;
+    ``Port(np.float32, (1024,))`` exactly 1024 float32 per frame.
+    """
+
+    dtype: object = None
+    shape: tuple | None = None
+
+    def __post_init__(self):
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        if self.shape is not None:
+            shape = (self.shape,) if isinstance(self.shape, int) else tuple(int(n) for n in self.shape)
+            if any(n < 0 for n in shape):
+                raise ValueError(f"port shape {shape} has a negative dimension")
+            object.__setattr__(self, "shape", shape)
+
+    def mismatch(self, other: "Port") -> str | None:
+        """Why frames of this (output) port cannot go into ``other`` (an input), or None."""
+        if self.dtype is not None and other.dtype is not None and self.dtype != other.dtype:
+            return f"dtype {self.dtype} does not match {other.dtype}"
+        if self.shape is not None and other.shape is not None and self.shape != other.shape:
+            return f"frame shape {self.shape} does not match {other.shape}"
+        return None
+
+    def describe(self) -> dict:
+        return {"dtype": None if self.dtype is None else self.dtype.str,
+                "shape": None if self.shape is None else list(self.shape)}
+
+
+def as_port(value) -> Port:
+    """A Port from a Port, a dtype-like, or None (any)."""
+    if isinstance(value, Port):
+        return value
+    return Port(value)
+
+
+class Frame:
+    """One frame on a port: a pooled buffer seen as a numpy array, in place.
+
+    Input frames are read-only by convention (other readers see the same memory);
+    frames from :meth:`Block.allocate` are yours to fill until you send them.
+    """
+
+    __slots__ = ("buffer", "array", "is_input")
+
+    def __init__(self, buffer, array: np.ndarray, is_input: bool = False):
+        self.buffer = buffer
+        self.array = array
+        self.is_input = is_input  # handed in by the runtime (send() forwards it, no copy)
+
+    @property
+    def timestamp(self) -> int:
+        return self.buffer.timestamp
+
+    @timestamp.setter
+    def timestamp(self, ns: int) -> None:
+        self.buffer.timestamp = ns
+
+    @property
+    def time_range(self) -> tuple[int, int] | None:
+        return self.buffer.time_range
+
+    @time_range.setter
+    def time_range(self, value) -> None:
+        self.buffer.time_range = value
+
+    def __repr__(self) -> str:
+        return f"<Frame {self.array.dtype}{list(self.array.shape)} t={self.timestamp}>"
+
+
+class Block:
+    """Base class of every block; see the module docstring for an example.
+
+    Lifecycle, each called in the block's worker: ``initialize()`` (before any
+    frame moves: open resources), ``start()``, ``work(inputs)`` repeatedly,
+    ``stop()``, ``cleanup()`` (always, even after an error).
+    """
+
+    inputs: dict = {}
+    outputs: dict = {}
+    parameters: tuple = ()  # names settable at run time by set_parameter()
+    batch: int = 16  # most frames handed to work() per input port per call
+
+    def __init__(self):
+        self._io = None  # the runtime's BlockIO while running
+
+    # -- description ------------------------------------------------------------------
+
+    takes_readers: bool = False  # True: work() gets the input QueueReaders, pops itself
+
+    def input_ports(self) -> dict[str, Port]:
+        """The input ports (override for ports that depend on parameters)."""
+        return {name: as_port(p) for name, p in self.inputs.items()}
+
+    def output_ports(self) -> dict[str, Port]:
+        return {name: as_port(p) for name, p in self.outputs.items()}
+
+    @property
+    def kind(self) -> str:
+        """``"source"`` (no inputs), ``"sink"`` (no outputs) or ``"processing"``."""
+        if not self.input_ports():
+            return "source"
+        return "sink" if not self.output_ports() else "processing"
+
+    # -- lifecycle hooks (override what you need) -------------------------------------
+
+    def initialize(self) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def work(self, inputs: dict[str, list[Frame]]):
+        """Process the frames waiting on the inputs (sources get an empty dict).
+
+        Return None or OK, DONE, INSUFFICIENT_INPUT, INSUFFICIENT_OUTPUT or ERROR.
+        Frames handed in are consumed (released after the call) unless the result
+        is INSUFFICIENT_INPUT / INSUFFICIENT_OUTPUT or :meth:`consume` said otherwise.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement work()")
+
+    def stop(self) -> None:
+        pass
+
+    def cleanup(self) -> None:
+        pass
+
+    # -- parameters ---------------------------------------------------------------------
+
+    def get_parameter(self, name: str):
+        self._check_parameter(name)
+        return getattr(self, name)
+
+    def set_parameter(self, name: str, value) -> None:
+        """Change a run-time parameter; calls :meth:`parameter_changed` to apply it."""
+        self._check_parameter(name)
+        self.parameter_changed(name, value)
+
+    def parameter_changed(self, name: str, value) -> None:
+        """Hook: apply a new parameter value (default: set the attribute)."""
+        setattr(self, name, value)
+
+    def _check_parameter(self, name: str) -> None:
+        if name not in self.parameters:
+            raise KeyError(f"block {type(self).__name__} has no run-time parameter {name!r}; "
+                           f"it has {list(self.parameters) or 'none'}")
+
+    # -- output and consumption, valid inside work() --------------------------------------
+
+    def allocate(self, port: str, shape=None, dtype=None, timeout: float | None = None) -> Frame:
+        """A writable frame for ``port`` from the domain's pools (dtype and shape
+        default to the port's).  Waits for a free block up to ``timeout`` (None:
+        while the graph runs)."""
+        return self._running().allocate(port, shape, dtype, timeout)
+
+    def send(self, port: str, frame, *, timestamp: int | None = None, time_range=None) -> None:
+        """Send a frame on an output port: one from :meth:`allocate` (moved, no copy),
+        an input frame (forwarded, no copy), or any array-like (copied into a pool
+        block).  Without ``timestamp`` the k-th frame sent on a port in one work()
+        call takes the timestamp (and time range) of the k-th input frame of the first
+        input port; a source's frames are stamped when pushed."""
+        self._running().send(port, frame, timestamp, time_range)
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, waking early when the block should stop; returns
+        False if it should stop (pacing sources and throttles use this)."""
+        return self._running().sleep(seconds)
+
+    def consume(self, port: str, count: int) -> None:
+        """Consume exactly ``count`` of the frames handed in on ``port`` this call
+        (the rest stay for the next call)."""
+        self._running().consume(port, count)
+
+    def _running(self):
+        if self._io is None:
+            raise MultiQueueError(f"block {type(self).__name__} is not running: allocate(), send() "
+                                  "and consume() work inside work() under a Runtime")
+        return self._io
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_io"] = None
+        return state
+
+
+# -- function-style blocks -------------------------------------------------------------
+
+
+def block(inputs=None, outputs=None, *, batch: int = 16, parameters=()):
+    """Turn a function over numpy frames into a Block class.
+
+    The function receives one list of arrays per input port, in declared order
+    (plus ``timestamps=``, one list per input, if it accepts that keyword), and its
+    keyword arguments are the block's parameters.  It returns or yields output
+    frames: an array, a list of arrays, or for several outputs ``{port: array}`` /
+    ``(port, array)`` pairs; None sends nothing.  A function without inputs is a
+    source: called repeatedly, or if it is a generator, run to exhaustion (DONE)::
+
+        @block(inputs={"in": np.float32}, outputs={"out": np.float32})
+        def amplify(frames, gain=0.5):
+            return [f * gain for f in frames]
+
+        amplify(gain=2.0)   # a Block instance
+    """
+    def wrap(fn):
+        return _function_block(fn, inputs or {}, outputs or {}, batch, tuple(parameters))
+    return wrap
+
+
+def _function_block(fn, inputs, outputs, batch, parameters):
+    signature = inspect.signature(fn)
+    wants_timestamps = "timestamps" in signature.parameters
+    defaults = {n: p.default for n, p in signature.parameters.items()
+                if p.default is not inspect.Parameter.empty and n != "timestamps"}
+    in_names, out_names = list(inputs), list(outputs)
+    is_generator_source = not inputs and inspect.isgeneratorfunction(fn)
+
+    def __init__(self, **params):
+        Block.__init__(self)
+        unknown = set(params) - set(defaults)
+        if unknown:
+            raise TypeError(f"{fn.__name__}() has no parameter {sorted(unknown)[0]!r}; "
+                            f"it takes {sorted(defaults) or 'none'}")
+        self.params = {**defaults, **params}
+        self._generator = None
+
+    def start(self):
+        if is_generator_source:
+            self._generator = fn(**self.params)
+
+    def work(self, frames_in):
+        args = [[f.array for f in frames_in[name]] for name in in_names]
+        kwargs = dict(self.params)
+        if wants_timestamps:
+            kwargs["timestamps"] = [[f.timestamp for f in frames_in[name]] for name in in_names]
+        if is_generator_source:
+            try:
+                produced = next(self._generator)
+            except StopIteration:
+                return DONE
+            self._emit(produced)
+            return OK
+        result = fn(*args, **kwargs)
+        if inspect.isgenerator(result):
+            for produced in result:
+                self._emit(produced)
+        else:
+            self._emit(result)
+        return OK
+
+    def _emit(self, produced):
+        if produced is None:
+            return
+        if isinstance(produced, dict):
+            for port, value in produced.items():
+                self._emit_on(port, value)
+        elif isinstance(produced, tuple) and len(produced) == 2 and produced[0] in outputs:
+            self._emit_on(*produced)
+        else:
+            if len(out_names) != 1:
+                raise MultiQueueError(
+                    f"{fn.__name__} has outputs {out_names}: return {{port: array}} or yield "
+                    "(port, array) pairs")
+            self._emit_on(out_names[0], produced)
+
+    def _emit_on(self, port, value):
+        if isinstance(value, list):
+            for item in value:
+                self.send(port, item)
+        else:
+            self.send(port, value)
+
+    def __getattr__(self, name):
+        # parameters read as attributes (get_parameter / set_parameter use them)
+        params = self.__dict__.get("params")
+        if params is not None and name in params:
+            return params[name]
+        raise AttributeError(name)
+
+    def parameter_changed(self, name, value):
+        self.params[name] = value
+
+    namespace = {
+        "__init__": __init__, "start": start, "work": work, "_emit": _emit, "_emit_on": _emit_on,
+        "__getattr__": __getattr__, "parameter_changed": parameter_changed,
+        "inputs": dict(inputs), "outputs": dict(outputs), "batch": batch,
+        "parameters": parameters or tuple(defaults),
+        "__module__": fn.__module__, "__qualname__": fn.__qualname__, "__doc__": fn.__doc__,
+        "function": staticmethod(fn),
+    }
+    return type(fn.__name__, (Block,), namespace)

@@ -1,0 +1,676 @@
+"""Runtime: build a graph of blocks, run it across processes, supervise, report.
+
+::
+
+    rt = Runtime("sine")
+    src = rt.add(SignalSource(rate=48_000, frame=1024), name="src")
+    amp = rt.add(Multiply(0.5), name="amp")
+    rt.connect(src["out"], amp["in"])
+    rt.connect(amp["out"], rt.add(NullSink(), name="sink")["in"])
+    rt.run(duration=2.0)          # or: with rt: rt.start(); ...; rt.stop()
+    print(rt.stats().format())
+
+Each output port is a PortQueue named ``<block>-<port>`` in the domain; each
+connection is a reader of it with its own overflow policy (fan-out = several
+readers).  Placement: ``"process"`` (default: a worker process of its own, started
+with spawn, attaching to the domain by name), ``"thread"`` (a thread of this
+process) or any other name (blocks with the same name share one process).
+
+Supervision: a worker that dies (exception, exit, SIGKILL) is noticed at once
+through its process sentinel; its references are reclaimed and, per block,
+``restart="stop"`` (default) stops the graph in order and ``wait()`` / ``run()``
+raise BlockError with the worker's traceback, while ``restart="restart"`` starts
+the block again (up to ``max_restarts`` times).  Stopping is orderly: sources
+stop, every block drains its inputs and closes its outputs, workers exit; after
+``drain_timeout`` the rest is aborted, and killed if it still does not exit.
+"""
+
+import multiprocessing
+import multiprocessing.connection
+import pickle
+import queue as queue_module
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..shm import ShmConfig, ShmManager
+from ..stream.queue import POLICIES, PortQueue
+from . import registry as R
+from .block import Block, BlockError, GraphError, Port
+from .runner import BlockSpec, Host, InputEdge, host_main
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,23}$")
+_PORT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,5}$")
+_ABORT_GRACE_S = 2.0  # after an abort, processes get this long before SIGKILL
+
+
+@dataclass(frozen=True)
+class PortRef:
+    block: str
+    port: str
+    direction: str  # "in" or "out"
+    spec: Port
+
+    def __str__(self) -> str:
+        return f"{self.block}.{self.port}"
+
+
+class BlockHandle:
+    """A block added to a runtime: ``handle["port"]`` names one of its ports."""
+
+    def __init__(self, name: str, block: Block, placement: str, restart: str, max_restarts: int):
+        self.name, self.block = name, block
+        self.placement, self.restart, self.max_restarts = placement, restart, max_restarts
+        self.inputs, self.outputs = block.input_ports(), block.output_ports()
+
+    def __getitem__(self, port: str) -> PortRef:
+        if port in self.inputs:
+            return PortRef(self.name, port, "in", self.inputs[port])
+        if port in self.outputs:
+            return PortRef(self.name, port, "out", self.outputs[port])
+        raise GraphError(f"block {self.name!r} ({type(self.block).__name__}) has no port {port!r}; "
+                         f"inputs {list(self.inputs)}, outputs {list(self.outputs)}")
+
+    @property
+    def host_key(self) -> str:
+        return self.name if self.placement in ("process", "thread") else f"group:{self.placement}"
+
+    def __repr__(self) -> str:
+        return f"<BlockHandle {self.name!r} {type(self.block).__name__} placement={self.placement}>"
+
+
+@dataclass
+class Edge:
+    src: PortRef
+    dst: PortRef
+    policy: str
+    capacity: int
+    index: int
+
+
+@dataclass
+class BlockFailure:
+    """A block's worker failed: which, why, and what the runtime did about it."""
+
+    block: str
+    reason: str
+    traceback: str | None
+    action: str  # "stopped the graph" or "restarted"
+    at: float = field(default_factory=time.time)
+
+    def __str__(self) -> str:
+        text = f"block {self.block!r} failed ({self.reason}); {self.action}"
+        return f"{text}\n{self.traceback}" if self.traceback else text
+
+
+@dataclass
+class BlockStats:
+    name: str
+    state: str
+    pid: int
+    items_in: int
+    items_out: int
+    rate_in: float  # items per second since the block started
+    rate_out: float
+    work_calls: int
+    work_s: float
+    restarts: int
+    failures: int
+
+
+@dataclass
+class EdgeStats:
+    src: str
+    dst: str
+    policy: str
+    capacity: int
+    lag: int  # frames waiting for the consumer (fill = lag / capacity)
+    drops: int
+    popped: int
+
+
+@dataclass
+class GraphStats:
+    blocks: dict[str, BlockStats]
+    edges: list[EdgeStats]
+
+    def format(self) -> str:
+        lines = [f"{'block':<16}{'state':<9}{'in':>10}{'out':>10}{'in/s':>10}{'out/s':>10}{'work s':>9}"]
+        for b in self.blocks.values():
+            lines.append(f"{b.name:<16}{b.state:<9}{b.items_in:>10}{b.items_out:>10}{b.rate_in:>10.1f}"
+                         f"{b.rate_out:>10.1f}{b.work_s:>9.2f}")
+        lines.append(f"{'edge':<32}{'policy':<12}{'fill':>9}{'drops':>8}")
+        for e in self.edges:
+            fill = f"{e.lag}/{e.capacity}"
+            lines.append(f"{e.src + ' -> ' + e.dst:<32}{e.policy:<12}{fill:>9}{e.drops:>8}")
+        return "\n".join(lines)
+
+
+class _HostHandle:
+    """The runtime's side of one host: its process or thread, pipe and state."""
+
+    def __init__(self, key: str, names: list[str], kind: str):
+        self.key, self.names, self.kind = key, names, kind
+        self.conn = None
+        self.process = None
+        self.thread = None
+        self.ready: set[str] = set()
+        self.failures: list[tuple[str, str]] = []  # (block, traceback)
+        self.exit_message = False
+        self.done = False
+        self.replies: queue_module.Queue = queue_module.Queue()
+
+    def send(self, message) -> None:
+        try:
+            self.conn.send(message)
+        except (OSError, BrokenPipeError):
+            pass  # it is exiting; the sentinel tells the rest
+
+    @property
+    def waitables(self) -> list:
+        objects = [] if self.conn is None or self.conn.closed else [self.conn]
+        if self.process is not None:
+            objects.append(self.process.sentinel)
+        return objects
+
+
+class Runtime:
+    """A graph of blocks in a domain; see the module docstring."""
+
+    def __init__(self, domain: str, *, pools: ShmConfig | None = None, capacity: int = 16,
+                 drain_timeout: float = 10.0, start_timeout: float = 60.0):
+        self.domain = domain
+        self.pools = pools
+        self.capacity = capacity
+        self.drain_timeout = drain_timeout
+        self.start_timeout = start_timeout
+        self.blocks: dict[str, BlockHandle] = {}
+        self.edges: list[Edge] = []
+        self.failures: list[BlockFailure] = []
+        self.manager: ShmManager | None = None
+        self._graph: R.GraphSegment | None = None
+        self._queues: dict[tuple[str, str], PortQueue] = {}
+        self._hosts: dict[str, _HostHandle] = {}
+        self._state = "building"
+        self._lock = threading.RLock()
+        self._all_ready = threading.Event()
+        self._all_exited = threading.Event()
+        self._stop_at: float | None = None
+        self._abort_at: float | None = None
+        self._fatal: BlockFailure | None = None
+        self._supervisor: threading.Thread | None = None
+        self._param_lock = threading.Lock()
+        self.blocks_in_use_at_end: int | None = None  # pool blocks still held after the stop
+        self.final_stats: GraphStats | None = None  # stats() as they were when the graph ended
+
+    # -- building -------------------------------------------------------------------------
+
+    def add(self, block: Block, name: str | None = None, *, placement: str = "process",
+            restart: str = "stop", max_restarts: int = 3) -> BlockHandle:
+        """Add a block; returns its handle (``handle["out"]`` names a port)."""
+        self._check_building("add blocks")
+        if not isinstance(block, Block):
+            raise TypeError(f"add() takes a Block instance, not {type(block).__name__}")
+        name = name or self._default_name(block)
+        if not _NAME_RE.match(name):
+            raise GraphError(f"block name {name!r}: use 1-24 letters, digits and _ (not first a digit)")
+        if name in self.blocks:
+            raise GraphError(f"the graph already has a block named {name!r}")
+        if restart not in ("stop", "restart"):
+            raise ValueError(f"restart must be 'stop' or 'restart', not {restart!r}")
+        if not isinstance(placement, str) or not placement:
+            raise ValueError("placement must be 'process', 'thread' or a process name")
+        for port in (*block.input_ports(), *block.output_ports()):
+            if not _PORT_RE.match(port):
+                raise GraphError(f"block {name!r}: port name {port!r} must be 1-6 letters, digits or _")
+        handle = BlockHandle(name, block, placement, restart, max_restarts)
+        self.blocks[name] = handle
+        return handle
+
+    def connect(self, src: PortRef, dst: PortRef, *, policy: str = "block",
+                capacity: int | None = None) -> Edge:
+        """Connect an output port to an input port (an output may feed many inputs)."""
+        self._check_building("connect ports")
+        for ref in (src, dst):
+            if not isinstance(ref, PortRef):
+                raise TypeError(f"connect() takes ports such as rt['src']['out'], not {ref!r}")
+            if ref.block not in self.blocks:
+                raise GraphError(f"block {ref.block!r} is not in this graph; add() it first")
+        if src.direction != "out":
+            raise GraphError(f"{src} is an input port; connect(output, input)")
+        if dst.direction != "in":
+            raise GraphError(f"{dst} is an output port; connect(output, input)")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be 'block' or 'drop_oldest', not {policy!r}")
+        capacity = self.capacity if capacity is None else capacity
+        if not isinstance(capacity, int) or capacity < 1 or capacity & (capacity - 1):
+            raise ValueError(f"capacity must be a power of two, not {capacity!r}")
+        mismatch = src.spec.mismatch(dst.spec)
+        if mismatch:
+            raise GraphError(f"cannot connect {src} to {dst}: {mismatch}")
+        for e in self.edges:
+            if (e.dst.block, e.dst.port) == (dst.block, dst.port):
+                raise GraphError(f"input {dst} already has a writer ({e.src}); an input takes one "
+                                 "output; merge streams with a block")
+        if src.block == dst.block or self._reaches(dst.block, src.block):
+            raise GraphError(f"connecting {src} to {dst} would make a cycle; graphs must be acyclic "
+                             "(there is no delay block)")
+        edge = Edge(src, dst, policy, capacity, len(self.edges))
+        self.edges.append(edge)
+        return edge
+
+    def __getitem__(self, name: str) -> BlockHandle:
+        try:
+            return self.blocks[name]
+        except KeyError:
+            raise GraphError(f"no block named {name!r}; blocks: {list(self.blocks)}") from None
+
+    # -- running ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Validate, create the queues, start every worker and let the sources go."""
+        self._check_building("start")
+        specs = self._validate_and_pickle()
+        self._state = "starting"
+        try:
+            self.manager = ShmManager(self.domain, self.pools, name="runtime")
+            self._create_queues()
+            self._graph = R.GraphSegment.create(self.manager._prefix, self.domain, self.describe())
+            self._start_hosts(specs)
+            self._supervisor = threading.Thread(target=self._supervise, name="mq-supervisor", daemon=True)
+            self._supervisor.start()
+            if not self._all_ready.wait(self.start_timeout) or self._fatal is not None:
+                raise BlockError(str(self._fatal) if self._fatal else
+                                 f"blocks did not get ready within {self.start_timeout} s: "
+                                 f"{sorted(self._not_ready())}")
+        except BaseException:
+            self._begin_stop(abort=True)
+            self._all_exited.wait(self.drain_timeout + _ABORT_GRACE_S + 1)
+            self._teardown()
+            raise
+        self._state = "running"
+        for host in list(self._hosts.values()):
+            host.send(("start",))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop in order (sources first, then drain), wait, release everything.
+
+        Raises BlockError if a block failed and stopped the graph."""
+        if self._state == "building":
+            return
+        self._begin_stop()
+        self._all_exited.wait(timeout)
+        self._teardown()
+        self._raise_fatal()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every block has finished (True) or ``timeout`` passes (False).
+        Raises BlockError if a block failed and stopped the graph."""
+        if self._state == "building":
+            raise GraphError("the graph was not started")
+        if not self._all_exited.wait(timeout):
+            return False
+        self._teardown()
+        self._raise_fatal()
+        return True
+
+    def run(self, duration: float | None = None) -> None:
+        """Start (if needed), run until the sources are done or ``duration`` seconds
+        pass, then stop.  Ctrl-C stops in order too."""
+        if self._state == "building":
+            self.start()
+        try:
+            if not self.wait(duration):
+                self.stop()
+        except KeyboardInterrupt:
+            self.stop()
+
+    def set_parameter(self, block: str, name: str, value) -> None:
+        """Change a block's run-time parameter, in its worker if it runs."""
+        self._parameter(("set", block, name, value))
+
+    def get_parameter(self, block: str, name: str):
+        return self._parameter(("get", block, name))
+
+    def stats(self) -> GraphStats:
+        """Per block: state, items, rates, work time; per edge: fill, drops."""
+        if self._graph is None:
+            raise GraphError("the graph is not running")
+        return graph_stats(self._graph, self._queue_stats())
+
+    def describe(self) -> dict:
+        """The graph as data (what the graph segment and attach() see)."""
+        return {
+            "domain": self.domain,
+            "blocks": [
+                {"name": h.name, "class": f"{type(h.block).__module__}.{type(h.block).__qualname__}",
+                 "kind": h.block.kind, "placement": h.placement, "restart": h.restart,
+                 "inputs": {p: s.describe() for p, s in h.inputs.items()},
+                 "outputs": {p: {**s.describe(), "queue": queue_name(h.name, p)}
+                             for p, s in h.outputs.items()}}
+                for h in self.blocks.values()
+            ],
+            "edges": [{"src": str(e.src), "dst": str(e.dst), "policy": e.policy, "capacity": e.capacity,
+                       "queue": queue_name(e.src.block, e.src.port)} for e in self.edges],
+        }
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._state in ("starting", "running", "stopping"):
+            try:
+                self.stop()
+            except BlockError:
+                if exc_type is None:
+                    raise
+
+    def __repr__(self) -> str:
+        return f"<Runtime {self.domain!r} {self._state}, {len(self.blocks)} blocks>"
+
+    # -- internals: building --------------------------------------------------------------
+
+    def _check_building(self, what: str) -> None:
+        if self._state != "building":
+            raise GraphError(f"cannot {what}: the graph was already started")
+
+    def _default_name(self, block: Block) -> str:
+        base = re.sub(r"\W", "_", type(block).__name__.lower())[:20] or "block"
+        name, n = base, 2
+        while name in self.blocks:
+            name, n = f"{base}_{n}", n + 1
+        return name
+
+    def _reaches(self, start: str, goal: str) -> bool:
+        """Is ``goal`` downstream of ``start``?"""
+        seen, todo = set(), [start]
+        while todo:
+            b = todo.pop()
+            if b == goal:
+                return True
+            if b not in seen:
+                seen.add(b)
+                todo.extend(e.dst.block for e in self.edges if e.src.block == b)
+        return False
+
+    def _validate_and_pickle(self) -> dict[str, BlockSpec]:
+        if not self.blocks:
+            raise GraphError("the graph has no blocks")
+        connected = {(e.dst.block, e.dst.port) for e in self.edges}
+        specs = {}
+        for index, h in enumerate(self.blocks.values()):
+            for port in h.inputs:
+                if (h.name, port) not in connected:
+                    raise GraphError(f"input {h.name}.{port} is not connected; connect an output to it")
+            in_thread = h.placement == "thread"  # runs the very object: no pickling
+            try:
+                data = b"" if in_thread else pickle.dumps(h.block)
+            except Exception as e:
+                raise GraphError(f"block {h.name!r} cannot be sent to its worker ({e}); define its class "
+                                 "at module level and keep open resources for initialize(), or "
+                                 "use placement='thread'") from None
+            inputs = [InputEdge(e.dst.port, queue_name(e.src.block, e.src.port), e.policy, e.index)
+                      for e in self.edges if e.dst.block == h.name]
+            specs[h.name] = BlockSpec(h.name, index, data, inputs,
+                                      {p: queue_name(h.name, p) for p in h.outputs},
+                                      block_object=h.block if in_thread else None)
+        return specs
+
+    def _create_queues(self) -> None:
+        for h in self.blocks.values():
+            for port in h.outputs:
+                capacity = max([e.capacity for e in self.edges
+                                if (e.src.block, e.src.port) == (h.name, port)], default=self.capacity)
+                self._queues[(h.name, port)] = PortQueue(self.manager, queue_name(h.name, port), capacity)
+
+    # -- internals: hosts and supervision ---------------------------------------------------
+
+    def _start_hosts(self, specs: dict[str, BlockSpec]) -> None:
+        groups: dict[str, list[str]] = {}
+        for h in self.blocks.values():
+            groups.setdefault(h.host_key, []).append(h.name)
+        for key, names in groups.items():
+            kind = "thread" if self.blocks[names[0]].placement == "thread" else "process"
+            self._launch(key, names, kind, [specs[n] for n in names])
+
+    def _launch(self, key: str, names: list[str], kind: str, specs: list[BlockSpec]) -> None:
+        host = _HostHandle(key, names, kind)
+        ours, theirs = multiprocessing.Pipe()
+        host.conn = ours
+        process_name = f"mq-{key.removeprefix('group:')}"
+        prefix = self.manager._prefix
+        if kind == "process":
+            ctx = multiprocessing.get_context("spawn")
+            host.process = ctx.Process(target=host_main, name=process_name, daemon=True,
+                                       args=(self.domain, prefix, specs, theirs, process_name))
+            host.process.start()
+            theirs.close()
+        else:
+            serve = Host(self.domain, prefix, specs, theirs, process_name).serve
+            host.thread = threading.Thread(target=serve, name=process_name, daemon=True)
+            host.thread.start()
+        with self._lock:
+            self._hosts[key] = host
+
+    def _supervise(self) -> None:
+        while not self._all_exited.is_set():
+            with self._lock:
+                hosts = [h for h in self._hosts.values() if not h.done]
+            waitables = [w for h in hosts for w in h.waitables]
+            ready = multiprocessing.connection.wait(waitables, timeout=0.1) if waitables else []
+            for host in hosts:
+                if host.conn in ready:
+                    self._receive(host)
+                if host.process is not None and host.process.sentinel in ready:
+                    self._drain_messages(host)
+                    self._host_ended(host)
+                elif host.kind == "thread" and host.exit_message and not host.done:
+                    host.thread.join()
+                    self._host_ended(host)
+            self._escalate()
+            with self._lock:
+                if self._hosts and all(h.done for h in self._hosts.values()):
+                    self._all_exited.set()
+
+    def _receive(self, host: _HostHandle) -> None:
+        try:
+            message = host.conn.recv()
+        except (EOFError, OSError):
+            host.conn.close()
+            if host.kind == "thread":
+                host.exit_message = True
+            return
+        kind = message[0]
+        if kind == "ready":
+            host.ready.add(message[1])
+            if not self._not_ready():
+                self._all_ready.set()
+        elif kind == "failed":
+            host.failures.append((message[1], message[2]))
+        elif kind == "exit":
+            host.exit_message = True
+        elif kind == "reply":
+            host.replies.put(message[1:])
+
+    def _drain_messages(self, host: _HostHandle) -> None:
+        while host.conn is not None and not host.conn.closed and host.conn.poll(0):
+            self._receive(host)
+
+    def _not_ready(self) -> set[str]:
+        with self._lock:
+            ready = {n for h in self._hosts.values() for n in h.ready}
+        return set(self.blocks) - ready
+
+    def _host_ended(self, host: _HostHandle) -> None:
+        host.done = True
+        exitcode = 0
+        if host.process is not None:
+            host.process.join(5.0)  # its sentinel fired: it is exiting, collect its status
+            exitcode = host.process.exitcode
+        if not host.failures and exitcode == 0:
+            return
+        self._reclaim()
+        if self._stop_at is not None and not host.failures and exitcode is not None and exitcode < 0:
+            return  # killed by our own escalation while stopping
+        reason = _exit_reason(exitcode) if not host.failures else "raised an exception"
+        tb = "\n".join(tb for _, tb in host.failures) or None
+        blocks = [self.blocks[n] for n in host.names]
+        restartable = (self._state == "running" and self._stop_at is None
+                       and all(b.restart == "restart" for b in blocks)
+                       and all(self._graph.block_rows[self._index(b.name), R.RESTARTS] < b.max_restarts
+                               for b in blocks))
+        failure = BlockFailure(", ".join(host.names), reason, tb,
+                               "restarted" if restartable else "stopped the graph")
+        self.failures.append(failure)
+        if restartable:
+            self._restart(host)
+            return
+        if self._fatal is None:
+            self._fatal = failure
+        for name in host.names:  # let everything downstream drain and end
+            for port in self.blocks[name].outputs:
+                self._queues[(name, port)].close()
+        self._begin_stop()
+
+    def _restart(self, host: _HostHandle) -> None:
+        specs = self._validate_and_pickle()
+        for name in host.names:
+            self._graph.block_rows[self._index(name), R.RESTARTS] += 1
+            specs[name].start = "latest"
+        self._launch(host.key, host.names, host.kind, [specs[n] for n in host.names])
+        self._hosts[host.key].send(("start",))
+
+    def _reclaim(self) -> None:
+        """Release what dead workers held: their buffer references and queue readers."""
+        try:
+            self.manager.reap()
+            for q in self._queues.values():
+                q.reap_dead_readers()
+        except Exception:  # noqa: BLE001 - teardown may have started; reclaim is best effort
+            pass
+
+    def _begin_stop(self, abort: bool = False) -> None:
+        with self._lock:
+            if self._stop_at is None:
+                self._stop_at = time.monotonic()
+                self._state = "stopping"
+                for host in self._hosts.values():
+                    host.send(("stop",))
+            if abort and self._abort_at is None:
+                self._abort_at = time.monotonic()
+                self._abort_all()
+        if not self._hosts:
+            self._all_exited.set()
+
+    def _escalate(self) -> None:
+        """Drain timeout passed: abort; abort grace passed: kill."""
+        now = time.monotonic()
+        if self._stop_at is not None and self._abort_at is None and now - self._stop_at > self.drain_timeout:
+            self._abort_at = now
+            self._abort_all()
+        if self._abort_at is not None and now - self._abort_at > _ABORT_GRACE_S:
+            for host in self._hosts.values():
+                if host.process is not None and host.process.is_alive():
+                    host.process.kill()
+
+    def _abort_all(self) -> None:
+        for host in self._hosts.values():
+            host.send(("abort",))
+        for q in self._queues.values():
+            q.close()  # wakes every push and pop
+
+    def _teardown(self) -> None:
+        with self._lock:
+            if self._state == "stopped":
+                return
+            self._state = "stopped"
+        self._all_exited.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join()
+        for host in self._hosts.values():
+            if host.conn is not None:
+                host.conn.close()
+        if self.manager is not None:
+            self._reclaim()
+            self._last_queue_stats = self._queue_stats()
+            for q in self._queues.values():
+                q.release()
+            self.blocks_in_use_at_end = self.manager.get_stats().total_allocated
+            if self._graph is not None:
+                self.final_stats = graph_stats(self._graph, self._last_queue_stats)
+                path = self._graph.path
+                self._graph.close()
+                from ..shm.segment import unlink_quietly
+                unlink_quietly(path)  # the graph is over, even if a tap keeps the domain
+            self.manager.shutdown()
+
+    def _raise_fatal(self) -> None:
+        if self._fatal is not None:
+            raise BlockError(str(self._fatal))
+
+    def _index(self, name: str) -> int:
+        return list(self.blocks).index(name)
+
+    def _queue_stats(self) -> dict:
+        return {q.name: q.stats() for q in self._queues.values()}
+
+    def _parameter(self, message):
+        kind, block, name = message[0], message[1], message[2]
+        handle = self[block]
+        if self._state != "running":
+            if kind == "set":
+                handle.block.set_parameter(name, message[3])
+                return None
+            return handle.block.get_parameter(name)
+        host = self._hosts[handle.host_key]
+        with self._param_lock:
+            host.send(message)
+            try:
+                ok, value = host.replies.get(timeout=10.0)
+            except queue_module.Empty:
+                raise TimeoutError(f"block {block!r} did not answer a parameter request "
+                                   "within 10 s") from None
+        if not ok:
+            raise BlockError(f"block {block!r}: {value}")
+        return value
+
+
+def queue_name(block: str, port: str) -> str:
+    return f"{block}-{port}"
+
+
+def graph_stats(graph: R.GraphSegment, queue_stats: dict) -> GraphStats:
+    """Stats from the graph segment's rows and the queues' reader records."""
+    now = time.monotonic_ns()
+    blocks = {}
+    for i, b in enumerate(graph.description["blocks"]):
+        row = graph.block_rows[i]
+        ended = row[R.STATE] in (R.DONE, R.FAILED, R.STOPPED) and row[R.UPDATED_NS] > row[R.START_NS]
+        end = row[R.UPDATED_NS] if ended else now  # a finished block's rate is over its run
+        elapsed = max(1e-9, (end - row[R.START_NS]) / 1e9) if row[R.START_NS] else 0.0
+        blocks[b["name"]] = BlockStats(
+            b["name"], R.STATES[row[R.STATE]], int(row[R.PID]), int(row[R.ITEMS_IN]), int(row[R.ITEMS_OUT]),
+            row[R.ITEMS_IN] / elapsed if elapsed else 0.0, row[R.ITEMS_OUT] / elapsed if elapsed else 0.0,
+            int(row[R.WORK_CALLS]), row[R.WORK_NS] / 1e9, int(row[R.RESTARTS]), int(row[R.FAILURES]))
+    edges = []
+    for i, e in enumerate(graph.description["edges"]):
+        qs = queue_stats.get(e["queue"])
+        row = graph.edge_rows[i]
+        reader = next((r for r in qs.readers if r.index == row[R.EDGE_READER]), None) if qs else None
+        edges.append(EdgeStats(e["src"], e["dst"], e["policy"], e["capacity"], reader.lag if reader else 0,
+                               int(row[R.EDGE_DROPS]), int(row[R.EDGE_POPPED])))
+    return GraphStats(blocks, edges)
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "did not exit"
+    if exitcode < 0:
+        import signal
+
+        try:
+            return f"its process was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"its process was killed by signal {-exitcode}"
+    return f"its process exited with code {exitcode}"

@@ -1,0 +1,89 @@
+"""Blocks for the graph tests, importable by name in worker processes."""
+
+import os
+import signal
+import time
+
+import numpy as np
+
+from multiqueue.graph import DONE, OK, Block, Port, block
+
+
+class Ramp(Block):
+    """``count`` frames of ``n`` float32; frame k holds k, k+1, ... k+n-1."""
+
+    outputs = {"out": Port(np.float32)}
+
+    def __init__(self, count=100, n=1024, pace_s=0.0):
+        super().__init__()
+        self.count, self.n, self.pace_s = count, n, pace_s
+        self.k = 0
+
+    def work(self, inputs):
+        if self.k >= self.count:
+            return DONE
+        if self.pace_s and not self.sleep(self.pace_s):
+            return DONE
+        out = self.allocate("out", (self.n,))
+        out.array[:] = np.arange(self.k, self.k + self.n, dtype=np.float32)
+        self.send("out", out, timestamp=1_000_000 + self.k)
+        self.k += 1
+        return OK
+
+
+class Record(Block):
+    """Writes (first value, sum, length, timestamp) of every frame to ``path`` (.npy)
+    when it stops; ``delay_s`` per frame makes it slow."""
+
+    inputs = {"in": Port(np.float32)}
+
+    def __init__(self, path, delay_s=0.0):
+        super().__init__()
+        self.path, self.delay_s = str(path), delay_s
+        self.rows = []
+
+    def work(self, inputs):
+        for frame in inputs["in"]:
+            a = frame.array
+            self.rows.append((float(a[0]), float(a.astype(np.float64).sum()), a.size, frame.timestamp))
+            if self.delay_s:
+                self.sleep(self.delay_s)
+
+    def stop(self):
+        np.save(self.path + ".tmp.npy", np.array(self.rows, dtype=np.float64).reshape(-1, 4))
+        os.replace(self.path + ".tmp.npy", self.path)
+
+
+class Crash(Block):
+    """Forwards frames; at frame ``at`` raises (``how="raise"``) or SIGKILLs its process."""
+
+    inputs = {"in": Port(np.float32)}
+    outputs = {"out": Port(np.float32)}
+
+    def __init__(self, at=10, how="raise", marker=None):
+        super().__init__()
+        self.at, self.how, self.marker = at, how, marker
+        self.seen = 0
+
+    def work(self, inputs):
+        for frame in inputs["in"]:
+            self.seen += 1
+            if self.seen == self.at and (self.marker is None or not os.path.exists(self.marker)):
+                if self.marker is not None:
+                    open(self.marker, "w").close()  # crash once, not again after a restart
+                if self.how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                    time.sleep(10)
+                raise RuntimeError(f"crash on purpose at frame {self.seen}")
+            self.send("out", frame)
+
+
+@block(inputs={"in": np.float32}, outputs={"out": np.float32})
+def scale(frames, factor=2.0):
+    return [f * np.float32(factor) for f in frames]
+
+
+@block(outputs={"out": np.float32})
+def ramp_gen(count=5, n=8):
+    for k in range(count):
+        yield np.full(n, k, np.float32)
