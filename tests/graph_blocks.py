@@ -87,3 +87,33 @@ def scale(frames, factor=2.0):
 def ramp_gen(count=5, n=8):
     for k in range(count):
         yield np.full(n, k, np.float32)
+
+
+class Stuck(Block):
+    """Takes its first frame and never returns from work() until aborted (a hung block)."""
+
+    inputs = {"in": Port(np.float32)}
+
+    def work(self, inputs):
+        while self.sleep(0.05):
+            pass  # sleep() ends only when the runtime aborts the graph
+
+
+class Pid(Block):
+    """Forwards frames; its process id is in the stats, for placement tests."""
+
+    inputs = {"in": Port(np.float32)}
+    outputs = {"out": Port(np.float32)}
+
+    def work(self, inputs):
+        for frame in inputs["in"]:
+            self.send("out", frame)
+
+
+class Ints(Block):
+    """A source of int16 frames (for dtype checks)."""
+
+    outputs = {"out": Port(np.int16)}
+
+    def work(self, inputs):
+        return DONE

@@ -1,11 +1,14 @@
 """The graph runtime end to end: real worker processes, exact values, failures."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from graph_blocks import Crash, Ramp, Record, ramp_gen, scale
+from graph_blocks import Crash, Ints, Pid, Ramp, Record, Stuck, ramp_gen, scale
 
 from multiqueue import PoolConfig, ShmConfig
-from multiqueue.graph import BlockError, GraphError, Multiply, NullSink, Runtime
+from multiqueue.graph import BlockError, GraphError, Multiply, NullSink, Runtime, attach
 
 POOLS = ShmConfig(pools=[PoolConfig("frames", 4096, 256)], max_processes=32)
 
@@ -126,3 +129,205 @@ def test_slow_drop_oldest_branch_does_not_slow_the_other_branch(domain, tmp_path
     assert to_fast.drops == 0
     assert len(slow_rows) + to_slow.drops == count
     assert len(slow_rows) < count / 2  # it could not keep up, and did not hold anyone back
+
+
+# -- connect-time validation ------------------------------------------------------------
+
+
+@pytest.fixture
+def graph(domain):
+    rt = Runtime(domain, pools=POOLS)
+    rt.add(Ramp(), name="src")
+    rt.add(Multiply(), name="amp")
+    rt.add(Record("/dev/null"), name="rec")
+    return rt
+
+
+def test_unknown_port_names_the_block_and_its_ports(graph):
+    with pytest.raises(GraphError, match=r"block 'amp' \(Multiply\) has no port 'output'.*inputs \['in'\]"):
+        graph["amp"]["output"]
+
+
+def test_unknown_block_is_refused(graph):
+    with pytest.raises(GraphError, match="no block named 'nope'"):
+        graph["nope"]
+
+
+def test_output_to_output_and_input_to_input_are_refused(graph):
+    with pytest.raises(GraphError, match="amp.out is an output port"):
+        graph.connect(graph["src"]["out"], graph["amp"]["out"])
+    with pytest.raises(GraphError, match="amp.in is an input port"):
+        graph.connect(graph["amp"]["in"], graph["rec"]["in"])
+
+
+def test_dtype_mismatch_is_refused_at_connect(graph):
+    graph.add(Ints(), name="ints")
+    with pytest.raises(GraphError, match="cannot connect ints.out to amp.in: dtype int16 does not match"):
+        graph.connect(graph["ints"]["out"], graph["amp"]["in"])
+
+
+def test_second_writer_into_an_input_is_refused(graph):
+    graph.connect(graph["src"]["out"], graph["rec"]["in"])
+    with pytest.raises(GraphError, match="input rec.in already has a writer \\(src.out\\)"):
+        graph.connect(graph["amp"]["out"], graph["rec"]["in"])
+
+
+def test_cycle_is_refused(graph):
+    graph.add(Multiply(), name="amp2")
+    graph.connect(graph["amp"]["out"], graph["amp2"]["in"])
+    with pytest.raises(GraphError, match="would make a cycle"):
+        graph.connect(graph["amp2"]["out"], graph["amp"]["in"])
+
+
+def test_bad_names_policies_and_capacities_are_refused(graph):
+    with pytest.raises(GraphError, match="already has a block named 'amp'"):
+        graph.add(Multiply(), name="amp")
+    with pytest.raises(GraphError, match="block name 'a b'"):
+        graph.add(Multiply(), name="a b")
+    with pytest.raises(ValueError, match="policy must be"):
+        graph.connect(graph["src"]["out"], graph["amp"]["in"], policy="newest")
+    with pytest.raises(ValueError, match="capacity must be a power of two"):
+        graph.connect(graph["src"]["out"], graph["amp"]["in"], capacity=10)
+    with pytest.raises(ValueError, match="restart must be"):
+        graph.add(Multiply(), name="m3", restart="always")
+
+
+def test_a_block_that_cannot_be_pickled_is_refused_unless_in_a_thread(domain):
+    rt = Runtime(domain, pools=POOLS)
+    src = rt.add(Ramp(count=3, n=8), name="src")
+    sink = rt.add(Record("/dev/null"), name="sink")
+    sink.block.unpicklable = lambda: None  # a lambda cannot cross to a process
+    rt.connect(src["out"], sink["in"])
+    with pytest.raises(GraphError, match="block 'sink' cannot be sent to its worker.*placement='thread'"):
+        rt.start()
+
+
+# -- placement, parameters, stop ------------------------------------------------------------
+
+
+def test_named_placement_groups_blocks_in_one_process_and_threads_run_here(domain, tmp_path):
+    import os
+
+    rt = Runtime(domain, pools=POOLS)
+    src = rt.add(Ramp(count=20, n=8), name="src", placement="work")
+    p1 = rt.add(Pid(), name="p1", placement="work")
+    p2 = rt.add(Pid(), name="p2", placement="thread")
+    out = rt.add(Record(tmp_path / "out.npy"), name="out")
+    rt.connect(src["out"], p1["in"])
+    rt.connect(p1["out"], p2["in"])
+    rt.connect(p2["out"], out["in"])
+    rt.run(duration=120)
+    pids = {name: b.pid for name, b in rt.final_stats.blocks.items()}
+    assert pids["src"] == pids["p1"] != os.getpid()
+    assert pids["p2"] == os.getpid()
+    assert pids["out"] not in (pids["src"], os.getpid())
+    assert len(np.load(tmp_path / "out.npy")) == 20
+
+
+def test_set_and_get_parameter_reach_the_worker(domain, tmp_path):
+    rt = Runtime(domain, pools=POOLS)
+    src = rt.add(Ramp(count=1_000_000, n=8, pace_s=0.001), name="src")
+    amp = rt.add(Multiply(1.0), name="amp")
+    sink = rt.add(Record(tmp_path / "out.npy"), name="sink")
+    rt.connect(src["out"], amp["in"])
+    rt.connect(amp["out"], sink["in"])
+    rt.start()
+    with attach(domain) as graph, graph.subscribe("amp.out", policy="block") as tap:
+        assert rt.get_parameter("amp", "factor") == 1.0
+        rt.set_parameter("amp", "factor", 3.0)
+        assert rt.get_parameter("amp", "factor") == 3.0
+        with pytest.raises(BlockError, match="no run-time parameter 'gain'"):
+            rt.set_parameter("amp", "gain", 2.0)
+        for frame in tap:  # frame k carries k * factor: wait for the first one made with 3.0
+            k = frame.array[1] - frame.array[0]  # consecutive values differ by the factor
+            if k == 3.0:
+                break
+    rt.stop()
+    rows = np.load(tmp_path / "out.npy")
+    factors = rows[1:, 0] / np.arange(1, len(rows))
+    assert set(np.round(factors, 6)) <= {1.0, 3.0} and factors[-1] == 3.0
+    switch = np.argmax(factors == 3.0)
+    assert np.all(factors[switch:] == 3.0)  # applied between two frames, for good
+    assert rt.blocks_in_use_at_end == 0
+
+
+def test_stop_aborts_a_hung_block_after_the_drain_timeout(domain):
+    rt = Runtime(domain, pools=POOLS, drain_timeout=0.5)
+    src = rt.add(Ramp(count=1_000_000, n=8), name="src")
+    hung = rt.add(Stuck(), name="hung")
+    rt.connect(src["out"], hung["in"])
+    rt.start()
+    rt.stop()  # the source stops; the hung block never drains: aborted, then all released
+    states = {n: b.state for n, b in rt.final_stats.blocks.items()}
+    assert states == {"src": "done", "hung": "stopped"}
+    assert rt.blocks_in_use_at_end == 0
+
+
+def test_stats_while_running_and_from_an_unrelated_process(domain, tmp_path):
+    from helpers import run_python
+
+    rt = Runtime(domain, pools=POOLS)
+    src = rt.add(Ramp(count=1_000_000, n=8, pace_s=0.001), name="src")
+    sink = rt.add(Record(tmp_path / "out.npy"), name="sink")
+    rt.connect(src["out"], sink["in"])
+    rt.start()
+    try:
+        outside = run_python(
+            "import sys, multiqueue\n"
+            "with multiqueue.attach(sys.argv[1]) as g:\n"
+            "    s = g.stats()\n"
+            "    tap = g.subscribe('src.out')\n"
+            "    f = tap.read(timeout=30)\n"
+            "    print(g.blocks, g.ports, s.blocks['src'].state, f.array.dtype, f.array.shape)\n"
+            "    f.buffer.release()\n", domain)
+        assert outside.returncode == 0, outside.stderr
+        assert outside.stdout.split() == ["['src',", "'sink']", "['src.out']", "running", "float32", "(8,)"]
+        s = rt.stats()
+        assert s.blocks["src"].state == "running" and s.edges[0].src == "src.out"
+    finally:
+        rt.stop()
+    assert rt.blocks_in_use_at_end == 0
+
+
+RUNTIME_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+from graph_blocks import Ramp, Record
+from multiqueue import PoolConfig, ShmConfig
+from multiqueue.graph import Runtime
+
+if __name__ == "__main__":
+    rt = Runtime(sys.argv[1], pools=ShmConfig(pools=[PoolConfig("frames", 4096, 64)]))
+    src = rt.add(Ramp(count=10**9, n=8, pace_s=0.001), name="src")
+    sink = rt.add(Record("/dev/null"), name="sink")
+    rt.connect(src["out"], sink["in"])
+    rt.start()
+    print(*(b.pid for b in rt.stats().blocks.values()), flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_workers_exit_and_the_domain_is_removed_when_the_runtime_is_killed(domain, tmp_path):
+    import os
+    import select
+    import signal
+    from pathlib import Path
+
+    from multiqueue.shm.segment import domain_segments
+
+    script = tmp_path / "graph_main.py"
+    script.write_text(RUNTIME_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), domain, str(Path(__file__).parent)],
+                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    worker_pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(worker_pids) == 2, proc.stderr.read()
+    pidfds = [os.pidfd_open(pid) for pid in worker_pids]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    try:
+        for fd in pidfds:  # a pidfd becomes readable when its process exits
+            assert select.select([fd], [], [], 30)[0], "a worker outlived its runtime"
+    finally:
+        for fd in pidfds:
+            os.close(fd)
+    assert not domain_segments("mq.", domain)  # the last worker out removed the domain
