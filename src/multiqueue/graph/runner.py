@@ -46,6 +46,11 @@ class Aborted(Exception):
     """The graph is being torn down: leave the loop without draining."""
 
 
+class SourceStopped(Exception):
+    """A source told to stop while it waited for room (a full output or pool): it ends
+    normally, and the frame it could not send is released (it never entered the graph)."""
+
+
 @dataclass
 class InputEdge:
     port: str
@@ -203,8 +208,7 @@ class BlockIO:
             try:
                 return self.manager.allocate(nbytes, SLICE_S)
             except PoolExhaustedError:
-                if self.abort.is_set():
-                    raise Aborted() from None
+                self._check_waiting()
 
     def send(self, port: str, item, timestamp, time_range) -> None:
         queue = self._out_queue(port)
@@ -255,12 +259,21 @@ class BlockIO:
                 queue.push(buffer, SLICE_S)
                 return
             except TimeoutError:
-                if self.abort.is_set():
+                try:
+                    self._check_waiting()
+                except (Aborted, SourceStopped):
                     buffer.release()
-                    raise Aborted() from None
+                    raise
             except QueueClosedError:
                 buffer.release()
                 raise Aborted() from None  # the runtime closed it: the graph is going down
+
+    def _check_waiting(self) -> None:
+        """Between two slices of a wait for room: should this block give up waiting?"""
+        if self.abort.is_set():
+            raise Aborted()
+        if self.stop.is_set() and not self.readers:
+            raise SourceStopped()
 
     def _out_port(self, port: str):
         try:
@@ -334,12 +347,15 @@ class BlockRunner:
         finished = False
         try:
             self.block.start()
-            if self.block.takes_readers:
-                self._reader_loop()
-            elif self.readers:
-                self._consume_loop()
-            else:
-                self._source_loop()
+            try:
+                if self.block.takes_readers:
+                    self._reader_loop()
+                elif self.readers:
+                    self._consume_loop()
+                else:
+                    self._source_loop()
+            except SourceStopped:
+                pass
             with self.lock:
                 self.block.stop()  # may still send (flush)
             finished = True
