@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from multiqueue.graph import DONE, OK, Block, Port, block
+from multiqueue.graph import DONE, INSUFFICIENT_INPUT, OK, Block, Port, block
 
 
 class Ramp(Block):
@@ -117,3 +117,25 @@ class Ints(Block):
 
     def work(self, inputs):
         return DONE
+
+
+class Window3(Block):
+    """Needs three frames per output: their concatenation (INSUFFICIENT_INPUT + consume)."""
+
+    inputs = {"in": Port(np.float32)}
+    outputs = {"out": Port(np.float32)}
+
+    def work(self, inputs):
+        frames = inputs["in"]
+        if len(frames) < 3:
+            return INSUFFICIENT_INPUT
+        self.send("out", np.concatenate([f.array for f in frames[:3]]))
+        self.consume("in", 3)
+        return OK
+
+
+@block(inputs={"in": np.float32}, outputs={"out": np.float32})
+def stamp_as_values(frames, timestamps):
+    """Frames whose values are their input timestamps (checks the timestamps= keyword)."""
+    for ts in timestamps[0]:
+        yield np.full(2, ts, np.float32)

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from graph_blocks import Crash, Ints, Pid, Ramp, Record, Stuck, ramp_gen, scale
+from graph_blocks import Crash, Ints, Pid, Ramp, Record, Stuck, Window3, ramp_gen, scale, stamp_as_values
 
 from multiqueue import PoolConfig, ShmConfig
 from multiqueue.graph import BlockError, GraphError, Multiply, NullSink, Runtime, attach
@@ -330,3 +330,48 @@ def test_workers_exit_and_the_domain_is_removed_when_the_runtime_is_killed(domai
         for fd in pidfds:
             os.close(fd)
     assert not domain_segments("mq.", domain)  # the last worker out removed the domain
+
+
+def test_insufficient_input_and_consume_take_frames_three_at_a_time(domain, tmp_path):
+    with Runtime(domain, pools=POOLS) as rt:
+        src = rt.add(Ramp(count=10, n=4), name="src", placement="thread")
+        win = rt.add(Window3(), name="win", placement="thread")
+        out = rt.add(Record(tmp_path / "out.npy"), name="out", placement="thread")
+        rt.connect(src["out"], win["in"])
+        rt.connect(win["out"], out["in"])
+        rt.start()
+        assert rt.wait(timeout=60)
+    rows = np.load(tmp_path / "out.npy")
+    np.testing.assert_array_equal(rows[:, 0], [0, 3, 6])  # frames 0-2, 3-5, 6-8; frame 9 waits in vain
+    np.testing.assert_array_equal(rows[:, 2], [12, 12, 12])
+    assert rt.final_stats.blocks["win"].items_in == 9
+    assert rt.blocks_in_use_at_end == 0  # the leftover frame was released at the end
+
+
+def test_function_block_gets_the_input_timestamps(domain, tmp_path):
+    rt = Runtime(domain, pools=POOLS)
+    src = rt.add(Ramp(count=5, n=4), name="src", placement="thread")
+    fn = rt.add(stamp_as_values(), name="fn", placement="thread")
+    out = rt.add(Record(tmp_path / "out.npy"), name="out", placement="thread")
+    rt.connect(src["out"], fn["in"])
+    rt.connect(fn["out"], out["in"])
+    rt.run(duration=60)
+    rows = np.load(tmp_path / "out.npy")
+    np.testing.assert_array_equal(rows[:, 0], 1_000_000 + np.arange(5))  # value == its input's timestamp
+    np.testing.assert_array_equal(rows[:, 3], 1_000_000 + np.arange(5))  # and the timestamp propagated
+
+
+def test_mq_tap_prints_frames_of_a_running_graph(domain):
+    rt = Runtime(domain, pools=POOLS)
+    src = rt.add(Ramp(count=10**9, n=8, pace_s=0.001), name="src")
+    rt.connect(src["out"], rt.add(Record("/dev/null"), name="sink")["in"])
+    rt.start()
+    try:
+        command = [sys.executable, "-m", "multiqueue.cli", "tap", domain, "src.out", "--count", "3"]
+        tap = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    finally:
+        rt.stop()
+    assert tap.returncode == 0, tap.stderr
+    lines = [line for line in tap.stdout.splitlines() if line.startswith("src.out t=")]
+    assert len(lines) == 3 and all("float32[8]" in line for line in lines)
+    assert "3 frames in" in tap.stdout
