@@ -135,8 +135,8 @@ class BlockIO:
     def _frame(self, buffer, port: str) -> Frame:
         spec = self.in_ports[port]
         try:
-            if spec.dtype is None or buffer.frame is not None:
-                array = buffer.numpy()
+            if spec.dtype is None or buffer._frame_info() is not None:
+                array = buffer.numpy()  # the recorded dtype and shape
             else:
                 array = buffer.numpy(spec.dtype)
         except ValueError as e:

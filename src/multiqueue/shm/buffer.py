@@ -1,5 +1,7 @@
 """Buffer: a process-local handle on one reference to a pooled shared-memory block."""
 
+import array
+
 import numpy as np
 
 from .. import _native
@@ -128,14 +130,24 @@ class Buffer(_native.BufferBase):
     @property
     def frame(self) -> tuple[np.dtype, tuple[int, ...]] | None:
         """The (dtype, shape) recorded with :meth:`set_frame`, or None."""
+        info = self._frame_info()
+        return None if info is None else info[:2]
+
+    def _frame_info(self) -> tuple[np.dtype, tuple[int, ...], int] | None:
+        """(dtype, shape, bytes) of the recorded frame, or None."""
         meta = self._meta()
         base = (self._id & 0xFFFFFFFF) * _ENTRY_WORDS
         if not meta[base + _W_FLAGS] & _HAS_FRAME:
             return None
-        code = int(meta[base + _W_FRAME_DTYPE]).to_bytes(8, "little", signed=True).rstrip(b"\0")
-        ndim = meta[base + _W_FRAME_NDIM]
-        shape = tuple(meta[base + _W_FRAME_DIMS + i] for i in range(ndim))
-        return np.dtype(code.decode()), shape
+        key = tuple(meta[base + _W_FRAME_DTYPE : base + _W_FRAME_DIMS + meta[base + _W_FRAME_NDIM]])
+        frame = _decoded_frames.get(key)
+        if frame is None:  # first time this process meets this dtype and shape
+            code = int(key[0]).to_bytes(8, "little", signed=True).rstrip(b"\0")
+            dtype, shape = np.dtype(code.decode()), tuple(int(n) for n in key[2:])
+            nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            frame = _decoded_frames[key] = (dtype, shape, nbytes)
+            _bound(_decoded_frames)
+        return frame
 
     def set_frame(self, dtype, shape) -> None:
         """Record the payload's dtype and shape with the buffer, for every reader.
@@ -143,22 +155,16 @@ class Buffer(_native.BufferBase):
         ``numpy()`` without arguments then returns an array of that dtype and shape,
         in any process.  Plain dtypes and up to four dimensions can be recorded.
         """
-        dtype = np.dtype(dtype)
-        shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
-        code = dtype.str.encode()
-        if dtype.fields is not None or len(code) > 8 or len(shape) > MAX_FRAME_DIMS:
-            raise ValueError(f"cannot record frame {dtype} {shape}: plain dtypes, up to "
-                             f"{MAX_FRAME_DIMS} dimensions")
-        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        if nbytes > self._size or any(n < 0 for n in shape):
+        words = _encoded_frames.get((dtype, shape)) if shape.__class__ is tuple else None
+        if words is None:
+            words = _encode_frame(dtype, shape)
+        nbytes = words[-1]
+        if nbytes > self._size:
             raise ValueError(
-                f"frame {shape} of {dtype} needs {nbytes} bytes but the buffer holds {self._size}")
+                f"frame {shape} of {np.dtype(dtype)} needs {nbytes} bytes but the buffer holds {self._size}")
         meta = self._meta()
         base = (self._id & 0xFFFFFFFF) * _ENTRY_WORDS
-        meta[base + _W_FRAME_DTYPE] = int.from_bytes(code.ljust(8, b"\0"), "little", signed=True)
-        meta[base + _W_FRAME_NDIM] = len(shape)
-        for i, n in enumerate(shape):
-            meta[base + _W_FRAME_DIMS + i] = n
+        meta[base + _W_FRAME_DTYPE : base + _W_FRAME_DTYPE + len(words) - 1] = words[:-1]
         meta[base + _W_FLAGS] |= _HAS_FRAME
 
     def numpy(self, dtype=None, shape=None) -> np.ndarray:
@@ -168,16 +174,18 @@ class Buffer(_native.BufferBase):
         uint8 bytes.  Without ``shape`` the array is 1-D over all ``size`` bytes, which
         must be a multiple of the dtype's item size; with ``shape`` it may cover fewer.
         """
-        if dtype is None and shape is None:
-            recorded = self.frame
-            if recorded is not None:
-                dtype, shape = recorded
-        dtype = np.dtype(np.uint8 if dtype is None else dtype)
-        self._check()
+        # _frame_info() checks the handle too; _check() is in C: cheap to repeat
+        recorded = self._frame_info() if dtype is None and shape is None else self._check()
         slot = self._id & 0xFFFFFFFF
         block = self._manager._block_arrays[slot]  # a uint8 array of the block, made once
         if block is None:
             block = self._manager._block_array(slot)
+        if recorded is not None:  # the common case of a stream: checked when it was recorded
+            dtype, shape, nbytes = recorded
+            if nbytes > self._size:
+                raise ValueError(f"recorded frame {shape} of {dtype} exceeds the buffer's {self._size} bytes")
+            return block[:nbytes].view(dtype).reshape(shape)
+        dtype = np.dtype(np.uint8 if dtype is None else dtype)
         if shape is None:
             if self._size % dtype.itemsize:
                 raise ValueError(
@@ -264,6 +272,40 @@ class Buffer(_native.BufferBase):
 
     def _set_word(self, index: int, value: int) -> None:
         self._meta()[(self._id & 0xFFFFFFFF) * _ENTRY_WORDS + index] = value
+
+
+# Frame descriptors seen by this process, both ways: (dtype, shape) <-> metadata words.
+_encoded_frames: dict = {}
+_decoded_frames: dict = {}
+_FRAME_CACHE_MAX = 1024
+
+
+def _bound(cache: dict) -> None:
+    if len(cache) > _FRAME_CACHE_MAX:  # a stream of ever-new shapes: start over
+        cache.clear()
+
+
+def _encode_frame(dtype, shape) -> array.array:
+    """The metadata words of a frame (dtype code, ndim, dims), then its byte size."""
+    key = (dtype, shape) if shape.__class__ is tuple else None
+    dtype = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
+    code = dtype.str.encode()
+    if dtype.fields is not None or len(code) > 8 or len(shape) > MAX_FRAME_DIMS:
+        raise ValueError(f"cannot record frame {dtype} {shape}: plain dtypes, up to "
+                         f"{MAX_FRAME_DIMS} dimensions")
+    if any(n < 0 for n in shape):
+        raise ValueError(f"frame shape {shape} has a negative dimension")
+    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    words = array.array("q", [int.from_bytes(code.ljust(8, b"\0"), "little", signed=True), len(shape),
+                              *shape, nbytes])
+    if key is not None:
+        try:
+            _encoded_frames[key] = words
+            _bound(_encoded_frames)
+        except TypeError:
+            pass  # an unhashable dtype argument: fine, just not cached
+    return words
 
 
 def _as_ns(value, what: str) -> int:
