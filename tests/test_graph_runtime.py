@@ -375,3 +375,38 @@ def test_mq_tap_prints_frames_of_a_running_graph(domain):
     lines = [line for line in tap.stdout.splitlines() if line.startswith("src.out t=")]
     assert len(lines) == 3 and all("float32[8]" in line for line in lines)
     assert "3 frames in" in tap.stdout
+
+
+def test_a_graph_segment_left_by_a_dead_runtime_is_replaced(domain, tmp_path):
+    from helpers import run_python
+    from multiqueue.graph.registry import GraphSegment
+    from multiqueue.shm.segment import segment_path
+
+    left = run_python("import os, sys\nfrom multiqueue.graph.registry import GraphSegment\n"
+                      "GraphSegment.create('mq.', sys.argv[1], {'blocks': [], 'edges': []})\n"
+                      "os._exit(0)  # dies without removing it\n", domain)
+    assert left.returncode == 0, left.stderr
+    assert GraphSegment.open("mq.", domain).description == {"blocks": [], "edges": []}
+    rt = Runtime(domain, pools=POOLS)
+    src = rt.add(Ramp(count=3, n=4), name="src", placement="thread")
+    out = rt.add(Record(tmp_path / "out.npy"), name="out", placement="thread")
+    rt.connect(src["out"], out["in"])
+    rt.run(duration=60)
+    assert len(np.load(tmp_path / "out.npy")) == 3
+    import os
+
+    assert not os.path.exists(segment_path("mq.", domain, "graph"))
+
+
+def test_a_second_runtime_on_a_running_domain_is_refused(domain):
+    first = Runtime(domain, pools=POOLS)
+    first.connect(first.add(Ramp(count=10**9, n=4, pace_s=0.01), name="src", placement="thread")["out"],
+                  first.add(Record("/dev/null"), name="out", placement="thread")["in"])
+    first.start()
+    try:
+        second = Runtime(domain, pools=POOLS)
+        second.add(Ramp(count=1), name="src", placement="thread")
+        with pytest.raises(Exception, match="already runs a graph"):
+            second.start()
+    finally:
+        first.stop()

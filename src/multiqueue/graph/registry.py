@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import SegmentError
 from ..shm import layout as L
-from ..shm.segment import create_segment, open_segment, segment_path
+from ..shm.segment import create_segment, is_alive, open_segment, segment_path, unlink_quietly
 
 MAGIC_GRAPH = int.from_bytes(b"MQGRAPH1", "little")
 KIND_GRAPH = 4
@@ -30,6 +30,18 @@ EDGE_DROPS = 2  # frames its drop_oldest reader lost
 
 STATES = ("created", "initializing", "ready", "running", "done", "failed", "stopped")
 CREATED, INITIALIZING, READY, RUNNING, DONE, FAILED, STOPPED = range(7)
+
+
+def _stale(path: str) -> bool:
+    """Is the graph segment at ``path`` left by a runtime that is no longer alive?"""
+    try:
+        segment = open_segment(path, MAGIC_GRAPH, KIND_GRAPH)
+    except SegmentError:
+        return False  # not ours to remove (foreign, or another version): say it exists
+    try:
+        return not is_alive(segment.header.creator_pid, segment.header.creator_start)
+    finally:
+        segment.close()
 
 
 class GraphHeader(ctypes.Structure):
@@ -75,6 +87,9 @@ class GraphSegment:
 
         path = segment_path(prefix, domain, "graph")
         segment = create_segment(path, size, MAGIC_GRAPH, KIND_GRAPH, ctypes.sizeof(GraphHeader), init)
+        if segment is None and _stale(path):  # its runtime died before anyone removed it
+            unlink_quietly(path)
+            segment = create_segment(path, size, MAGIC_GRAPH, KIND_GRAPH, ctypes.sizeof(GraphHeader), init)
         if segment is None:
             raise SegmentError(17, f"domain {domain!r} already runs a graph ({path} exists); stop it "
                                    "first, or give this graph another domain")

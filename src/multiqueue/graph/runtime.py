@@ -275,8 +275,9 @@ class Runtime:
         self._state = "starting"
         try:
             self.manager = ShmManager(self.domain, self.pools, name="runtime")
-            self._create_queues()
+            # the graph segment first: it is what refuses a second graph in the domain
             self._graph = R.GraphSegment.create(self.manager._prefix, self.domain, self.describe())
+            self._create_queues()
             self._start_hosts(specs)
             self._supervisor = threading.Thread(target=self._supervise, name="mq-supervisor", daemon=True)
             self._supervisor.start()
