@@ -410,3 +410,24 @@ def test_a_second_runtime_on_a_running_domain_is_refused(domain):
             second.start()
     finally:
         first.stop()
+
+
+def test_stop_returns_even_when_a_thread_block_ignores_the_abort(domain):
+    import threading
+
+    release = threading.Event()
+
+    class Deaf(Record):  # ignores stop and abort until the test lets it go
+        def work(self, inputs):
+            release.wait(60)
+
+    rt = Runtime(domain, pools=POOLS, drain_timeout=0.2)
+    src = rt.add(Ramp(count=10**9, n=4), name="src", placement="thread")
+    rt.connect(src["out"], rt.add(Deaf("/dev/null"), name="deaf", placement="thread")["in"])
+    rt.start()
+    try:
+        rt.stop()
+        assert [(f.block, f.action) for f in rt.failures] == [("deaf", "left running in a daemon thread")]
+    finally:
+        release.set()
+        rt._hosts["deaf"].thread.join(30)  # it sees the abort now, leaves, and removes the domain

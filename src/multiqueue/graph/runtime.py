@@ -574,6 +574,11 @@ class Runtime:
             for host in self._hosts.values():
                 if host.process is not None and host.process.is_alive():
                     host.process.kill()
+                elif host.thread is not None and not host.done:
+                    # a thread cannot be killed: give up on it (a daemon) so stop() returns
+                    host.done = True
+                    self.failures.append(BlockFailure(", ".join(host.names), "did not stop when aborted",
+                                                      None, "left running in a daemon thread"))
 
     def _abort_all(self) -> None:
         for host in self._hosts.values():
