@@ -183,7 +183,8 @@ class Amplifier(Multiply):
 
 
 class Add(Block):
-    """out = a + b, frames paired in order (the k-th of a with the k-th of b)."""
+    """out = a + b, frames paired in order (the k-th of a with the k-th of b); the sum
+    takes a's timestamp and time range."""
 
     inputs = {"a": F32, "b": F32}
     outputs = {"out": F32}
@@ -197,7 +198,9 @@ class Add(Block):
                 raise ValueError(f"Add: frame shapes differ: {a.array.shape} and {b.array.shape}")
             out = self.allocate("out", a.array.shape)
             np.add(a.array, b.array, out=out.array)
-            self.send("out", out)
+            # stamped from a explicitly: the runtime's default takes the first *connected*
+            # input, which is b if b was connected first
+            self.send("out", out, timestamp=a.timestamp, time_range=a.time_range)
         self.consume("a", pairs)
         self.consume("b", pairs)
 

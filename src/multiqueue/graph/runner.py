@@ -13,6 +13,7 @@ stop), ("abort",) (everyone stops now), ("set", block, name, value) and ("get",
 block, name), answered by ("reply", ok, value_or_error_text).
 """
 
+import multiprocessing.connection
 import os
 import pickle
 import threading
@@ -83,7 +84,8 @@ class BlockIO:
         self.pending = {port: [] for port in readers}
         self.closed = dict.fromkeys(readers, False)
         self.stop, self.abort = stop, abort
-        self.first_input = next(iter(readers), None)
+        # the first *declared* input with a reader (readers come in connection order)
+        self.first_input = next((p for p in self.in_ports if p in readers), None)
         self.items_in = self.items_out = 0
         self._handed: dict[str, int] = {}
         self._consumed: dict[str, int] = {}
@@ -300,12 +302,13 @@ class BlockIO:
 class BlockRunner:
     """One block's thread: start, the work loop, stop, cleanup; stats in its row."""
 
-    def __init__(self, spec: BlockSpec, manager: ShmManager, graph: R.GraphSegment, report):
+    def __init__(self, spec: BlockSpec, manager: ShmManager, graph: R.GraphSegment, report, on_end=None):
         self.spec, self.name = spec, spec.name
         self.block: Block = spec.block_object or pickle.loads(spec.block_bytes)
         self.row = graph.block_rows[spec.index]
         self.graph = graph
         self.report = report  # send a message to the runtime
+        self.on_end = on_end  # called when the block's thread is about to end
         self.lock = threading.Lock()  # held around work(): set_parameter from the control thread waits
         self.stop = threading.Event()
         self.abort = threading.Event()
@@ -369,6 +372,8 @@ class BlockRunner:
             self.report(("failed", self.name, traceback.format_exc()))
         finally:
             self._finish(finished)
+            if self.on_end is not None:
+                self.on_end()
 
     def _update_edges(self) -> None:
         for row, reader, popped, drops in self._edge_counts:
@@ -461,6 +466,7 @@ class Host:
         self.conn = conn
         self.process_name = process_name
         self._send_lock = threading.Lock()
+        self._ended_r, self._ended_w = os.pipe()  # a block's thread ended: wakes the control loop
 
     def report(self, message) -> None:
         with self._send_lock:
@@ -476,7 +482,7 @@ class Host:
         try:
             graph = R.GraphSegment.open(self.prefix, self.domain)
             for spec in self.specs:
-                runner = BlockRunner(spec, manager, graph, self.report)
+                runner = BlockRunner(spec, manager, graph, self.report, self._block_ended)
                 runners.append(runner)
                 joined = runner.prepare()
                 self.report(("ready", spec.name, joined))
@@ -495,6 +501,8 @@ class Host:
             if graph is not None:
                 graph.close()
             manager.shutdown()
+            os.close(self._ended_r)
+            os.close(self._ended_w)
             self.report(("exit",))
 
     def _wait_for_start(self, runners) -> bool:
@@ -506,13 +514,18 @@ class Host:
                 return True
             self._handle(message, runners)
 
+    def _block_ended(self) -> None:
+        os.write(self._ended_w, b"x")
+
     def _control(self, runners) -> None:
         """Serve commands until every block's thread has ended."""
-        while any(r.thread.is_alive() for r in runners):
-            message = self._recv(SLICE_S)
-            if message is None:
-                continue
-            self._handle(message, runners)
+        ended = 0
+        while ended < len(runners):
+            ready = multiprocessing.connection.wait([self.conn, self._ended_r], timeout=SLICE_S)
+            if self._ended_r in ready:
+                ended += len(os.read(self._ended_r, 64))
+            if self.conn in ready:
+                self._handle(self._recv(None), runners)
         for runner in runners:
             runner.thread.join()
 
