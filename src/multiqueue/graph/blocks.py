@@ -198,8 +198,7 @@ class Add(Block):
                 raise ValueError(f"Add: frame shapes differ: {a.array.shape} and {b.array.shape}")
             out = self.allocate("out", a.array.shape)
             np.add(a.array, b.array, out=out.array)
-            # stamped from a explicitly: the runtime's default takes the first *connected*
-            # input, which is b if b was connected first
+            # explicit, though the default (the first declared input) says the same
             self.send("out", out, timestamp=a.timestamp, time_range=a.time_range)
         self.consume("a", pairs)
         self.consume("b", pairs)
