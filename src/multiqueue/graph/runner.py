@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import BufferReleasedError, PoolExhaustedError, QueueClosedError
 from ..shm import ShmManager
+from ..shm.buffer import frame_nbytes
 from ..stream.queue import PortQueue
 from . import registry as R
 from .block import (
@@ -41,6 +42,7 @@ from .block import (
 
 SLICE_S = 0.25
 _BACKOFF_S = 0.002  # INSUFFICIENT_OUTPUT: nothing to sleep on, retry after this
+_EDGE_STATS_NS = 20_000_000  # copy reader counters to the edge rows at most this often
 
 
 class Aborted(Exception):
@@ -137,10 +139,9 @@ class BlockIO:
     def _frame(self, buffer, port: str) -> Frame:
         spec = self.in_ports[port]
         try:
-            if spec.dtype is None or buffer._frame_info() is not None:
-                array = buffer.numpy()  # the recorded dtype and shape
-            else:
-                array = buffer.numpy(spec.dtype)
+            array = buffer.numpy()  # the recorded dtype and shape, else bytes
+            if spec.dtype is not None and array.dtype != spec.dtype and buffer._frame_info() is None:
+                array = buffer.numpy(spec.dtype)  # an unrecorded payload: the port says what it is
         except ValueError as e:
             buffer.release()
             raise BlockError(f"block {self.name!r} input {port!r}: {e}") from None
@@ -197,11 +198,11 @@ class BlockIO:
             if shape is None:
                 raise ValueError(f"block {self.name!r} output {port!r} has no fixed frame shape: "
                                  "pass allocate(port, shape)")
-        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
-        nbytes = max(1, dtype.itemsize * int(np.prod(shape, dtype=np.int64)))
-        buffer = self._allocate_bytes(nbytes, timeout)
+        if shape.__class__ is not tuple:
+            shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
+        buffer = self._allocate_bytes(max(1, frame_nbytes(dtype, shape)), timeout)
         buffer.set_frame(dtype, shape)
-        return Frame(buffer, buffer.numpy(dtype, shape))
+        return Frame(buffer, buffer.numpy())  # the frame just recorded
 
     def _allocate_bytes(self, nbytes: int, timeout):
         if timeout is not None:
@@ -325,6 +326,7 @@ class BlockRunner:
         self.block.initialize()
         joined = {}
         self._edge_counts = []  # (edge row, reader, popped and drops before this reader)
+        self._edges_updated_ns = 0
         for edge in self.spec.inputs:
             queue = PortQueue(self.manager, edge.queue, create=False)
             reader = queue.reader(edge.policy, self.spec.start, watch_producer=False)
@@ -406,8 +408,9 @@ class BlockRunner:
         row[R.WORK_CALLS] += 1
         row[R.ITEMS_IN] = self.io.items_in
         row[R.ITEMS_OUT] = self.io.items_out
-        row[R.UPDATED_NS] = time.monotonic_ns()
-        if self._edge_counts:
+        now = row[R.UPDATED_NS] = time.monotonic_ns()
+        if self._edge_counts and now - self._edges_updated_ns > _EDGE_STATS_NS:
+            self._edges_updated_ns = now
             self._update_edges()
         return result
 

@@ -285,6 +285,15 @@ def _bound(cache: dict) -> None:
         cache.clear()
 
 
+def frame_nbytes(dtype, shape) -> int:
+    """Bytes of a frame of ``shape`` and ``dtype`` (cached, like set_frame's encoding);
+    ValueError for what set_frame would refuse."""
+    words = _encoded_frames.get((dtype, shape)) if shape.__class__ is tuple else None
+    if words is None:
+        words = _encode_frame(dtype, shape)
+    return words[-1]
+
+
 def _encode_frame(dtype, shape) -> array.array:
     """The metadata words of a frame (dtype code, ndim, dims), then its byte size."""
     key = (dtype, shape) if shape.__class__ is tuple else None
