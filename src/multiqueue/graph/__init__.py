@@ -31,11 +31,13 @@ from .blocks import (
     Tee,
     Throttle,
 )
+from .graphfile import GraphFileError, load_graph, load_graph_text
 from .runtime import BlockFailure, BlockStats, EdgeStats, GraphStats, Runtime
 
 __all__ = [
     "DONE", "ERROR", "INSUFFICIENT_INPUT", "INSUFFICIENT_OUTPUT", "OK", "Add", "Amplifier", "AttachedGraph",
     "Block", "BlockError", "BlockFailure", "BlockStats", "Decimate", "EdgeStats", "FileSink", "FileSource",
-    "Frame", "GraphError", "GraphStats", "Multiply", "NullSink", "NullSource", "Port", "Probe", "Runtime",
-    "SignalSource", "Spectrum", "SyncMerge", "Tap", "Tee", "Throttle", "WorkResult", "attach", "block",
+    "Frame", "GraphError", "GraphFileError", "GraphStats", "Multiply", "NullSink", "NullSource", "Port",
+    "Probe", "Runtime", "SignalSource", "Spectrum", "SyncMerge", "Tap", "Tee", "Throttle", "WorkResult",
+    "attach", "block", "load_graph", "load_graph_text",
 ]

@@ -352,7 +352,9 @@ class Runtime:
                              for p, s in h.outputs.items()}}
                 for h in self.blocks.values()
             ],
-            "edges": [{"src": str(e.src), "dst": str(e.dst), "policy": e.policy, "capacity": e.capacity,
+            # an output's connections share its queue, sized to the largest capacity asked
+            "edges": [{"src": str(e.src), "dst": str(e.dst), "policy": e.policy,
+                       "capacity": self._output_capacity(e.src.block, e.src.port),
                        "queue": queue_name(e.src.block, e.src.port)} for e in self.edges],
         }
 
@@ -418,12 +420,17 @@ class Runtime:
                                       block_object=h.block if in_thread else None)
         return specs
 
+    def _output_capacity(self, block: str, port: str) -> int:
+        """An output's queue capacity: the largest its connections ask for (they share
+        one ring, so a drop_oldest branch may lag that far, not only its own capacity)."""
+        return max([e.capacity for e in self.edges if (e.src.block, e.src.port) == (block, port)],
+                   default=self.capacity)
+
     def _create_queues(self) -> None:
         for h in self.blocks.values():
             for port in h.outputs:
-                capacity = max([e.capacity for e in self.edges
-                                if (e.src.block, e.src.port) == (h.name, port)], default=self.capacity)
-                self._queues[(h.name, port)] = PortQueue(self.manager, queue_name(h.name, port), capacity)
+                self._queues[(h.name, port)] = PortQueue(self.manager, queue_name(h.name, port),
+                                                         self._output_capacity(h.name, port))
 
     # -- internals: hosts and supervision ---------------------------------------------------
 

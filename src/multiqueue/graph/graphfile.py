@@ -1,0 +1,368 @@
+"""Graph files: a flow graph written as YAML, loaded into a Runtime (``mq run``).
+
+::
+
+    domain: sine                  # optional (default: the file's stem)
+    capacity: 16                  # optional default edge capacity (a power of two)
+    pools:                        # optional (default: ShmConfig.default_config())
+      - {name: frames, block_size: 4096, count: 128}
+    blocks:                       # name -> block
+      src: {class: SignalSource, params: {rate: 48000, frame: 1024, count: 96, realtime: true}}
+      amp: {class: Amplifier, params: {gain: 0.5}, placement: dsp, restart: stop}
+      sink: {class: "mypkg.blocks:MySink"}
+    connections:
+      - src.out -> amp.in
+      - {from: amp.out, to: sink.in, policy: drop_oldest, capacity: 8}
+
+``class`` is a built-in block's name (``multiqueue.graph.blocks``) or an import
+path, ``module:Class`` or ``module.Class``, of any Block subclass (function-style
+blocks made with ``@block`` are classes too).  ``load_graph`` appends the file's
+directory to ``sys.path``, so modules next to the graph file are found, by the
+worker processes too (spawn hands them the parent's ``sys.path``).
+
+Every problem raises GraphFileError, ``<file>:<line>: <key path>: <what is wrong>``.
+The file is *composed* (``yaml.compose``), not loaded: the node tree keeps the
+position of every key and value, and values are turned into Python objects one
+node at a time, so each check can point at its own line.
+"""
+
+import difflib
+import importlib
+import inspect
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+from ..shm import PoolConfig, ShmConfig
+from ..shm.segment import check_domain
+from ..stream.queue import POLICIES
+from . import blocks as builtin_blocks
+from .block import Block, GraphError
+from .runtime import Runtime
+
+TOP_KEYS = ("domain", "capacity", "pools", "blocks", "connections")
+BLOCK_KEYS = ("class", "params", "placement", "restart", "max_restarts")
+EDGE_KEYS = ("from", "to", "policy", "capacity")
+POOL_KEYS = {"name": "name", "block_size": "block_size", "count": "block_count",
+             "expandable": "expandable", "max_blocks": "max_blocks"}  # file key -> PoolConfig field
+BUILTINS = {name: obj for name, obj in vars(builtin_blocks).items()
+            if isinstance(obj, type) and issubclass(obj, Block) and obj is not Block}
+_EDGE_RE = re.compile(r"^\s*(\S+)\s*->\s*(\S+)\s*$")  # "src.out -> amp.in"
+_PORT_REF_RE = re.compile(r"^(\w+)\.(\w+)$")
+
+
+class GraphFileError(GraphError):
+    """An invalid graph file: ``str(e)`` is ``<file>:<line>: <key path>: <reason>``."""
+
+    def __init__(self, source: str, line: int, key: str | None, reason: str):
+        self.source, self.line, self.key, self.reason = source, line, key, reason
+        super().__init__(f"{source}:{line}: {key}: {reason}" if key else f"{source}:{line}: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.source, self.line, self.key, self.reason)
+
+
+def load_graph(path, domain: str | None = None) -> Runtime:
+    """A Runtime (not started) built from the graph file at ``path``; ``domain``
+    overrides the file's ``domain:`` (default: the file name's stem)."""
+    path = Path(path)
+    text = path.read_text()
+    directory = str(path.resolve().parent)
+    if directory not in sys.path:
+        sys.path.append(directory)
+    return _Loader(str(path)).load(text, domain, fallback_domain=path.stem)
+
+
+def load_graph_text(text: str, source: str = "<string>", domain: str | None = None) -> Runtime:
+    """Like :func:`load_graph` for YAML text; ``source`` names it in errors
+    (default domain: ``graph``)."""
+    return _Loader(source).load(text, domain, fallback_domain="graph")
+
+
+def _is_null(node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _describe(node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return "an empty value" if _is_null(node) else repr(node.value)
+
+
+class _Loader:
+    """One load: the source name (for errors), a YAML constructor, the runtime."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.constructor = yaml.constructor.SafeConstructor()
+        self.rt: Runtime | None = None
+
+    # -- node helpers: each fails at the node's own line --------------------------------
+
+    def fail(self, node, key: str | None, reason: str):
+        raise GraphFileError(self.source, node.start_mark.line + 1, key, reason)
+
+    def mapping(self, node, key: str | None, allowed=None) -> dict[str, tuple]:
+        """{key text: (key node, value node)} of a mapping node; rejects unknown and
+        duplicate keys (YAML itself would silently keep the last)."""
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, key, f"expected a mapping, not {_describe(node)}")
+        seen = set()
+        for k, _ in node.value:
+            if not isinstance(k, yaml.ScalarNode):
+                self.fail(k, key, f"a key must be a plain name, not {_describe(k)}")
+            if k.value in seen:
+                self.fail(k, f"{key}.{k.value}" if key else k.value, "duplicate key")
+            seen.add(k.value)
+        try:
+            self.constructor.flatten_mapping(node)  # "<<: *anchor" merges: its keys first, ours win
+        except yaml.YAMLError as e:
+            self.fail(node, key, str(getattr(e, "problem", None) or e))
+        items = {}
+        for k, v in node.value:
+            path = f"{key}.{k.value}" if key else k.value
+            if allowed is not None and k.value not in allowed:
+                self.fail(k, path, f"unknown key; {_hint(k.value, allowed)}allowed: {', '.join(allowed)}")
+            items[k.value] = (k, v)
+        return items
+
+    def value(self, node, key: str):
+        """The Python value of a node (PyYAML's safe types)."""
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as e:
+            self.fail(node, key, str(getattr(e, "problem", None) or e))
+
+    def typed(self, node, key: str, kind, what: str):
+        value = self.value(node, key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.fail(node, key, f"expected {what}, not {_describe(node)}")
+        return value
+
+    def choice(self, node, key: str, choices: tuple):
+        value = self.value(node, key)
+        if not isinstance(value, str) or value not in choices:
+            self.fail(node, key, f"expected {' or '.join(map(repr, choices))}, not {_describe(node)}")
+        return value
+
+    def power_of_two(self, node, key: str) -> int:
+        value = self.typed(node, key, int, "a power of two")
+        if value < 1 or value & (value - 1):
+            self.fail(node, key, f"expected a power of two, not {value}")
+        return value
+
+    # -- the file ------------------------------------------------------------------------
+
+    def load(self, text: str, domain: str | None, fallback_domain: str) -> Runtime:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = mark.line + 1 if mark else 1
+            problem = getattr(e, "problem", None) or str(e)
+            context = getattr(e, "context", None)
+            reason = f"YAML syntax error: {problem}" + (f" (column {mark.column + 1})" if mark else "")
+            reason += f", {context}" if context else ""
+            raise GraphFileError(self.source, line, None, reason) from None
+        if root is None:
+            raise GraphFileError(self.source, 1, None, "the file is empty; a graph needs 'blocks:'")
+        if not isinstance(root, yaml.MappingNode):
+            self.fail(root, None, f"the top level must be a mapping with 'blocks:', not {_describe(root)}")
+        top = self.mapping(root, None, TOP_KEYS)
+        if "blocks" not in top:
+            self.fail(root, "blocks", "missing: a graph needs 'blocks:' (name -> {class: ...})")
+
+        file_domain = None
+        if "domain" in top:
+            file_domain = self.typed(top["domain"][1], "domain", str, "a name")
+            try:
+                check_domain(file_domain)
+            except ValueError as e:
+                self.fail(top["domain"][1], "domain", str(e))
+        elif domain is None:  # the fallback, the file's name, must make a domain name too
+            try:
+                check_domain(fallback_domain)
+            except ValueError as e:
+                self.fail(root, "domain", f"{e}; add 'domain:' (the default is the file's name)")
+        domain = domain or file_domain or fallback_domain  # an explicit one is checked at start()
+        capacity = self.power_of_two(top["capacity"][1], "capacity") if "capacity" in top else 16
+        pools = self.pools(top["pools"][1]) if "pools" in top else None
+        self.rt = Runtime(domain, pools=pools, capacity=capacity)
+
+        block_nodes = self.mapping(top["blocks"][1], "blocks")
+        if not block_nodes:
+            self.fail(top["blocks"][1], "blocks", "no blocks")
+        for name, (key_node, node) in block_nodes.items():
+            self.block(name, key_node, node)
+        if "connections" in top:
+            self.connections(top["connections"][1])
+        connected = {(e.dst.block, e.dst.port) for e in self.rt.edges}
+        for name, handle in self.rt.blocks.items():  # start() would refuse them: say where
+            for port in handle.inputs:
+                if (name, port) not in connected:
+                    self.fail(block_nodes[name][0], f"blocks.{name}",
+                              f"input {port!r} is not connected; add e.g. 'OTHER.out -> {name}.{port}'")
+        return self.rt
+
+    def pools(self, node) -> ShmConfig:
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            self.fail(node, "pools", "expected a list of pools such as "
+                      "{name: frames, block_size: 65536, count: 64} (leave 'pools' out for the defaults)")
+        pools = []
+        for i, item in enumerate(node.value):
+            key = f"pools[{i}]"
+            fields = self.mapping(item, key, tuple(POOL_KEYS))
+            for required in ("name", "block_size", "count"):
+                if required not in fields:
+                    self.fail(item, f"{key}.{required}", "missing")
+            try:
+                pools.append(PoolConfig(**{POOL_KEYS[k]: self.value(v, f"{key}.{k}")
+                                           for k, (_, v) in fields.items()}))
+            except (TypeError, ValueError) as e:
+                self.fail(item, key, str(e))
+        try:  # one metadata slot per block: make room for every block the pools can have
+            return ShmConfig(pools=pools, max_buffers=max(16384, sum(p.block_limit for p in pools)))
+        except ValueError as e:
+            self.fail(node, "pools", str(e))
+
+    # -- blocks --------------------------------------------------------------------------
+
+    def block(self, name: str, key_node, node) -> None:
+        key = f"blocks.{name}"
+        fields = self.mapping(node, key, BLOCK_KEYS)
+        if "class" not in fields:
+            self.fail(node, f"{key}.class", "missing: give a built-in block's name or 'module:Class'")
+        cls = self.block_class(fields["class"][1], f"{key}.class")
+        block = self.construct(cls, key, node, fields["params"][1] if "params" in fields else None)
+        options = {}
+        if "placement" in fields:
+            options["placement"] = self.typed(fields["placement"][1], f"{key}.placement", str,
+                                              "'process', 'thread' or a process name")
+            if not options["placement"]:
+                self.fail(fields["placement"][1], f"{key}.placement", "must not be empty")
+        if "restart" in fields:
+            options["restart"] = self.choice(fields["restart"][1], f"{key}.restart", ("stop", "restart"))
+        if "max_restarts" in fields:
+            options["max_restarts"] = self.typed(fields["max_restarts"][1], f"{key}.max_restarts", int,
+                                                 "a number of restarts")
+        try:
+            self.rt.add(block, name, **options)
+        except (GraphError, ValueError) as e:
+            self.fail(key_node, key, str(e))
+
+    def block_class(self, node, key: str) -> type:
+        """A built-in's name, or ``module:Class`` / ``module.Class``: a Block subclass."""
+        spec = self.typed(node, key, str, "a block class name")
+        if ":" not in spec and "." not in spec:
+            if spec not in BUILTINS:
+                self.fail(node, key, f"unknown built-in block {spec!r}; {_hint(spec, BUILTINS)}"
+                          f"built-ins: {', '.join(BUILTINS)} (or an import path 'module:Class')")
+            return BUILTINS[spec]
+        module, _, attribute = spec.partition(":") if ":" in spec else spec.rpartition(".")
+        if not module or not attribute:
+            self.fail(node, key, f"{spec!r}: an import path is 'module:Class' or 'module.Class'")
+        try:
+            obj = importlib.import_module(module)
+        except ImportError as e:
+            self.fail(node, key, f"cannot import module {module!r}: {e}")
+        except Exception as e:  # noqa: BLE001 - the module's own code failed: say so, with where
+            self.fail(node, key, f"importing module {module!r} raised {type(e).__name__}: {e}")
+        for part in attribute.split("."):
+            if not hasattr(obj, part):
+                self.fail(node, key, f"module {module!r} has no attribute {attribute!r}")
+            obj = getattr(obj, part)
+        if not (isinstance(obj, type) and issubclass(obj, Block)):
+            self.fail(node, key, f"{spec!r} is not a Block subclass (it is {_describe_object(obj)})")
+        return obj
+
+    def construct(self, cls: type, key: str, block_node, params_node) -> Block:
+        """``cls(**params)``; a constructor's error points at the one parameter it
+        names, if exactly one, else at ``params``."""
+        key = f"{key}.params"
+        params, key_nodes = {}, {}
+        if params_node is not None and not _is_null(params_node):  # "params:" alone: none
+            for k, (k_node, v_node) in self.mapping(params_node, key).items():
+                params[k], key_nodes[k] = self.value(v_node, f"{key}.{k}"), k_node
+        try:
+            signature = inspect.signature(cls)
+        except (TypeError, ValueError):  # some builtins have none: let the call say
+            signature = None
+        if signature is not None:
+            named = {n: p for n, p in signature.parameters.items()
+                     if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+            takes = f"{cls.__name__} takes {', '.join(named) or 'no parameters'}"
+            if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+                for k in params:
+                    if k not in named:
+                        self.fail(key_nodes[k], f"{key}.{k}", f"unknown parameter; {_hint(k, named)}{takes}")
+            missing = [n for n, p in named.items() if p.default is p.empty and n not in params]
+            if missing:
+                self.fail(params_node or block_node, key, f"missing {', '.join(map(repr, missing))}; {takes}")
+        try:
+            return cls(**params)
+        except Exception as e:  # noqa: BLE001 - any constructor failure is a bad parameter
+            named = [k for k in params if re.search(rf"\b{re.escape(k)}\b", str(e))]
+            if len(named) == 1:
+                self.fail(key_nodes[named[0]], f"{key}.{named[0]}", str(e))
+            self.fail(params_node or block_node, key, f"{cls.__name__}(...) raised {type(e).__name__}: {e}")
+
+    # -- connections ---------------------------------------------------------------------
+
+    def connections(self, node) -> None:
+        if _is_null(node):  # "connections:" alone: none
+            return
+        if not isinstance(node, yaml.SequenceNode):
+            self.fail(node, "connections", f"expected a list of 'src.out -> dst.in', not {_describe(node)}")
+        for i, item in enumerate(node.value):
+            key = f"connections[{i}]"
+            options = {}
+            if isinstance(item, yaml.ScalarNode):
+                match = _EDGE_RE.match(str(self.value(item, key)))
+                if not match:
+                    self.fail(item, key, f"{item.value!r} is not 'block.port -> block.port'")
+                src = self.port(item, key, match.group(1), "out")
+                dst = self.port(item, key, match.group(2), "in")
+            else:
+                fields = self.mapping(item, key, EDGE_KEYS)
+                for required in ("from", "to"):
+                    if required not in fields:
+                        self.fail(item, f"{key}.{required}", "missing")
+                src, dst = (self.port(fields[k][1], f"{key}.{k}",
+                                      self.typed(fields[k][1], f"{key}.{k}", str, "'block.port'"), d)
+                            for k, d in (("from", "out"), ("to", "in")))
+                if "policy" in fields:
+                    options["policy"] = self.choice(fields["policy"][1], f"{key}.policy", tuple(POLICIES))
+                if "capacity" in fields:
+                    options["capacity"] = self.power_of_two(fields["capacity"][1], f"{key}.capacity")
+            try:
+                self.rt.connect(src, dst, **options)
+            except (GraphError, ValueError) as e:  # dtype or shape mismatch, second writer, cycle
+                self.fail(item, key, str(e))
+
+    def port(self, node, key: str, text: str, direction: str):
+        match = _PORT_REF_RE.match(text)
+        if not match:
+            self.fail(node, key, f"{text!r} is not 'block.port'")
+        block, port = match.groups()
+        if block not in self.rt.blocks:
+            self.fail(node, key, f"{text!r}: no block named {block!r}; blocks: {', '.join(self.rt.blocks)}")
+        handle = self.rt.blocks[block]
+        ports = handle.outputs if direction == "out" else handle.inputs
+        if port not in ports:
+            kind = "output" if direction == "out" else "input"
+            self.fail(node, key, f"{text!r}: block {block!r} ({type(handle.block).__name__}) has no {kind} "
+                      f"port {port!r}; its {kind}s: {', '.join(ports) or 'none'}")
+        return handle[port]
+
+
+def _hint(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _describe_object(obj) -> str:
+    return f"a class, {obj.__qualname__}" if isinstance(obj, type) else f"a {type(obj).__name__}"
