@@ -43,6 +43,7 @@ from .block import (
 SLICE_S = 0.25
 _BACKOFF_S = 0.002  # INSUFFICIENT_OUTPUT: nothing to sleep on, retry after this
 _EDGE_STATS_NS = 20_000_000  # copy reader counters to the edge rows at most this often
+_INPUT_SPIN_S = 200e-6
 
 
 class Aborted(Exception):
@@ -329,7 +330,7 @@ class BlockRunner:
         self._edges_updated_ns = 0
         for edge in self.spec.inputs:
             queue = PortQueue(self.manager, edge.queue, create=False)
-            reader = queue.reader(edge.policy, self.spec.start, watch_producer=False)
+            reader = queue.reader(edge.policy, self.spec.start, watch_producer=False, spin=_INPUT_SPIN_S)
             self.readers[edge.port] = reader
             row = self.graph.edge_rows[edge.edge]
             row[R.EDGE_READER] = reader.index
