@@ -160,7 +160,7 @@ def _print_progress(rt: Runtime, probe: Probe) -> None:
     latest = probe.latest()
     peaks = "" if latest is None else ", ".join(f"bin {int(b)}: {p:.0f} dB" for b, p in latest[0][:3])
     fills = " ".join(f"{e.dst}={e.lag}/{e.capacity}" for e in s.edges)
-    print(f"spectra {src.items_out:>6} ({src.rate_out:5.1f}/s)  detected {det.items_out:>6}  "
+    print(f"spectra {src.items_out:>6} ({src.rate_out:5.1f}/s)  analysed {det.items_out:>6}  "
           f"fill {fills}  peaks: {peaks}", flush=True)
 
 
