@@ -9,8 +9,9 @@ the host is told to stop.  A block that ends closes its outputs, so the end of a
 graph flows downstream.  Waits are cut into slices of SLICE_S seconds to notice an
 abort.  Messages to the runtime: ("ready", {block: {port: reader}}), ("failed",
 block, traceback), ("exit",).  From the runtime: ("start",), ("stop",) (sources
-stop), ("abort",) (everyone stops now), ("set", block, name, value) and ("get",
-block, name), answered by ("reply", ok, value_or_error_text).
+stop), ("abort",) (everyone stops now).  Commands to a block from any process
+(parameters, pause, resume, stop) come over the domain's message bus, topic
+``ctl-<block>`` (see Host._serve_bus).
 """
 
 import multiprocessing.connection
@@ -26,6 +27,7 @@ import numpy as np
 from ..errors import BufferReleasedError, PoolExhaustedError, QueueClosedError
 from ..shm import ShmManager
 from ..shm.buffer import frame_nbytes
+from ..stream.bus import Bus
 from ..stream.queue import PortQueue
 from . import registry as R
 from .block import (
@@ -94,6 +96,7 @@ class BlockIO:
         self._consumed: dict[str, int] = {}
         self._sent: dict[str, int] = {}
         self._current: list[Frame] = []
+        self.timed: list[tuple[int, str, object]] = []  # (at_ns, name, value), sorted; under the lock
 
     # -- input ---------------------------------------------------------------------------
 
@@ -154,6 +157,8 @@ class BlockIO:
     def call_work(self):
         batch = self.block.batch
         handed = {port: frames[:batch] for port, frames in self.pending.items()}
+        if self.timed:
+            self._apply_due(handed)
         self._handed = {port: len(frames) for port, frames in handed.items()}
         self._consumed, self._sent = {}, {}
         self._current = handed[self.first_input] if self.first_input is not None else []
@@ -174,6 +179,19 @@ class BlockIO:
             self.items_in += n
         self._current = []
         return result
+
+    def _apply_due(self, handed: dict) -> None:
+        """Apply the timed parameter changes due at the first frame handed in (of the
+        first input; a source: at the clock), and hand in only the frames before the
+        next one, so that it lands exactly on the first frame that reaches its time."""
+        first = handed.get(self.first_input) if self.first_input is not None else None
+        now = first[0].timestamp if first else time.monotonic_ns()
+        while self.timed and self.timed[0][0] <= now:
+            _, name, value = self.timed.pop(0)
+            self.block.set_parameter(name, value)
+        if first and self.timed:
+            cut = next((i for i, f in enumerate(first) if f.timestamp >= self.timed[0][0]), len(first))
+            del first[cut:]
 
     def consume(self, port: str, count: int) -> None:
         if port not in self._handed:
@@ -314,6 +332,8 @@ class BlockRunner:
         self.lock = threading.Lock()  # held around work(): set_parameter from the control thread waits
         self.stop = threading.Event()
         self.abort = threading.Event()
+        self.running = threading.Event()  # cleared while paused
+        self.running.set()
         self.manager = manager
         self.queues = {port: PortQueue(manager, q, create=False) for port, q in spec.outputs.items()}
         self.readers = {}
@@ -346,6 +366,38 @@ class BlockRunner:
         self.thread = threading.Thread(target=self._run, name=f"mq-block-{self.name}", daemon=True)
         self.thread.start()
 
+    # -- commands (from the control thread or the bus) ----------------------------------
+
+    def set_parameter(self, name: str, value, at_ns: int | None = None) -> None:
+        """Now (between two work() calls), or at the first input frame stamped at_ns or later."""
+        with self.lock:
+            if at_ns is None:
+                self.block.set_parameter(name, value)
+                return
+            self.block._check_parameter(name)
+            self.io.timed.append((int(at_ns), name, value))
+            self.io.timed.sort(key=lambda change: change[0])
+
+    def get_parameter(self, name: str):
+        with self.lock:
+            return self.block.get_parameter(name)
+
+    def pause(self) -> None:
+        self.running.clear()
+
+    def resume(self) -> None:
+        self.running.set()
+
+    def request_stop(self) -> None:
+        """This block ends as if its inputs ended: it closes its outputs."""
+        self.stop.set()
+        self.running.set()
+
+    def _wait_while_paused(self) -> None:
+        while not self.running.wait(SLICE_S):
+            if self.abort.is_set():
+                raise Aborted()
+
     def _run(self) -> None:
         row, io = self.row, self.io
         row[R.START_NS] = time.monotonic_ns()
@@ -362,6 +414,8 @@ class BlockRunner:
                     self._source_loop()
             except SourceStopped:
                 pass
+            if self.abort.is_set():
+                raise Aborted()  # the loop ended because of the abort: not a normal end
             with self.lock:
                 self.block.stop()  # may still send (flush)
             finished = True
@@ -419,6 +473,9 @@ class BlockRunner:
         while not self.stop.is_set():
             if self.abort.is_set():
                 raise Aborted()
+            if not self.running.is_set():
+                self._wait_while_paused()
+                continue
             result = self._work()
             if result is DONE:
                 return
@@ -435,17 +492,23 @@ class BlockRunner:
             io.items_in = sum(r.popped for r in readers.values())
             return result
 
-        while True:
+        while not self.stop.is_set():
             if self.abort.is_set():
                 raise Aborted()
+            if not self.running.is_set():
+                self._wait_while_paused()
+                continue
             if self._work(call) is DONE:
                 return
 
     def _consume_loop(self) -> None:
         io = self.io
-        while True:
+        while not self.stop.is_set():  # stop: a command for this block (sources: the graph's)
             if self.abort.is_set():
                 raise Aborted()
+            if not self.running.is_set():
+                self._wait_while_paused()
+                continue
             for port in io.pending:
                 io.fill(port)
             if io.exhausted():
@@ -481,14 +544,16 @@ class Host:
 
     def serve(self) -> None:
         manager = ShmManager(self.domain, create=False, name=self.process_name[:31], reaper_interval=None)
-        graph = None
+        graph = bus = None
         runners: list[BlockRunner] = []
         try:
             graph = R.GraphSegment.open(self.prefix, self.domain)
+            bus = Bus(manager)
             for spec in self.specs:
                 runner = BlockRunner(spec, manager, graph, self.report, self._block_ended)
                 runners.append(runner)
                 joined = runner.prepare()
+                self._serve_bus(bus, runner)  # before "ready": commands work once start() returns
                 self.report(("ready", spec.name, joined))
             if self._wait_for_start(runners):
                 for runner in runners:
@@ -502,6 +567,8 @@ class Host:
                 if runner.thread is None and runner.io is not None:
                     runner.row[R.STATE] = R.STOPPED
                     runner._finish(False)
+            if bus is not None:
+                bus.close()
             if graph is not None:
                 graph.close()
             manager.shutdown()
@@ -543,31 +610,47 @@ class Host:
 
     def _handle(self, message, runners) -> None:
         kind = message[0]
-        if kind == "stop":
+        if kind == "stop":  # the graph stops: its sources end, the rest drains after them
             for r in runners:
-                r.stop.set()
+                if not r.readers:
+                    r.stop.set()
         elif kind == "abort":
             for r in runners:
                 r.stop.set()
                 r.abort.set()
-        elif kind in ("set", "get"):
-            self._parameter(message, runners)
 
-    def _parameter(self, message, runners) -> None:
-        kind, name, parameter = message[0], message[1], message[2]
-        runner = next((r for r in runners if r.name == name), None)
+    def _serve_bus(self, bus: Bus, runner: "BlockRunner") -> None:
+        """A block answers commands on its topic ``ctl-<block>``: set / get a parameter
+        (``at_ns``: at the first input frame stamped at or after it), pause, resume (or
+        start), stop.  Answers: ``{"ok": true, "value": ...}`` or ``{"ok": false,
+        "error": "..."}``."""
+        bus.subscribe(control_topic(runner.name), callback=lambda m: self._command(bus, runner, m))
+
+    @staticmethod
+    def _command(bus: Bus, runner: "BlockRunner", message) -> None:
+        data = message.data if isinstance(message.data, dict) else {}
         try:
-            if runner is None:
-                raise KeyError(f"block {name!r} does not run in this host")
-            with runner.lock:
-                if kind == "set":
-                    runner.block.set_parameter(parameter, message[3])
-                    value = None
-                else:
-                    value = runner.block.get_parameter(parameter)
-            self.report(("reply", True, value))
-        except Exception as e:  # noqa: BLE001 - the caller gets the error text
-            self.report(("reply", False, f"{type(e).__name__}: {e}"))
+            command = data.get("cmd")
+            value = None
+            if command == "set":
+                runner.set_parameter(data["name"], data.get("value"), data.get("at_ns"))
+            elif command == "get":
+                value = runner.get_parameter(data["name"])
+            elif command == "pause":
+                runner.pause()
+            elif command in ("resume", "start"):
+                runner.resume()
+            elif command == "stop":
+                runner.request_stop()
+            else:
+                raise ValueError(f"unknown command {command!r}: set, get, pause, resume, start, stop")
+            bus.reply(message, {"ok": True, "value": value})
+        except Exception as e:  # noqa: BLE001 - the requester gets the error text
+            bus.reply(message, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+
+
+def control_topic(block: str) -> str:
+    return f"ctl-{block}"
 
 
 def host_main(domain: str, prefix: str, specs: list[BlockSpec], conn, process_name: str) -> None:

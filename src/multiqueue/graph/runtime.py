@@ -28,17 +28,17 @@ stop, every block drains its inputs and closes its outputs, workers exit; after
 import multiprocessing
 import multiprocessing.connection
 import pickle
-import queue as queue_module
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 
 from ..shm import ShmConfig, ShmManager
+from ..stream.bus import Bus
 from ..stream.queue import POLICIES, PortQueue
 from . import registry as R
 from .block import Block, BlockError, GraphError, Port
-from .runner import BlockSpec, Host, InputEdge, host_main
+from .runner import BlockSpec, Host, InputEdge, control_topic, host_main
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,23}$")
 _PORT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,5}$")
@@ -159,7 +159,6 @@ class _HostHandle:
         self.failures: list[tuple[str, str]] = []  # (block, traceback)
         self.exit_message = False
         self.done = False
-        self.replies: queue_module.Queue = queue_module.Queue()
 
     def send(self, message) -> None:
         try:
@@ -200,7 +199,7 @@ class Runtime:
         self._abort_at: float | None = None
         self._fatal: BlockFailure | None = None
         self._supervisor: threading.Thread | None = None
-        self._param_lock = threading.Lock()
+        self._bus: Bus | None = None
         self.blocks_in_use_at_end: int | None = None  # pool blocks still held after the stop
         self.final_stats: GraphStats | None = None  # stats() as they were when the graph ended
 
@@ -275,6 +274,7 @@ class Runtime:
         self._state = "starting"
         try:
             self.manager = ShmManager(self.domain, self.pools, name="runtime")
+            self._bus = Bus(self.manager)
             # the graph segment first: it is what refuses a second graph in the domain
             self._graph = R.GraphSegment.create(self.manager._prefix, self.domain, self.describe())
             self._create_queues()
@@ -327,12 +327,15 @@ class Runtime:
         except KeyboardInterrupt:
             self.stop()
 
-    def set_parameter(self, block: str, name: str, value) -> None:
-        """Change a block's run-time parameter, in its worker if it runs."""
-        self._parameter(("set", block, name, value))
+    def set_parameter(self, block: str, name: str, value, *, at_ns: int | None = None) -> None:
+        """Change a block's run-time parameter, in its worker if it runs (acknowledged:
+        the block's error is raised here).  With ``at_ns`` the block applies it exactly
+        at the first input frame whose timestamp reaches ``at_ns`` (a source: when its
+        clock does).  Any process can do the same over the bus (``mq param``)."""
+        self._parameter({"cmd": "set", "block": block, "name": name, "value": value, "at_ns": at_ns})
 
     def get_parameter(self, block: str, name: str):
-        return self._parameter(("get", block, name))
+        return self._parameter({"cmd": "get", "block": block, "name": name})
 
     def stats(self) -> GraphStats:
         """Per block: state, items, rates, work time; per edge: fill, drops."""
@@ -498,8 +501,6 @@ class Runtime:
             host.failures.append((message[1], message[2]))
         elif kind == "exit":
             host.exit_message = True
-        elif kind == "reply":
-            host.replies.put(message[1:])
 
     def _drain_messages(self, host: _HostHandle) -> None:
         while host.conn is not None and not host.conn.closed and host.conn.poll(0):
@@ -609,7 +610,10 @@ class Runtime:
             self._last_queue_stats = self._queue_stats()
             for q in self._queues.values():
                 q.release()
-            self.blocks_in_use_at_end = self.manager.get_stats().total_allocated
+            if self._bus is not None:
+                self._bus.close()
+            self.blocks_in_use_at_end = sum(  # data blocks: bus messages others still read do not count
+                p.blocks_used for p in self.manager.get_stats().pool_stats if not p.name.startswith("mq-"))
             if self._graph is not None:
                 self.final_stats = graph_stats(self._graph, self._last_queue_stats)
                 path = self._graph.path
@@ -628,25 +632,19 @@ class Runtime:
     def _queue_stats(self) -> dict:
         return {q.name: q.stats() for q in self._queues.values()}
 
-    def _parameter(self, message):
-        kind, block, name = message[0], message[1], message[2]
-        handle = self[block]
+    def _parameter(self, command: dict):
+        handle = self[command["block"]]
         if self._state != "running":
-            if kind == "set":
-                handle.block.set_parameter(name, message[3])
+            if command["cmd"] == "set" and command.get("at_ns") is None:
+                handle.block.set_parameter(command["name"], command["value"])
                 return None
-            return handle.block.get_parameter(name)
-        host = self._hosts[handle.host_key]
-        with self._param_lock:
-            host.send(message)
-            try:
-                ok, value = host.replies.get(timeout=10.0)
-            except queue_module.Empty:
-                raise TimeoutError(f"block {block!r} did not answer a parameter request "
-                                   "within 10 s") from None
-        if not ok:
-            raise BlockError(f"block {block!r}: {value}")
-        return value
+            if command["cmd"] == "get":
+                return handle.block.get_parameter(command["name"])
+            raise GraphError("a timed parameter change needs a running graph")
+        answer = self._bus.request(control_topic(handle.name), command, timeout=10.0).data
+        if not answer.get("ok"):
+            raise BlockError(f"block {handle.name!r}: {answer.get('error')}")
+        return answer.get("value")
 
 
 def queue_name(block: str, port: str) -> str:

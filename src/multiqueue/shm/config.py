@@ -14,7 +14,9 @@ class PoolConfig:
     """A pool of ``block_count`` blocks of ``block_size`` bytes.
 
     An ``expandable`` pool that runs out grows by ``block_count`` blocks at a time (a
-    new segment each time) up to ``max_blocks`` in all.
+    new segment each time) up to ``max_blocks`` in all.  Names starting with ``mq-``
+    are the library's own pools (the message bus's): ``allocate()`` by size never picks
+    them.
     """
 
     name: str

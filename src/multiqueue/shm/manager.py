@@ -541,10 +541,13 @@ class ShmManager:
         self._block_views = [None] * self._ctl.max_buffers  # blocks may have moved: map anew
         self._block_arrays = [None] * self._ctl.max_buffers
         self._ctx.block_views = self._block_views  # Buffer.memoryview() (C) reads it
-        active = sorted(self._active_pools(), key=lambda p: (self._pools[p].block_size, p))
+        # pools named "mq-..." are the library's own (the message bus): allocate() by size
+        # never picks them; allocate_from_pool() reaches them by name
+        active = sorted((p for p in self._active_pools() if not self._pools[p].name.startswith(b"mq-")),
+                        key=lambda p: (self._pools[p].block_size, p))
         self._block_sizes = [self._pools[p].block_size for p in active]
         self._orders = [tuple(active[i:]) for i in range(len(active))]
-        self._active_ids = set(active)
+        self._active_ids = set(self._active_pools())  # the mq- pools too: allocate_from_pool
         live_tokens = {(p, self._pools[p].token) for p in active}
         for key in [k for k in self._chunk_views if (k[0], k[2]) not in live_tokens]:
             del self._chunk_views[key]

@@ -25,6 +25,7 @@ from ..shm.segment import (
     open_segment,
     process_start_time,
     segment_path,
+    unlink_quietly,
 )
 
 MAGIC_QUEUE = int.from_bytes(b"MQQUEUE1", "little")
@@ -111,10 +112,11 @@ class PortQueue:
     ``capacity`` (a power of two) bounds the unread items per reader.  ``clock``
     stamps items pushed with no timestamp: ``"monotonic"`` (default) or ``"wall"``.
     With no reader attached, ``push`` never blocks and the item is released at once.
+    One process is the producer (the first to push), unless ``multi_producer=True``.
     """
 
     def __init__(self, manager: ShmManager, name: str, capacity: int = 64, *, max_readers: int = 64,
-                 clock: str = "monotonic", create: bool = True):
+                 clock: str = "monotonic", create: bool = True, multi_producer: bool = False):
         if not isinstance(manager, ShmManager):
             raise TypeError(f"manager must be a ShmManager, not {type(manager).__name__}")
         if not isinstance(capacity, int) or capacity < 1 or capacity & (capacity - 1) or capacity > 2**24:
@@ -133,7 +135,9 @@ class PortQueue:
         self._readers = (ReaderRecord * self._header.max_readers).from_buffer(
             self._segment.mmap, C.sizeof(QueueHeader))
         self._push_buffer = self._native.push_buffer
-        self._producer_checked = False
+        # multi_producer: any process may push (the C push takes the queue lock); no
+        # producer is recorded, so readers must not judge the queue abandoned by one
+        self._producer_checked = multi_producer
         self._my_readers: weakref.WeakSet[QueueReader] = weakref.WeakSet()
         manager._attachments.add(self)  # reaped and detached along with the manager
 
@@ -255,6 +259,14 @@ class PortQueue:
     def _on_shutdown(self) -> None:
         """The manager is leaving: detach this process's readers, then unmap."""
         self.release()
+
+    def remove(self) -> None:
+        """Release this handle and delete the queue from the domain (processes that
+        still have it mapped keep their mapping; nobody can open it by name again)."""
+        path = self._segment.path if self._native is not None else None
+        self.release()
+        if path is not None:
+            unlink_quietly(path)
 
     def release(self) -> None:
         """Detach the readers made through this object and unmap the queue in this

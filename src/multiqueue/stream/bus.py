@@ -1,0 +1,275 @@
+"""The message bus: small messages between the processes of a domain, by topic.
+
+::
+
+    bus = Bus(manager)                               # any process of the domain
+    sub = bus.subscribe("status")                    # a bounded queue of its own
+    bus.publish("status", {"block": "amp", "event": "started"})
+    msg = sub.get(timeout=1.0)                       # Message: topic, data, sender, ...
+    bus.subscribe("errors", callback=print)          # or a callback, on a thread
+    reply = bus.request("ctl-amp", {"cmd": "get", "name": "gain"}, timeout=5)
+
+A topic is a PortQueue of the domain (``b-<topic>``) that any number of processes
+publish to and subscribe to; a message is a block of the domain's ``mq-bus`` pool
+holding a 16-byte header and the payload (bytes, or any JSON-able object).  Every
+subscriber is a ``drop_oldest`` reader with ``capacity`` slots: a stuck subscriber
+loses its oldest messages (counted in ``drops``) and never blocks a publisher.
+Messages of one publisher arrive in the order it published them.  Payloads above
+MAX_MESSAGE bytes are refused with MessageTooLargeError: put bulk data in a pool
+buffer and send its id.  Point-to-point messages go to an inbox topic, ``to-<name>``.
+"""
+
+import itertools
+import json
+import os
+import re
+import struct
+import threading
+import traceback
+from dataclasses import dataclass
+
+from ..errors import MultiQueueError, QueueClosedError
+from ..shm import PoolConfig, ShmManager
+from .queue import PortQueue
+
+BUS_POOL = "mq-bus"
+BLOCK = 4096
+HEADER = struct.Struct("<BBHIQ")  # kind, reserved, payload length, sender pid, sequence number
+MAX_MESSAGE = BLOCK - HEADER.size
+KIND_BYTES, KIND_JSON = 0, 1
+_CLOSE_TICK_S = 0.05
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,29}$")  # the queue name is "b-" + topic (31 at most)
+
+
+class MessageTooLargeError(MultiQueueError, ValueError):
+    """A bus message above MAX_MESSAGE bytes."""
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    data: object  # bytes, or the JSON object that was published
+    sender_pid: int
+    seq: int  # the sender's sequence number (per Bus object)
+    timestamp: int  # monotonic ns at publish
+
+    def reply_to(self) -> str | None:
+        """The topic a request asks its answer on (see Bus.request)."""
+        return self.data.get("reply_to") if isinstance(self.data, dict) else None
+
+
+class Subscription:
+    """A subscriber's bounded queue on one topic (see Bus.subscribe)."""
+
+    def __init__(self, bus: "Bus", topic: str, capacity: int, callback=None):
+        self.bus, self.topic = bus, topic
+        self._queue = bus._topic(topic, capacity)
+        self._reader = self._queue.reader("drop_oldest", "latest", watch_producer=False)
+        self._thread = None
+        self._closed = threading.Event()
+        if callback is not None:
+            self._thread = threading.Thread(target=self._deliver, args=(callback,),
+                                            name=f"mq-bus-{topic}", daemon=True)
+            self._thread.start()
+
+    def get(self, timeout: float | None = None) -> Message | None:
+        """The next message, or None after ``timeout`` seconds (None: wait forever)."""
+        try:
+            buffer = self._reader.pop(timeout)
+        except TimeoutError:
+            return None
+        except QueueClosedError:
+            return None
+        with buffer:
+            return _decode(self.topic, buffer)
+
+    def __iter__(self):
+        while not self._closed.is_set():
+            message = self.get(timeout=0.25)
+            if message is not None:
+                yield message
+
+    @property
+    def drops(self) -> int:
+        """Messages this subscriber lost because it read too slowly."""
+        return self._reader.drops
+
+    @property
+    def pending(self) -> int:
+        return self._reader.lag
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._reader.detach()
+
+    def _deliver(self, callback) -> None:
+        # the timeout bounds how long close() waits for this thread (a detach from another
+        # thread could free the reader slot for someone else while we still pop from it)
+        while not self._closed.is_set():
+            message = self.get(timeout=_CLOSE_TICK_S)
+            if message is None:
+                continue
+            try:
+                callback(message)
+            except Exception:  # noqa: BLE001 - a failing callback must not end the subscription
+                traceback.print_exc()
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.topic!r} pending={self.pending} drops={self.drops}>"
+
+
+class Bus:
+    """A process's access to the message bus of a domain (thread-safe)."""
+
+    def __init__(self, manager: ShmManager, *, pool_blocks: int = 256, max_pool_blocks: int = 8192):
+        self.manager = manager
+        self._pool_blocks, self._max_pool_blocks = pool_blocks, max_pool_blocks
+        self._topics: dict[str, PortQueue] = {}
+        self._subscriptions: list[Subscription] = []
+        self._lock = threading.Lock()
+        self._seq = itertools.count()
+        self._ensure_pool()
+
+    def publish(self, topic: str, data, *, timeout: float | None = 1.0, keep: bool = True) -> None:
+        """Send ``data`` (bytes-like or JSON-able) to every subscriber of ``topic``;
+        nobody listening costs nothing.  Waits up to ``timeout`` for a free bus block.
+        ``keep=False`` unmaps the topic afterwards (for one-off topics)."""
+        kind, body = _encode(data)
+        buffer = self.manager.allocate_from_pool(BUS_POOL, HEADER.size + max(1, len(body)), timeout)
+        try:
+            view = buffer.memoryview()
+            HEADER.pack_into(view, 0, kind, 0, len(body), os.getpid(), next(self._seq))
+            view[HEADER.size : HEADER.size + len(body)] = body
+            queue = self._topic(topic) if keep else self._one_off(topic)
+            try:
+                queue.push(buffer, timeout=0)  # drop_oldest readers only: never full
+            finally:
+                if not keep:
+                    queue.release()
+        except BaseException:
+            if not buffer.released:
+                buffer.release()
+            raise
+
+    def subscribe(self, topic: str, callback=None, *, capacity: int = 64) -> Subscription:
+        """A subscription to ``topic``: ``get()`` / iterate it, or pass ``callback`` to
+        have each message handed to it on a thread of its own.  Only messages published
+        after this call are seen."""
+        sub = Subscription(self, topic, capacity, callback)
+        with self._lock:
+            self._subscriptions.append(sub)
+        return sub
+
+    def send(self, target: str, data) -> None:
+        """A point-to-point message to a block or process's inbox (``inbox(target)``)."""
+        self.publish(inbox_topic(target), data)
+
+    def inbox(self, name: str, callback=None) -> Subscription:
+        """This process's (or block's) inbox: what ``send(name, ...)`` delivers."""
+        return self.subscribe(inbox_topic(name), callback)
+
+    def request(self, topic: str, data: dict, timeout: float = 5.0) -> Message:
+        """Publish ``data`` with a ``reply_to`` topic and wait for the one answer.
+        TimeoutError if none comes (nobody serves ``topic``)."""
+        reply_topic = f"re-{os.getpid()}-{next(self._seq)}"
+        with self.subscribe(reply_topic, capacity=4) as replies:
+            self.publish(topic, {**data, "reply_to": reply_topic})
+            answer = replies.get(timeout)
+        self._forget(reply_topic)
+        if answer is None:
+            raise TimeoutError(f"no answer on topic {topic!r} within {timeout} s: is anyone serving it?")
+        return answer
+
+    def reply(self, request: Message, data) -> None:
+        """Answer a request (no-op if it asked for no answer or no longer waits)."""
+        topic = request.reply_to()
+        if not topic:
+            return
+        try:
+            self.publish(topic, data, keep=False)  # a one-off topic: do not keep it mapped
+        except MultiQueueError:
+            pass  # the requester gave up and removed its reply topic
+
+    def close(self) -> None:
+        with self._lock:
+            subscriptions, self._subscriptions = self._subscriptions, []
+        for sub in subscriptions:
+            sub.close()
+        for q in list(self._topics.values()):
+            q.release()
+        self._topics.clear()
+
+    def __enter__(self) -> "Bus":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _topic(self, topic: str, capacity: int = 64) -> PortQueue:
+        _check_topic(topic)
+        with self._lock:
+            q = self._topics.get(topic)
+            if q is None:
+                q = self._topics[topic] = PortQueue(self.manager, f"b-{topic}", capacity, multi_producer=True)
+            return q
+
+    def _one_off(self, topic: str) -> PortQueue:
+        """An existing topic's queue, not kept (SegmentError if it is gone)."""
+        _check_topic(topic)
+        return PortQueue(self.manager, f"b-{topic}", create=False, multi_producer=True)
+
+    def _forget(self, topic: str) -> None:
+        """Unmap a one-off topic (a request's reply topic) and remove its segment."""
+        with self._lock:
+            q = self._topics.pop(topic, None)
+        if q is not None:
+            q.remove()
+
+    def _ensure_pool(self) -> None:
+        if BUS_POOL in self.manager.list_pools():
+            return
+        try:
+            self.manager.add_pool(PoolConfig(BUS_POOL, BLOCK, self._pool_blocks, expandable=True,
+                                             max_blocks=self._max_pool_blocks))
+        except ValueError:
+            if BUS_POOL not in self.manager.list_pools():  # not just another process being first
+                raise
+
+
+def _check_topic(topic) -> None:
+    if not isinstance(topic, str) or not _TOPIC_RE.match(topic):
+        raise ValueError(f"invalid topic {topic!r}: 1-29 letters, digits, '_' or '-'")
+
+
+def inbox_topic(name: str) -> str:
+    return f"to-{name}"
+
+
+def _encode(data) -> tuple[int, bytes]:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        kind, body = KIND_BYTES, bytes(data)
+    else:
+        try:
+            kind, body = KIND_JSON, json.dumps(data, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"a bus message is bytes or a JSON-able object: {e}") from None
+    if len(body) > MAX_MESSAGE:
+        raise MessageTooLargeError(
+            f"a bus message of {len(body)} bytes exceeds the limit of {MAX_MESSAGE}; put bulk "
+            "data in a pool buffer and send its id")
+    return kind, body
+
+
+def _decode(topic: str, buffer) -> Message:
+    view = buffer.memoryview()
+    kind, _, length, pid, seq = HEADER.unpack_from(view, 0)
+    body = bytes(view[HEADER.size : HEADER.size + length])
+    return Message(topic, json.loads(body) if kind == KIND_JSON else body, pid, seq, buffer.timestamp)
