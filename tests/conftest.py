@@ -1,5 +1,6 @@
 """Shared fixtures: a unique domain per test, removed afterwards, and a leak check."""
 
+import os
 import uuid
 
 import pytest
@@ -32,3 +33,9 @@ def manager(domain, small_config):
     m = ShmManager(domain, small_config, reaper_interval=None)
     yield m
     m.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _logs_in_a_temp_dir(tmp_path_factory):
+    """Domain logs of the test run go to a temporary directory (workers inherit it)."""
+    os.environ["MQ_LOG_DIR"] = str(tmp_path_factory.mktemp("mq-logs"))

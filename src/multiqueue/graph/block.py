@@ -26,6 +26,7 @@ files, sockets and arrays for ``initialize()`` / ``start()``.
 
 import enum
 import inspect
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,6 +189,12 @@ class Block:
 
     def cleanup(self) -> None:
         pass
+
+    @property
+    def log(self) -> logging.Logger:
+        """A logger writing to the domain's log (``mq logs DOMAIN``), lines tagged with
+        the block's name."""
+        return logging.getLogger(f"mq.{type(self).__name__}")
 
     # -- parameters ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ stop), ("abort",) (everyone stops now).  Commands to a block from any process
 ``ctl-<block>`` (see Host._serve_bus).
 """
 
+import logging
 import multiprocessing.connection
 import os
 import pickle
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import BufferReleasedError, PoolExhaustedError, QueueClosedError
+from ..log import domain_logger, set_block
 from ..shm import ShmManager
 from ..shm.buffer import frame_nbytes
 from ..stream.bus import Bus
@@ -43,6 +45,7 @@ from .block import (
 )
 
 SLICE_S = 0.25
+_log = logging.getLogger("mq.runner")
 _BACKOFF_S = 0.002  # INSUFFICIENT_OUTPUT: nothing to sleep on, retry after this
 _EDGE_STATS_NS = 20_000_000  # copy reader counters to the edge rows at most this often
 _INPUT_SPIN_S = 200e-6
@@ -402,6 +405,8 @@ class BlockRunner:
         row, io = self.row, self.io
         row[R.START_NS] = time.monotonic_ns()
         row[R.STATE] = R.RUNNING
+        set_block(self.name)  # the "block=" field of this thread's log lines
+        _log.info("started (pid %d)", os.getpid())
         finished = False
         try:
             self.block.start()
@@ -421,11 +426,14 @@ class BlockRunner:
             finished = True
             io.close_outputs()
             row[R.STATE] = R.DONE
+            _log.info("done: %d frames in, %d out", io.items_in, io.items_out)
         except Aborted:
             row[R.STATE] = R.STOPPED
+            _log.warning("aborted: %d frames in, %d out", io.items_in, io.items_out)
         except BaseException:
             row[R.STATE] = R.FAILED
             row[R.FAILURES] += 1
+            _log.exception("failed")
             self.report(("failed", self.name, traceback.format_exc()))
         finally:
             self._finish(finished)
@@ -543,6 +551,7 @@ class Host:
                 pass  # the runtime is gone; our work ends with the queues
 
     def serve(self) -> None:
+        domain_logger(self.domain, process_name=self.process_name)
         manager = ShmManager(self.domain, create=False, name=self.process_name[:31], reaper_interval=None)
         graph = bus = None
         runners: list[BlockRunner] = []

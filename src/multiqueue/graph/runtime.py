@@ -25,6 +25,7 @@ stop, every block drains its inputs and closes its outputs, workers exit; after
 ``drain_timeout`` the rest is aborted, and killed if it still does not exit.
 """
 
+import logging
 import multiprocessing
 import multiprocessing.connection
 import pickle
@@ -33,6 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..log import domain_logger, remove_domain_handlers
 from ..shm import ShmConfig, ShmManager
 from ..stream.bus import Bus
 from ..stream.queue import POLICIES, PortQueue
@@ -42,7 +44,8 @@ from .runner import BlockSpec, Host, InputEdge, control_topic, host_main
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,23}$")
 _PORT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,5}$")
-_ABORT_GRACE_S = 2.0  # after an abort, processes get this long before SIGKILL
+_ABORT_GRACE_S = 2.0
+_log = logging.getLogger("mq.runtime")  # after an abort, processes get this long before SIGKILL
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,7 @@ class Runtime:
         specs = self._validate_and_pickle()
         self._state = "starting"
         try:
+            domain_logger(self.domain, process_name="runtime")
             self.manager = ShmManager(self.domain, self.pools, name="runtime")
             self._bus = Bus(self.manager)
             # the graph segment first: it is what refuses a second graph in the domain
@@ -293,6 +297,8 @@ class Runtime:
         self._state = "running"
         for host in list(self._hosts.values()):
             host.send(("start",))
+        _log.info("graph started: %s", ", ".join(f"{h.name} ({h.placement})" for h in self.blocks.values()))
+        self._status({"event": "started", "blocks": list(self.blocks)})
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop in order (sources first, then drain), wait, release everything.
@@ -532,6 +538,9 @@ class Runtime:
         failure = BlockFailure(", ".join(host.names), reason, tb,
                                "restarted" if restartable else "stopped the graph")
         self.failures.append(failure)
+        _log.error("%s", failure)
+        self._status({"event": "failed", "blocks": host.names, "reason": reason, "action": failure.action,
+                      "traceback": tb}, topic="errors")
         if restartable:
             self._restart(host)
             return
@@ -541,6 +550,15 @@ class Runtime:
             for port in self.blocks[name].outputs:
                 self._queues[(name, port)].close()
         self._begin_stop()
+
+    def _status(self, event: dict, topic: str = "status") -> None:
+        """Publish a status event (topic "status"; failures go to "errors" as well)."""
+        try:
+            self._bus.publish("status", event, timeout=0)
+            if topic != "status":
+                self._bus.publish(topic, event, timeout=0)
+        except Exception:  # noqa: BLE001 - events are best effort: a full bus must not stop supervision
+            _log.warning("could not publish a status event %s", event.get("event"))
 
     def _restart(self, host: _HostHandle) -> None:
         specs = self._validate_and_pickle()
@@ -611,7 +629,10 @@ class Runtime:
             for q in self._queues.values():
                 q.release()
             if self._bus is not None:
+                self._status({"event": "stopped", "failed": [f.block for f in self.failures]})
                 self._bus.close()
+            _log.info("graph stopped%s", f"; failures: {self.failures}" if self.failures else "")
+            remove_domain_handlers(self.domain)
             self.blocks_in_use_at_end = sum(  # data blocks: bus messages others still read do not count
                 p.blocks_used for p in self.manager.get_stats().pool_stats if not p.name.startswith("mq-"))
             if self._graph is not None:

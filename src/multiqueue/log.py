@@ -1,0 +1,169 @@
+"""One log per domain, shared by all its processes.
+
+Every process of a domain appends to ``<log dir>/<domain>.log`` (``$MQ_LOG_DIR``,
+default ``<tmp>/multiqueue-logs``; it outlives the domain, to read after a crash),
+one line per record::
+
+    2026-11-28T00:06:02.123456 INFO    pid=4242 process=mq-amp block=amp mq.amp: started
+
+A line is one ``write()`` on a file opened with O_APPEND, so lines of different
+processes never interleave.  Past ``max_bytes`` the file is rotated (``.1`` ...
+``.<backups>``) under an flock; writers notice the new file by its inode and reopen.
+It plugs into ``logging``: ``DomainLogHandler(domain)`` is a handler,
+``domain_logger(domain)`` a logger with it; ``mq logs DOMAIN [--follow]`` reads it.
+Blocks log through ``Block.log``; the runtime logs starts, stops and failures.
+"""
+
+import contextlib
+import datetime
+import fcntl
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+
+MAX_BYTES = 10 * 2**20
+BACKUPS = 3
+_block = threading.local()  # the block a thread runs, for the "block=" field
+
+
+def log_dir() -> str:
+    return os.environ.get("MQ_LOG_DIR") or os.path.join(tempfile.gettempdir(), "multiqueue-logs")
+
+
+def log_path(domain: str) -> str:
+    return os.path.join(log_dir(), f"{domain}.log")
+
+
+def set_block(name: str | None) -> None:
+    """Name the block this thread runs (the runner does it for every block thread)."""
+    _block.name = name
+
+
+class DomainLogHandler(logging.Handler):
+    """A logging handler appending to the domain's log (any number of processes)."""
+
+    def __init__(self, domain: str, *, max_bytes: int = MAX_BYTES, backups: int = BACKUPS,
+                 process_name: str | None = None, level=logging.NOTSET):
+        super().__init__(level)
+        self.domain, self.path = domain, log_path(domain)
+        self.max_bytes, self.backups = max_bytes, backups
+        self.process_name = process_name or os.path.basename(sys.argv[0] or "python")
+        self._fd = -1
+        self._ino = None
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+
+    def format_line(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created).isoformat(timespec="microseconds")
+        block = getattr(record, "block", None) or getattr(_block, "name", None) or "-"
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        return (f"{when} {record.levelname:<7} pid={record.process} process={self.process_name} "
+                f"block={block} {record.name}: {text}")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format_line(record) + "\n").encode("utf-8", "replace")
+            with self.lock:
+                self._write(data)
+        except Exception:  # noqa: BLE001 - logging must never take the process down
+            self.handleError(record)
+
+    def _write(self, data: bytes) -> None:
+        if self._fd < 0 or self._replaced():
+            self._reopen()
+        if os.fstat(self._fd).st_size + len(data) > self.max_bytes:
+            self._rotate()
+        os.write(self._fd, data)  # O_APPEND: the whole line lands at the end, in one piece
+
+    def _replaced(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino != self._ino
+        except FileNotFoundError:
+            return True
+
+    def _reopen(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._ino = os.fstat(self._fd).st_ino
+
+    def _rotate(self) -> None:
+        """Shift the files under an flock; whoever comes second finds it done."""
+        with open(self.path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self._replaced() and os.fstat(self._fd).st_size > 0:
+                for i in range(self.backups - 1, 0, -1):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+                os.replace(self.path, f"{self.path}.1")
+            self._reopen()
+
+    def close(self) -> None:
+        with self.lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+        super().close()
+
+
+def domain_logger(domain: str, name: str = "mq", *, process_name: str | None = None,
+                  level=logging.INFO) -> logging.Logger:
+    """The logger ``name`` with this process's handler for ``domain`` (added once)."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(h, DomainLogHandler) and h.domain == domain for h in logger.handlers):
+        logger.addHandler(DomainLogHandler(domain, process_name=process_name))
+    if logger.level == logging.NOTSET or logger.level > level:
+        logger.setLevel(level)
+    return logger
+
+
+def remove_domain_handlers(domain: str, name: str = "mq") -> None:
+    logger = logging.getLogger(name)
+    for h in [h for h in logger.handlers if isinstance(h, DomainLogHandler) and h.domain == domain]:
+        logger.removeHandler(h)
+        h.close()
+
+
+def read_lines(domain: str, count: int | None = None) -> list[str]:
+    """The last ``count`` lines of the domain's log (all of them for None)."""
+    try:
+        with open(log_path(domain), encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    return lines if count is None else lines[-count:] if count else []
+
+
+def follow(domain: str, stop: threading.Event | None = None, interval: float = 0.2):
+    """Yield lines as they are appended, across rotations (like ``tail -F``)."""
+    path = log_path(domain)
+    f, ino = None, None
+    while stop is None or not stop.is_set():
+        if f is None:
+            try:
+                f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - kept open across loops
+                ino = os.fstat(f.fileno()).st_ino
+                f.seek(0, os.SEEK_END)
+            except FileNotFoundError:
+                time.sleep(interval)
+                continue
+        line = f.readline()
+        if line:
+            yield line.rstrip("\n")
+            continue
+        try:
+            if os.stat(path).st_ino != ino:  # rotated: finish the old file, then go on in the new
+                yield from f.read().splitlines()
+                f.close()
+                f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+                ino = os.fstat(f.fileno()).st_ino
+                continue
+        except FileNotFoundError:
+            pass
+        time.sleep(interval)  # a file has no wake-up to wait on without inotify: poll, as tail -F does
+    if f is not None:
+        f.close()
