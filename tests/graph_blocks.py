@@ -139,3 +139,30 @@ def stamp_as_values(frames, timestamps):
     """Frames whose values are their input timestamps (checks the timestamps= keyword)."""
     for ts in timestamps[0]:
         yield np.full(2, ts, np.float32)
+
+
+class Exit0(Block):
+    """Forwards frames; at frame ``at`` its process exits with status 0 mid-run."""
+
+    inputs = {"in": Port(np.float32)}
+
+    def __init__(self, at=5):
+        super().__init__()
+        self.at, self.seen = at, 0
+
+    def work(self, inputs):
+        self.seen += len(inputs["in"])
+        if self.seen >= self.at:
+            os._exit(0)
+
+
+class FailInit(Block):
+    """A source whose initialize() raises."""
+
+    outputs = {"out": Port(np.float32)}
+
+    def initialize(self):
+        raise RuntimeError("cannot open the device")
+
+    def work(self, inputs):
+        return DONE

@@ -431,3 +431,83 @@ def test_stop_returns_even_when_a_thread_block_ignores_the_abort(domain):
     finally:
         release.set()
         rt._hosts["deaf"].thread.join(30)  # it sees the abort now, leaves, and removes the domain
+
+
+# -- failure paths found in review --------------------------------------------------------
+
+
+def test_a_tap_does_not_end_a_graph_whose_source_restarts(domain, tmp_path):
+    marker = tmp_path / "killed"
+    rt = Runtime(domain, pools=POOLS)
+    src = rt.add(Ramp(count=300, n=8, pace_s=0.001), name="src")
+    bad = rt.add(Crash(at=20, how="kill", marker=str(marker)), name="bad", restart="restart")
+    sink = rt.add(Record(tmp_path / "sink.npy"), name="sink")
+    rt.connect(src["out"], bad["in"])
+    rt.connect(bad["out"], sink["in"])
+    rt.start()
+    with attach(domain) as graph, graph.subscribe("bad.out"):  # a viewer on the restarting block's port
+        assert rt.wait(timeout=120)
+    assert [f.action for f in rt.failures] == ["restarted"]
+    assert np.load(tmp_path / "sink.npy")[-1, 0] == 299  # the restarted block went on to the end
+
+
+def test_a_failing_block_in_a_shared_process_stops_the_graph_at_once(domain):
+    from graph_blocks import Crash as Raiser
+
+    rt = Runtime(domain, pools=POOLS)
+    src = rt.add(Ramp(count=10**9, n=8, pace_s=0.001), name="src", placement="grp")
+    bad = rt.add(Raiser(at=3), name="bad", placement="grp")
+    rt.connect(src["out"], bad["in"])
+    rt.connect(bad["out"], rt.add(Record("/dev/null"), name="sink")["in"])
+    rt.start()
+    with pytest.raises(BlockError, match="block 'bad' failed \\(raised an exception\\)"):
+        rt.wait(timeout=60)  # the source shares its process and runs on: the failure alone ends it
+    assert rt.final_stats.blocks["bad"].state == "failed"
+
+
+def test_a_worker_exiting_0_mid_run_is_a_failure_not_a_clean_end(domain):
+    from graph_blocks import Exit0
+
+    rt = Runtime(domain, pools=POOLS)
+    src = rt.add(Ramp(count=10**9, n=8, pace_s=0.001), name="src")
+    rt.connect(src["out"], rt.add(Exit0(at=5), name="quits")["in"])
+    with pytest.raises(BlockError, match="quits.*exited without finishing"):
+        rt.run(duration=60)
+    assert rt.final_stats.blocks["quits"].state == "failed"
+
+
+def test_start_fails_at_once_when_a_block_cannot_initialize(domain):
+    from graph_blocks import FailInit
+
+    rt = Runtime(domain, pools=POOLS, start_timeout=60)
+    src = rt.add(FailInit(), name="dev")
+    rt.connect(src["out"], rt.add(Record("/dev/null"), name="sink")["in"])
+    with pytest.raises(BlockError, match="(?s)block 'dev' failed.*cannot open the device"):
+        rt.start()  # not after start_timeout: the failure ends the wait for readiness
+
+
+def test_stop_and_stats_after_the_end_are_harmless(domain, tmp_path):
+    rt = Runtime(domain, pools=POOLS)
+    src = rt.add(Ramp(count=5, n=4), name="src", placement="thread")
+    rt.connect(src["out"], rt.add(Record(tmp_path / "o.npy"), name="sink", placement="thread")["in"])
+    rt.run(duration=60)
+    rt.stop()  # again: nothing to do
+    with pytest.raises(GraphError, match="not running"):
+        rt.stats()
+    assert rt.final_stats.blocks["src"].items_out == 5
+
+
+def test_stop_with_a_timeout_kills_what_does_not_stop(domain):
+    rt = Runtime(domain, pools=POOLS, drain_timeout=60)
+    src = rt.add(Ramp(count=10**9, n=8), name="src")
+    hung = rt.add(Stuck(), name="hung")
+    rt.connect(src["out"], hung["in"])
+    rt.start()
+    pid = rt.stats().blocks["hung"].pid  # written before the worker reported ready
+    assert pid > 0
+    rt.stop(timeout=0.5)  # the drain timeout is far away: stop's own timeout aborts, then kills
+    import os
+
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert rt.blocks_in_use_at_end == 0

@@ -31,7 +31,9 @@ class Tap:
     def __init__(self, port: str, queue: PortQueue, policy: str, start: str):
         self.port = port
         self._queue = queue
-        self._reader = queue.reader(policy, start)
+        # the runtime alone decides that a graph queue has ended (it may restart a
+        # producer): a viewer must not mark the queue abandoned for everyone
+        self._reader = queue.reader(policy, start, watch_producer=False)
         self._current = None
 
     def read(self, timeout: float | None = None) -> Frame | None:

@@ -14,6 +14,7 @@ stop), ("abort",) (everyone stops now).  Commands to a block from any process
 ``ctl-<block>`` (see Host._serve_bus).
 """
 
+import contextlib
 import logging
 import multiprocessing.connection
 import os
@@ -361,6 +362,8 @@ class BlockRunner:
             joined[edge.port] = reader.index
         self.io = BlockIO(self.name, self.block, self.manager, self.readers, self.queues,
                           self.stop, self.abort)
+        # a restarted block goes on counting where its predecessor's row stopped
+        self.io.items_in, self.io.items_out = int(self.row[R.ITEMS_IN]), int(self.row[R.ITEMS_OUT])
         self.block._io = self.io
         self.row[R.STATE] = R.READY
         return joined
@@ -542,6 +545,7 @@ class Host:
         self.process_name = process_name
         self._send_lock = threading.Lock()
         self._ended_r, self._ended_w = os.pipe()  # a block's thread ended: wakes the control loop
+        self._runtime_gone = False
 
     def report(self, message) -> None:
         with self._send_lock:
@@ -573,9 +577,11 @@ class Host:
                          traceback.format_exc()))
         finally:
             for runner in runners:
-                if runner.thread is None and runner.io is not None:
+                if runner.thread is None and runner.io is not None:  # told to stop before it started
                     runner.row[R.STATE] = R.STOPPED
                     runner._finish(False)
+                    with contextlib.suppress(Exception):
+                        runner.io.close_outputs()  # downstream blocks end instead of waiting for it
             if bus is not None:
                 bus.close()
             if graph is not None:
@@ -601,7 +607,8 @@ class Host:
         """Serve commands until every block's thread has ended."""
         ended = 0
         while ended < len(runners):
-            ready = multiprocessing.connection.wait([self.conn, self._ended_r], timeout=SLICE_S)
+            waitables = [self._ended_r] if self._runtime_gone else [self.conn, self._ended_r]
+            ready = multiprocessing.connection.wait(waitables, timeout=SLICE_S)
             if self._ended_r in ready:
                 ended += len(os.read(self._ended_r, 64))
             if self.conn in ready:
@@ -615,6 +622,7 @@ class Host:
                 return None
             return self.conn.recv()
         except (EOFError, OSError):
+            self._runtime_gone = True  # its end of the pipe stays readable: stop watching it
             return ("abort",)  # the runtime died: stop everything
 
     def _handle(self, message, runners) -> None:

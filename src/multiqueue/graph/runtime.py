@@ -25,6 +25,7 @@ stop, every block drains its inputs and closes its outputs, workers exit; after
 ``drain_timeout`` the rest is aborted, and killed if it still does not exit.
 """
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -162,6 +163,7 @@ class _HostHandle:
         self.failures: list[tuple[str, str]] = []  # (block, traceback)
         self.exit_message = False
         self.done = False
+        self.handled = False  # a failure of this host was acted on (restart or stop)
 
     def send(self, message) -> None:
         try:
@@ -294,21 +296,27 @@ class Runtime:
             self._all_exited.wait(self.drain_timeout + _ABORT_GRACE_S + 1)
             self._teardown()
             raise
-        self._state = "running"
-        for host in list(self._hosts.values()):
-            host.send(("start",))
+        with self._lock:
+            if self._stop_at is not None:  # a failure began a stop meanwhile
+                raise BlockError(str(self._fatal) if self._fatal else "the graph stopped while starting")
+            self._state = "running"
+            for host in list(self._hosts.values()):
+                host.send(("start",))
         _log.info("graph started: %s", ", ".join(f"{h.name} ({h.placement})" for h in self.blocks.values()))
         self._status({"event": "started", "blocks": list(self.blocks)})
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop in order (sources first, then drain), wait, release everything.
+        After ``timeout`` seconds whatever still runs is aborted, then killed.
 
         Raises BlockError if a block failed and stopped the graph."""
         if self._state == "building":
             return
-        self._begin_stop()
-        self._all_exited.wait(timeout)
-        self._teardown()
+        if self._state != "stopped":
+            self._begin_stop()
+            if not self._all_exited.wait(timeout):
+                self._kill_all()
+            self._teardown()
         self._raise_fatal()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -345,8 +353,8 @@ class Runtime:
 
     def stats(self) -> GraphStats:
         """Per block: state, items, rates, work time; per edge: fill, drops."""
-        if self._graph is None:
-            raise GraphError("the graph is not running")
+        if self._graph is None or self._state == "stopped":
+            raise GraphError("the graph is not running (final_stats has its last stats)")
         return graph_stats(self._graph, self._queue_stats())
 
     def describe(self) -> dict:
@@ -471,24 +479,36 @@ class Runtime:
             self._hosts[key] = host
 
     def _supervise(self) -> None:
-        while not self._all_exited.is_set():
-            with self._lock:
-                hosts = [h for h in self._hosts.values() if not h.done]
-            waitables = [w for h in hosts for w in h.waitables]
-            ready = multiprocessing.connection.wait(waitables, timeout=0.1) if waitables else []
-            for host in hosts:
-                if host.conn in ready:
-                    self._receive(host)
-                if host.process is not None and host.process.sentinel in ready:
-                    self._drain_messages(host)
-                    self._host_ended(host)
-                elif host.kind == "thread" and host.exit_message and not host.done:
-                    host.thread.join()
-                    self._host_ended(host)
-            self._escalate()
-            with self._lock:
-                if self._hosts and all(h.done for h in self._hosts.values()):
-                    self._all_exited.set()
+        try:
+            while not self._all_exited.is_set():
+                self._supervise_once()
+        except BaseException as e:  # a supervisor that dies would leave wait() and stop() hanging
+            _log.exception("the supervisor failed; aborting the graph")
+            if self._fatal is None:
+                self._fatal = BlockFailure("(runtime)", f"the supervisor failed: {e!r}", None,
+                                           "stopped the graph")
+            self._kill_all()
+            self._all_ready.set()
+            self._all_exited.set()
+
+    def _supervise_once(self) -> None:
+        with self._lock:
+            hosts = [h for h in self._hosts.values() if not h.done]
+        waitables = [w for h in hosts for w in h.waitables]
+        ready = multiprocessing.connection.wait(waitables, timeout=0.1) if waitables else []
+        for host in hosts:
+            if host.conn in ready:
+                self._receive(host)
+            if host.process is not None and host.process.sentinel in ready:
+                self._drain_messages(host)
+                self._host_ended(host)
+            elif host.kind == "thread" and host.exit_message and not host.done:
+                host.thread.join()
+                self._host_ended(host)
+        self._escalate()
+        with self._lock:
+            if self._hosts and all(h.done for h in self._hosts.values()):
+                self._all_exited.set()
 
     def _receive(self, host: _HostHandle) -> None:
         try:
@@ -505,6 +525,8 @@ class Runtime:
                 self._all_ready.set()
         elif kind == "failed":
             host.failures.append((message[1], message[2]))
+            if len(host.names) > 1 and not host.done:
+                self._group_block_failed(host, message[1])
         elif kind == "exit":
             host.exit_message = True
 
@@ -517,25 +539,61 @@ class Runtime:
             ready = {n for h in self._hosts.values() for n in h.ready}
         return set(self.blocks) - ready
 
+    def _group_block_failed(self, host: _HostHandle, block: str) -> None:
+        """A block of a shared process failed while the others run on: act now, not
+        when the process ends (it might not): restart the group, or stop the graph."""
+        if self._restartable(host):
+            host.process.kill()  # the group restarts when its sentinel fires
+            return
+        self._fail(host, "raised an exception", False)
+
     def _host_ended(self, host: _HostHandle) -> None:
         host.done = True
         exitcode = 0
         if host.process is not None:
             host.process.join(5.0)  # its sentinel fired: it is exiting, collect its status
             exitcode = host.process.exitcode
-        if not host.failures and exitcode == 0:
+            host.process.close()  # its pipes and sentinel: no descriptor kept per run
+        unfinished = host.process is not None and not host.exit_message  # died, or left early
+        if not host.failures and not unfinished and exitcode == 0:
             return
         self._reclaim()
+        self._mark_failed_rows(host)
+        if host.handled:
+            return  # a failure of this group was already acted on
         if self._stop_at is not None and not host.failures and exitcode is not None and exitcode < 0:
             return  # killed by our own escalation while stopping
-        reason = _exit_reason(exitcode) if not host.failures else "raised an exception"
-        tb = "\n".join(tb for _, tb in host.failures) or None
+        if host.failures:
+            reason = "raised an exception"
+        elif exitcode == 0:
+            reason = "its process exited without finishing its blocks"
+        else:
+            reason = _exit_reason(exitcode)
+        self._fail(host, reason, True)
+
+    def _restartable(self, host: _HostHandle) -> bool:
         blocks = [self.blocks[n] for n in host.names]
-        restartable = (self._state == "running" and self._stop_at is None
-                       and all(b.restart == "restart" for b in blocks)
-                       and all(self._graph.block_rows[self._index(b.name), R.RESTARTS] < b.max_restarts
-                               for b in blocks))
-        failure = BlockFailure(", ".join(host.names), reason, tb,
+        with self._lock:
+            return (self._state == "running" and self._stop_at is None
+                    and all(b.restart == "restart" for b in blocks)
+                    and all(self._graph.block_rows[self._index(b.name), R.RESTARTS] < b.max_restarts
+                            for b in blocks))
+
+    def _mark_failed_rows(self, host: _HostHandle) -> None:
+        """A dead worker could not write its rows: whatever it left running failed."""
+        for name in host.names:
+            row = self._graph.block_rows[self._index(name)]
+            if row[R.STATE] in (R.CREATED, R.INITIALIZING, R.READY, R.RUNNING):
+                row[R.STATE] = R.FAILED
+                row[R.FAILURES] += 1
+
+    def _fail(self, host: _HostHandle, reason: str, ended: bool) -> None:
+        """Record a failure of ``host`` and restart it (if it ended) or stop the graph."""
+        host.handled = True
+        tb = "\n".join(tb for _, tb in host.failures) or None
+        restartable = ended and self._restartable(host)
+        failed = [b for b, _ in host.failures] or host.names
+        failure = BlockFailure(", ".join(dict.fromkeys(failed)), reason, tb,
                                "restarted" if restartable else "stopped the graph")
         self.failures.append(failure)
         _log.error("%s", failure)
@@ -546,7 +604,8 @@ class Runtime:
             return
         if self._fatal is None:
             self._fatal = failure
-        for name in host.names:  # let everything downstream drain and end
+            self._all_ready.set()  # a start() waiting for this host: stop waiting
+        for name in failed:  # let everything downstream drain and end
             for port in self.blocks[name].outputs:
                 self._queues[(name, port)].close()
         self._begin_stop()
@@ -566,7 +625,9 @@ class Runtime:
             self._graph.block_rows[self._index(name), R.RESTARTS] += 1
             specs[name].start = "latest"
         self._launch(host.key, host.names, host.kind, [specs[n] for n in host.names])
-        self._hosts[host.key].send(("start",))
+        with self._lock:  # a stop() meanwhile did not know this host: tell it now
+            self._hosts[host.key].send(("start",) if self._stop_at is None else ("stop",))
+        self._status({"event": "restarted", "blocks": host.names})
 
     def _reclaim(self) -> None:
         """Release what dead workers held: their buffer references and queue readers."""
@@ -579,6 +640,8 @@ class Runtime:
 
     def _begin_stop(self, abort: bool = False) -> None:
         with self._lock:
+            if self._state == "stopped":
+                return
             if self._stop_at is None:
                 self._stop_at = time.monotonic()
                 self._state = "stopping"
@@ -598,13 +661,29 @@ class Runtime:
             self._abort_all()
         if self._abort_at is not None and now - self._abort_at > _ABORT_GRACE_S:
             for host in self._hosts.values():
+                if host.done:
+                    continue
                 if host.process is not None and host.process.is_alive():
                     host.process.kill()
-                elif host.thread is not None and not host.done:
+                elif host.thread is not None:
                     # a thread cannot be killed: give up on it (a daemon) so stop() returns
                     host.done = True
                     self.failures.append(BlockFailure(", ".join(host.names), "did not stop when aborted",
                                                       None, "left running in a daemon thread"))
+
+    def _kill_all(self) -> None:
+        """Abort, then SIGKILL, every worker still running, and wait for them."""
+        self._abort_all()
+        deadline = time.monotonic() + _ABORT_GRACE_S
+        for host in list(self._hosts.values()):
+            if host.process is not None and not host.done:
+                try:
+                    host.process.join(max(0.0, deadline - time.monotonic()))
+                    if host.process.is_alive():
+                        host.process.kill()
+                        host.process.join(5.0)
+                except ValueError:
+                    pass  # closed meanwhile by the supervisor: it has ended
 
     def _abort_all(self) -> None:
         for host in self._hosts.values():
@@ -623,6 +702,10 @@ class Runtime:
         for host in self._hosts.values():
             if host.conn is not None:
                 host.conn.close()
+            if host.process is not None and not host.done:
+                with contextlib.suppress(ValueError):
+                    host.process.join(5.0)
+                    host.process.close()
         if self.manager is not None:
             self._reclaim()
             self._last_queue_stats = self._queue_stats()
@@ -639,6 +722,7 @@ class Runtime:
                 self.final_stats = graph_stats(self._graph, self._last_queue_stats)
                 path = self._graph.path
                 self._graph.close()
+                self._graph = None
                 from ..shm.segment import unlink_quietly
                 unlink_quietly(path)  # the graph is over, even if a tap keeps the domain
             self.manager.shutdown()
@@ -662,6 +746,8 @@ class Runtime:
             if command["cmd"] == "get":
                 return handle.block.get_parameter(command["name"])
             raise GraphError("a timed parameter change needs a running graph")
+        if self._hosts[handle.host_key].done:
+            raise BlockError(f"block {handle.name!r} has ended; its parameters cannot change any more")
         answer = self._bus.request(control_topic(handle.name), command, timeout=10.0).data
         if not answer.get("ok"):
             raise BlockError(f"block {handle.name!r}: {answer.get('error')}")
