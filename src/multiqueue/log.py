@@ -139,31 +139,46 @@ def read_lines(domain: str, count: int | None = None) -> list[str]:
 
 
 def follow(domain: str, stop: threading.Event | None = None, interval: float = 0.2):
-    """Yield lines as they are appended, across rotations (like ``tail -F``)."""
+    """Lines appended to the domain's log from now on, across rotations (``tail -F``):
+    an iterator that ends when ``stop`` is set.  The file is opened (at its end) by
+    this call, so nothing written after it returns is missed."""
     path = log_path(domain)
-    f, ino = None, None
-    while stop is None or not stop.is_set():
-        if f is None:
+    return _follow(path, _open_at_end(path), stop, interval)
+
+
+def _open_at_end(path: str):
+    try:
+        f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - the follower keeps it
+    except FileNotFoundError:
+        return None
+    f.seek(0, os.SEEK_END)
+    return f
+
+
+def _follow(path: str, f, stop, interval: float):
+    ino = os.fstat(f.fileno()).st_ino if f is not None else None
+    try:
+        while stop is None or not stop.is_set():
+            if f is None:  # no log yet: it starts with its first line
+                try:
+                    f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+                    ino = os.fstat(f.fileno()).st_ino
+                except FileNotFoundError:
+                    time.sleep(interval)
+                    continue
+            line = f.readline()
+            if line:
+                yield line.rstrip("\n")
+                continue
             try:
-                f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - kept open across loops
-                ino = os.fstat(f.fileno()).st_ino
-                f.seek(0, os.SEEK_END)
+                if os.stat(path).st_ino != ino:  # rotated: finish the old file, go on in the new one
+                    yield from f.read().splitlines()
+                    f.close()
+                    f = None
+                    continue
             except FileNotFoundError:
-                time.sleep(interval)
-                continue
-        line = f.readline()
-        if line:
-            yield line.rstrip("\n")
-            continue
-        try:
-            if os.stat(path).st_ino != ino:  # rotated: finish the old file, then go on in the new
-                yield from f.read().splitlines()
-                f.close()
-                f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
-                ino = os.fstat(f.fileno()).st_ino
-                continue
-        except FileNotFoundError:
-            pass
-        time.sleep(interval)  # a file has no wake-up to wait on without inotify: poll, as tail -F does
-    if f is not None:
-        f.close()
+                pass
+            time.sleep(interval)  # no wake-up to wait on without inotify: poll, as tail -F does
+    finally:
+        if f is not None:
+            f.close()
