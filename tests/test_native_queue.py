@@ -14,6 +14,7 @@ import pytest
 
 from helpers import run_python
 from multiqueue import PoolConfig, ShmConfig, _native
+from multiqueue.errors import QueueClosedError
 from multiqueue.shm.segment import process_start_time
 from multiqueue.stream import PortQueue
 from multiqueue.stream.queue import Item, QueueHeader, ReaderRecord
@@ -527,3 +528,52 @@ def test_queue_on_a_tiny_buffer_at_a_page_end_raises_value_error_not_a_crash():
     result = run_python(TINY_BUFFER_AT_A_PAGE_END, timeout=30)
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-500:]}"
     assert result.stdout.split() == ["refused", "16", "refused", "64"]
+
+
+@pytest.mark.parametrize("kind", [0, 1])
+def test_release_view_wakes_threads_waiting_in_wait_and_unmaps_after_they_left(manager, q, kind):
+    native = _native.Queue(manager._ctx, q._segment.mmap)
+    index = q._native.join(0, False, os.getpid(), process_start_time(os.getpid()))
+    if kind == 1:  # make the space wait block: fill the blocking reader
+        for _ in range(q.capacity):
+            assert q._native.push(manager._ctx.alloc(0, 8)) == 1
+    results, entered = [], threading.Event()
+
+    def waiter():
+        entered.set()
+        results.append(native.wait(kind, index, 30.0, 0.0))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    entered.wait()
+    armed = QueueHeader.space_waiters if kind else QueueHeader.data_waiters
+    while not _native.atomic_load_u32(q._segment.mmap, armed.offset):
+        pass  # the waiter arms its wake-up just before it sleeps in the kernel
+    native.release_view()  # returns only once the waiter has left the mapping
+    thread.join(30)
+    assert results == [-1] and not thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed in this process"):
+        native.wait(kind, index, 0.0, 0.0)
+    q._native.detach(index)
+
+
+def test_a_reader_waiting_in_pop_gets_queue_closed_error_when_the_queue_is_released(manager):
+    queue = PortQueue(manager, "rel", capacity=4)
+    reader = queue.reader()
+    errors, entered = [], threading.Event()
+
+    def waiter():
+        entered.set()
+        try:
+            reader.pop(timeout=30)
+        except Exception as e:  # noqa: BLE001 - the test looks at which
+            errors.append(e)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    entered.wait()
+    while not queue._header.data_waiters:
+        pass  # asleep in the kernel, or about to be
+    queue.release()
+    thread.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], QueueClosedError), errors

@@ -829,6 +829,8 @@ typedef struct {
     mq_queue *q;
     mq_reader *readers;
     mq_item *ring;
+    int waiting;             /* threads of this process inside wait() (counted with the GIL held) */
+    int releasing;           /* release_view() is waiting for them to leave: wait() returns -1 */
 } Queue;
 
 static inline void cpu_relax(void) {
@@ -1192,9 +1194,10 @@ static PyObject *Queue_wait(Queue *self, PyObject *args) {
     int64_t start = now_ns();
     int64_t deadline = timeout < 0 || timeout > 1e9 ? INT64_MAX : start + (int64_t)(timeout * 1e9);
     int64_t spin_until = spin < 0 ? deadline : start + (int64_t)(spin * 1e9);
+    self->waiting++; /* release_view() waits for us to leave before it unmaps */
     Py_BEGIN_ALLOW_THREADS
     for (;;) { /* spin: a wake-up through the kernel costs tens of microseconds */
-        ready = queue_ready(self, kind, index);
+        ready = __atomic_load_n(&self->releasing, __ATOMIC_ACQUIRE) ? -1 : queue_ready(self, kind, index);
         if (ready) break;
         int64_t t = now_ns();
         if (t >= spin_until || t >= deadline) break;
@@ -1210,7 +1213,7 @@ static PyObject *Queue_wait(Queue *self, PyObject *args) {
                wake-up slip between, and leave us asleep with nobody armed.) */
             uint32_t seen = __atomic_load_n(event, __ATOMIC_SEQ_CST);
             __atomic_store_n(waiters, 1, __ATOMIC_SEQ_CST);
-            ready = queue_ready(self, kind, index);
+            ready = __atomic_load_n(&self->releasing, __ATOMIC_ACQUIRE) ? -1 : queue_ready(self, kind, index);
             if (ready) break;
             int64_t left = deadline - now_ns();
             if (left <= 0) break;
@@ -1220,6 +1223,7 @@ static PyObject *Queue_wait(Queue *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     if (kind == 1) RELAXED_ADD(&q->blocked_ns, (uint64_t)(now_ns() - start));
+    self->waiting--; /* after the last touch of the mapping */
     return PyLong_FromLong(ready);
 }
 
@@ -1250,8 +1254,21 @@ static PyObject *Queue_steal_lock(Queue *self, PyObject *arg) {
     return PyBool_FromLong(ok);
 }
 
+/* release_view(): unmap, after every thread of this process waiting in wait() on this
+   queue has left it (they return -1): unmapping under a sleeping waiter would crash it. */
 static PyObject *Queue_release_view(Queue *self, PyObject *Py_UNUSED(ignored)) {
     if (self->has_view) {
+        __atomic_store_n(&self->releasing, 1, __ATOMIC_RELEASE);
+        while (self->waiting > 0) {
+            mq_queue *q = self->q;
+            __atomic_fetch_add(&q->data_event, 1, __ATOMIC_SEQ_CST); /* other processes' waiters */
+            __atomic_fetch_add(&q->space_event, 1, __ATOMIC_SEQ_CST); /* see a spurious wake-up */
+            futex(&q->data_event, FUTEX_WAKE, INT32_MAX, NULL);
+            futex(&q->space_event, FUTEX_WAKE, INT32_MAX, NULL);
+            Py_BEGIN_ALLOW_THREADS /* let them take the GIL and leave */
+            sched_yield();
+            Py_END_ALLOW_THREADS
+        }
         PyBuffer_Release(&self->view);
         self->has_view = 0;
     }

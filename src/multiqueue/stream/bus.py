@@ -38,6 +38,8 @@ HEADER = struct.Struct("<BBHIQ")  # kind, reserved, payload length, sender pid, 
 MAX_MESSAGE = BLOCK - HEADER.size
 KIND_BYTES, KIND_JSON = 0, 1
 _CLOSE_TICK_S = 0.05
+DEFAULT_CAPACITY = 64
+MAX_CAPACITY = 4096  # so that a few stuck subscribers cannot drain the bus pool
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,29}$")  # the queue name is "b-" + topic (31 at most)
 
 
@@ -61,9 +63,14 @@ class Message:
 class Subscription:
     """A subscriber's bounded queue on one topic (see Bus.subscribe)."""
 
-    def __init__(self, bus: "Bus", topic: str, capacity: int, callback=None):
+    def __init__(self, bus: "Bus", topic: str, capacity: int | None, callback=None):
         self.bus, self.topic = bus, topic
-        self._queue = bus._topic(topic, capacity)
+        self._queue = bus._topic(topic, capacity or DEFAULT_CAPACITY)
+        if capacity is not None and capacity != self._queue.capacity:
+            self._queue = None
+            raise ValueError(
+                f"topic {topic!r} exists with capacity {bus._topic(topic).capacity}: every subscriber "
+                "of a topic has the capacity of its first user; subscribe with capacity=None")
         self._reader = self._queue.reader("drop_oldest", "latest", watch_producer=False)
         self._thread = None
         self._closed = threading.Event()
@@ -73,12 +80,16 @@ class Subscription:
             self._thread.start()
 
     def get(self, timeout: float | None = None) -> Message | None:
-        """The next message, or None after ``timeout`` seconds (None: wait forever)."""
+        """The next message, or None after ``timeout`` seconds (None: wait forever), or
+        None at once once the subscription is closed."""
+        if self._closed.is_set():
+            return None
         try:
             buffer = self._reader.pop(timeout)
         except TimeoutError:
             return None
-        except QueueClosedError:
+        except QueueClosedError:  # its queue was released (manager shut down) or closed: over
+            self._closed.set()
             return None
         with buffer:
             return _decode(self.topic, buffer)
@@ -103,6 +114,7 @@ class Subscription:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._reader.detach()
+        self.bus._forget_subscription(self)
 
     def _deliver(self, callback) -> None:
         # the timeout bounds how long close() waits for this thread (a detach from another
@@ -143,7 +155,7 @@ class Bus:
         nobody listening costs nothing.  Waits up to ``timeout`` for a free bus block.
         ``keep=False`` unmaps the topic afterwards (for one-off topics)."""
         kind, body = _encode(data)
-        buffer = self.manager.allocate_from_pool(BUS_POOL, HEADER.size + max(1, len(body)), timeout)
+        buffer = self._allocate(HEADER.size + max(1, len(body)), timeout)
         try:
             view = buffer.memoryview()
             HEADER.pack_into(view, 0, kind, 0, len(body), os.getpid(), next(self._seq))
@@ -159,10 +171,12 @@ class Bus:
                 buffer.release()
             raise
 
-    def subscribe(self, topic: str, callback=None, *, capacity: int = 64) -> Subscription:
+    def subscribe(self, topic: str, callback=None, *, capacity: int | None = None) -> Subscription:
         """A subscription to ``topic``: ``get()`` / iterate it, or pass ``callback`` to
         have each message handed to it on a thread of its own.  Only messages published
-        after this call are seen."""
+        after this call are seen.  ``capacity`` (a power of two up to MAX_CAPACITY) is
+        the topic's, set by its first user (default DEFAULT_CAPACITY): each subscriber
+        holds at most that many unread messages, then loses its oldest."""
         sub = Subscription(self, topic, capacity, callback)
         with self._lock:
             self._subscriptions.append(sub)
@@ -179,11 +193,14 @@ class Bus:
     def request(self, topic: str, data: dict, timeout: float = 5.0) -> Message:
         """Publish ``data`` with a ``reply_to`` topic and wait for the one answer.
         TimeoutError if none comes (nobody serves ``topic``)."""
+        _check_topic(topic)
         reply_topic = f"re-{os.getpid()}-{next(self._seq)}"
-        with self.subscribe(reply_topic, capacity=4) as replies:
-            self.publish(topic, {**data, "reply_to": reply_topic})
-            answer = replies.get(timeout)
-        self._forget(reply_topic)
+        try:
+            with self.subscribe(reply_topic, capacity=4) as replies:
+                self.publish(topic, {**data, "reply_to": reply_topic})
+                answer = replies.get(timeout)
+        finally:
+            self._forget(reply_topic)  # a one-off topic: its segment goes with the request
         if answer is None:
             raise TimeoutError(f"no answer on topic {topic!r} within {timeout} s: is anyone serving it?")
         return answer
@@ -200,7 +217,9 @@ class Bus:
 
     def close(self) -> None:
         with self._lock:
-            subscriptions, self._subscriptions = self._subscriptions, []
+            subscriptions = list(self._subscriptions)
+        for sub in subscriptions:  # all marked first: a thread in get() returns None from now on
+            sub._closed.set()
         for sub in subscriptions:
             sub.close()
         for q in list(self._topics.values()):
@@ -215,11 +234,18 @@ class Bus:
 
     def _topic(self, topic: str, capacity: int = 64) -> PortQueue:
         _check_topic(topic)
+        if not isinstance(capacity, int) or not 1 <= capacity <= MAX_CAPACITY or capacity & (capacity - 1):
+            raise ValueError(f"capacity must be a power of two from 1 to {MAX_CAPACITY}, not {capacity!r}")
         with self._lock:
             q = self._topics.get(topic)
             if q is None:
                 q = self._topics[topic] = PortQueue(self.manager, f"b-{topic}", capacity, multi_producer=True)
             return q
+
+    def _forget_subscription(self, sub: Subscription) -> None:
+        with self._lock:
+            if sub in self._subscriptions:
+                self._subscriptions.remove(sub)
 
     def _one_off(self, topic: str) -> PortQueue:
         """An existing topic's queue, not kept (SegmentError if it is gone)."""
@@ -233,8 +259,17 @@ class Bus:
         if q is not None:
             q.remove()
 
+    def _allocate(self, size: int, timeout):
+        """A bus block: straight from the pool (by id: a name lookup per message costs more
+        than the rest of a publish), or the manager's full path when that fails."""
+        buffer = self.manager._alloc_buffer(self.manager, self._pool_id, size)
+        if buffer.__class__ is not int:
+            return buffer
+        return self.manager.allocate_from_pool(BUS_POOL, size, timeout)  # full, grown or changed
+
     def _ensure_pool(self) -> None:
         if BUS_POOL in self.manager.list_pools():
+            self._pool_id = self.manager.get_pool(BUS_POOL).pool_id
             return
         try:
             self.manager.add_pool(PoolConfig(BUS_POOL, BLOCK, self._pool_blocks, expandable=True,
@@ -242,6 +277,9 @@ class Bus:
         except ValueError:
             if BUS_POOL not in self.manager.list_pools():  # not just another process being first
                 raise
+        finally:
+            if BUS_POOL in self.manager.list_pools():
+                self._pool_id = self.manager.get_pool(BUS_POOL).pool_id
 
 
 def _check_topic(topic) -> None:

@@ -393,19 +393,36 @@ class QueueReader:
     def pop(self, timeout: float | None = None) -> Buffer:
         """The next buffer; waits forever for ``timeout=None``, else raises TimeoutError.
         Raises QueueClosedError when the queue is closed and this reader drained it."""
-        buffer = self._pop_buffer(self.index, self._manager)
-        if buffer.__class__ is Buffer:
-            return buffer
-        return self._pop_slow(buffer, timeout)
+        if not self._attached:  # its slot may be someone else's now: never pop from it
+            raise self._gone()
+        try:
+            buffer = self._pop_buffer(self.index, self._manager)
+            if buffer.__class__ is Buffer:
+                return buffer
+            return self._pop_slow(buffer, timeout)
+        except RuntimeError as e:  # the queue was released in this process meanwhile
+            raise self._gone(e) from None
 
     def try_pop(self) -> Buffer | None:
         """The next buffer, or None if there is none yet (QueueClosedError once drained)."""
-        buffer = self._pop_buffer(self.index, self._manager)
-        if buffer.__class__ is Buffer:
-            return buffer
-        if buffer == -1:
-            return None
-        return self._pop_slow(buffer, 0)
+        if not self._attached:
+            raise self._gone()
+        try:
+            buffer = self._pop_buffer(self.index, self._manager)
+            if buffer.__class__ is Buffer:
+                return buffer
+            if buffer == -1:
+                return None
+            return self._pop_slow(buffer, 0)
+        except RuntimeError as e:
+            raise self._gone(e) from None
+
+    def _gone(self, error: RuntimeError | None = None) -> Exception:
+        """The error for a pop on a detached reader or a released queue (else ``error``)."""
+        if not self._attached or self.queue._native is None:
+            return QueueClosedError(f"reader {self.index} of queue {self.queue.name!r} was detached "
+                                    "(or the queue released) in this process")
+        return error
 
     def pop_many(self, max_n: int, timeout: float | None = None) -> list[Buffer]:
         """Up to ``max_n`` buffers: waits (as pop) for the first, takes the rest if ready.
@@ -428,10 +445,15 @@ class QueueReader:
         except QueueClosedError:
             if not out:
                 raise
+        except RuntimeError as e:  # released in this process after the first pop
+            if not out:
+                raise self._gone(e) from None
         return out
 
     def peek(self) -> Buffer | None:
         """A new reference to the next buffer without consuming it, or None."""
+        if not self._attached:
+            raise self._gone()
         while True:
             buffer_id = self._native.peek(self.index)
             if buffer_id < 0:
@@ -506,6 +528,8 @@ class QueueReader:
             if (self._native.wait(0, self.index, wait, self._spin) == 0 and self._watch_producer
                     and not self.queue._producer_alive()):
                 self._native.close(2)  # the producer died: drain, then report it
+            if not self._attached:  # detached by another thread while we waited
+                raise self._gone()
             code = self._pop_buffer(self.index, self._manager)
 
     def _closed_message(self) -> str:
