@@ -25,6 +25,7 @@ import os
 import re
 import struct
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -34,10 +35,12 @@ from .queue import PortQueue
 
 BUS_POOL = "mq-bus"
 BLOCK = 4096
-HEADER = struct.Struct("<BBHIQ")  # kind, reserved, payload length, sender pid, sequence number
+HEADER = struct.Struct("<BBHIQQ")  # kind, reserved, payload length, sender pid, sequence, request id
 MAX_MESSAGE = BLOCK - HEADER.size
 KIND_BYTES, KIND_JSON = 0, 1
 _CLOSE_TICK_S = 0.05
+_REPLY_TOPICS_KEPT = 32
+_bus_ids = itertools.count()  # tells apart the reply topics of two Bus objects of a process
 DEFAULT_CAPACITY = 64
 MAX_CAPACITY = 4096  # so that a few stuck subscribers cannot drain the bus pool
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,29}$")  # the queue name is "b-" + topic (31 at most)
@@ -54,6 +57,7 @@ class Message:
     sender_pid: int
     seq: int  # the sender's sequence number (per Bus object)
     timestamp: int  # monotonic ns at publish
+    rid: int = 0  # a request's id, echoed by its answer (0: neither)
 
     def reply_to(self) -> str | None:
         """The topic a request asks its answer on (see Bus.request)."""
@@ -148,24 +152,30 @@ class Bus:
         self._subscriptions: list[Subscription] = []
         self._lock = threading.Lock()
         self._seq = itertools.count()
+        self._request_lock = threading.Lock()
+        self._replies: Subscription | None = None  # this Bus's reply topic, made at its first request
+        self._reply_topics: dict[str, PortQueue] = {}  # requesters' reply topics this Bus answered
         self._ensure_pool()
 
     def publish(self, topic: str, data, *, timeout: float | None = 1.0, keep: bool = True) -> None:
         """Send ``data`` (bytes-like or JSON-able) to every subscriber of ``topic``;
         nobody listening costs nothing.  Waits up to ``timeout`` for a free bus block.
         ``keep=False`` unmaps the topic afterwards (for one-off topics)."""
+        queue = self._topic(topic) if keep else self._one_off(topic)
+        try:
+            self._publish_to(queue, data, timeout)
+        finally:
+            if not keep:
+                queue.release()
+
+    def _publish_to(self, queue: PortQueue, data, timeout, rid: int = 0) -> None:
         kind, body = _encode(data)
         buffer = self._allocate(HEADER.size + max(1, len(body)), timeout)
         try:
             view = buffer.memoryview()
-            HEADER.pack_into(view, 0, kind, 0, len(body), os.getpid(), next(self._seq))
+            HEADER.pack_into(view, 0, kind, 0, len(body), os.getpid(), next(self._seq), rid)
             view[HEADER.size : HEADER.size + len(body)] = body
-            queue = self._topic(topic) if keep else self._one_off(topic)
-            try:
-                queue.push(buffer, timeout=0)  # drop_oldest readers only: never full
-            finally:
-                if not keep:
-                    queue.release()
+            queue.push(buffer, timeout=0)  # drop_oldest readers only: never full
         except BaseException:
             if not buffer.released:
                 buffer.release()
@@ -192,18 +202,22 @@ class Bus:
 
     def request(self, topic: str, data: dict, timeout: float = 5.0) -> Message:
         """Publish ``data`` with a ``reply_to`` topic and wait for the one answer.
-        TimeoutError if none comes (nobody serves ``topic``)."""
+        TimeoutError if none comes (nobody serves ``topic``).  The answers come back on
+        this Bus's own reply topic, matched by a request id (one request at a time)."""
         _check_topic(topic)
-        reply_topic = f"re-{os.getpid()}-{next(self._seq)}"
-        try:
-            with self.subscribe(reply_topic, capacity=4) as replies:
-                self.publish(topic, {**data, "reply_to": reply_topic})
-                answer = replies.get(timeout)
-        finally:
-            self._forget(reply_topic)  # a one-off topic: its segment goes with the request
-        if answer is None:
-            raise TimeoutError(f"no answer on topic {topic!r} within {timeout} s: is anyone serving it?")
-        return answer
+        deadline = time.monotonic() + timeout
+        with self._request_lock:
+            replies = self._reply_subscription()
+            rid = next(self._seq)
+            self.publish(topic, {**data, "reply_to": replies.topic, "rid": rid})
+            while (left := deadline - time.monotonic()) > 0:
+                answer = replies.get(left)
+                if answer is None:
+                    break
+                if answer.rid == rid:
+                    return answer
+                # a late answer to an earlier request that timed out: not ours
+        raise TimeoutError(f"no answer on topic {topic!r} within {timeout} s: is anyone serving it?")
 
     def reply(self, request: Message, data) -> None:
         """Answer a request (no-op if it asked for no answer or no longer waits)."""
@@ -211,9 +225,28 @@ class Bus:
         if not topic:
             return
         try:
-            self.publish(topic, data, keep=False)  # a one-off topic: do not keep it mapped
+            rid = request.data.get("rid")
+            self._publish_to(self._reply_queue(topic), data, 1.0, rid if isinstance(rid, int) else 0)
         except MultiQueueError:
-            pass  # the requester gave up and removed its reply topic
+            pass  # the requester has gone and removed its reply topic
+
+    def _reply_subscription(self) -> Subscription:
+        if self._replies is None:
+            self._replies = self.subscribe(f"re-{os.getpid()}-{next(_bus_ids)}", capacity=64)
+        return self._replies
+
+    def _reply_queue(self, topic: str) -> PortQueue:
+        """The reply topic of a requester, kept mapped for its next requests (a few)."""
+        _check_topic(topic)
+        with self._lock:
+            q = self._reply_topics.pop(topic, None)
+        if q is None:
+            q = PortQueue(self.manager, f"b-{topic}", create=False, multi_producer=True)
+        with self._lock:
+            self._reply_topics[topic] = q  # most recent last
+            while len(self._reply_topics) > _REPLY_TOPICS_KEPT:
+                self._reply_topics.pop(next(iter(self._reply_topics))).release()
+        return q
 
     def close(self) -> None:
         with self._lock:
@@ -222,9 +255,13 @@ class Bus:
             sub._closed.set()
         for sub in subscriptions:
             sub.close()
-        for q in list(self._topics.values()):
+        if self._replies is not None:
+            self._forget(self._replies.topic)  # nobody will ask it again: remove its segment
+            self._replies = None
+        for q in [*self._topics.values(), *self._reply_topics.values()]:
             q.release()
         self._topics.clear()
+        self._reply_topics.clear()
 
     def __enter__(self) -> "Bus":
         return self
@@ -308,6 +345,6 @@ def _encode(data) -> tuple[int, bytes]:
 
 def _decode(topic: str, buffer) -> Message:
     view = buffer.memoryview()
-    kind, _, length, pid, seq = HEADER.unpack_from(view, 0)
+    kind, _, length, pid, seq, rid = HEADER.unpack_from(view, 0)
     body = bytes(view[HEADER.size : HEADER.size + length])
-    return Message(topic, json.loads(body) if kind == KIND_JSON else body, pid, seq, buffer.timestamp)
+    return Message(topic, json.loads(body) if kind == KIND_JSON else body, pid, seq, buffer.timestamp, rid)
