@@ -139,7 +139,7 @@ def graph(domain):
     rt = Runtime(domain, pools=POOLS)
     rt.add(Ramp(), name="src")
     rt.add(Multiply(), name="amp")
-    rt.add(Record("/dev/null"), name="rec")
+    rt.add(NullSink(), name="rec")
     return rt
 
 
@@ -195,7 +195,7 @@ def test_bad_names_policies_and_capacities_are_refused(graph):
 def test_a_block_that_cannot_be_pickled_is_refused_unless_in_a_thread(domain):
     rt = Runtime(domain, pools=POOLS)
     src = rt.add(Ramp(count=3, n=8), name="src")
-    sink = rt.add(Record("/dev/null"), name="sink")
+    sink = rt.add(NullSink(), name="sink")
     sink.block.unpicklable = lambda: None  # a lambda cannot cross to a process
     rt.connect(src["out"], sink["in"])
     with pytest.raises(GraphError, match="block 'sink' cannot be sent to its worker.*placement='thread'"):
@@ -291,14 +291,14 @@ def test_stats_while_running_and_from_an_unrelated_process(domain, tmp_path):
 RUNTIME_SCRIPT = r"""
 import sys
 sys.path.insert(0, sys.argv[2])
-from graph_blocks import Ramp, Record
+from graph_blocks import Ramp
 from multiqueue import PoolConfig, ShmConfig
-from multiqueue.graph import Runtime
+from multiqueue.graph import NullSink, Runtime
 
 if __name__ == "__main__":
     rt = Runtime(sys.argv[1], pools=ShmConfig(pools=[PoolConfig("frames", 4096, 64)]))
     src = rt.add(Ramp(count=10**9, n=8, pace_s=0.001), name="src")
-    sink = rt.add(Record("/dev/null"), name="sink")
+    sink = rt.add(NullSink(), name="sink")
     rt.connect(src["out"], sink["in"])
     rt.start()
     print(*(b.pid for b in rt.stats().blocks.values()), flush=True)
@@ -364,7 +364,7 @@ def test_function_block_gets_the_input_timestamps(domain, tmp_path):
 def test_mq_tap_prints_frames_of_a_running_graph(domain):
     rt = Runtime(domain, pools=POOLS)
     src = rt.add(Ramp(count=10**9, n=8, pace_s=0.001), name="src")
-    rt.connect(src["out"], rt.add(Record("/dev/null"), name="sink")["in"])
+    rt.connect(src["out"], rt.add(NullSink(), name="sink")["in"])
     rt.start()
     try:
         command = [sys.executable, "-m", "multiqueue.cli", "tap", domain, "src.out", "--count", "3"]
@@ -401,7 +401,7 @@ def test_a_graph_segment_left_by_a_dead_runtime_is_replaced(domain, tmp_path):
 def test_a_second_runtime_on_a_running_domain_is_refused(domain):
     first = Runtime(domain, pools=POOLS)
     first.connect(first.add(Ramp(count=10**9, n=4, pace_s=0.01), name="src", placement="thread")["out"],
-                  first.add(Record("/dev/null"), name="out", placement="thread")["in"])
+                  first.add(NullSink(), name="out", placement="thread")["in"])
     first.start()
     try:
         second = Runtime(domain, pools=POOLS)
@@ -417,13 +417,13 @@ def test_stop_returns_even_when_a_thread_block_ignores_the_abort(domain):
 
     release = threading.Event()
 
-    class Deaf(Record):  # ignores stop and abort until the test lets it go
+    class Deaf(NullSink):  # ignores stop and abort until the test lets it go
         def work(self, inputs):
             release.wait(60)
 
     rt = Runtime(domain, pools=POOLS, drain_timeout=0.2)
     src = rt.add(Ramp(count=10**9, n=4), name="src", placement="thread")
-    rt.connect(src["out"], rt.add(Deaf("/dev/null"), name="deaf", placement="thread")["in"])
+    rt.connect(src["out"], rt.add(Deaf(), name="deaf", placement="thread")["in"])
     rt.start()
     try:
         rt.stop()
@@ -458,7 +458,7 @@ def test_a_failing_block_in_a_shared_process_stops_the_graph_at_once(domain):
     src = rt.add(Ramp(count=10**9, n=8, pace_s=0.001), name="src", placement="grp")
     bad = rt.add(Raiser(at=3), name="bad", placement="grp")
     rt.connect(src["out"], bad["in"])
-    rt.connect(bad["out"], rt.add(Record("/dev/null"), name="sink")["in"])
+    rt.connect(bad["out"], rt.add(NullSink(), name="sink")["in"])
     rt.start()
     with pytest.raises(BlockError, match="block 'bad' failed \\(raised an exception\\)"):
         rt.wait(timeout=60)  # the source shares its process and runs on: the failure alone ends it
@@ -481,7 +481,7 @@ def test_start_fails_at_once_when_a_block_cannot_initialize(domain):
 
     rt = Runtime(domain, pools=POOLS, start_timeout=60)
     src = rt.add(FailInit(), name="dev")
-    rt.connect(src["out"], rt.add(Record("/dev/null"), name="sink")["in"])
+    rt.connect(src["out"], rt.add(NullSink(), name="sink")["in"])
     with pytest.raises(BlockError, match="(?s)block 'dev' failed.*cannot open the device"):
         rt.start()  # not after start_timeout: the failure ends the wait for readiness
 
