@@ -425,3 +425,55 @@ def test_an_unknown_domain_is_one_clear_line_and_exit_1(domain):
     old = mq("cleanup", domain)  # the old command still says what it always said
     assert old.returncode == 0 and old.stdout.strip() == f"removed 0 segment(s) of domain {domain!r}"
     assert not domain_segments("mq.", domain)
+
+
+def test_doctor_names_a_sigkilled_holder_and_is_clean_after_a_reap(domain):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, domain], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "ready"
+    with ShmManager(domain, create=False, reaper_interval=None) as m:
+        holder.kill()
+        holder.wait()
+        result = mq("doctor", domain)
+        assert result.returncode == 1, result.stderr
+        assert f"process {holder.pid}" in result.stdout and "DEAD" in result.stdout
+        assert "reap()" in result.stdout
+        as_json = json.loads(mq("doctor", domain, "--json").stdout)
+        assert not as_json["ok"]
+        m.reap()
+        clean = mq("doctor", domain)
+        assert clean.returncode == 0 and "no problems found" in clean.stdout
+
+
+def test_block_pause_resume_and_stop_commands(graph):
+    for action in ("pause", "resume"):
+        result = mq("block", graph.domain, "src", action)
+        assert result.returncode == 0 and f"src: {action}: done" in result.stdout, result.stderr
+    refused = mq("block", graph.domain, "nosuch", "pause")
+    assert refused.returncode == 1 and "no block 'nosuch'" in refused.stderr
+
+
+def test_dashboard_command_serves_the_page_until_ctrl_c(graph):
+    import urllib.request
+
+    command = Command("dashboard", graph.domain, "--port", 0)
+    line = command.out.wait_for("dashboard of domain")
+    url = line.split(": ", 1)[1].split()[0]
+    page = urllib.request.urlopen(url, timeout=10).read()
+    assert b"multiqueue" in page
+    command.proc.send_signal(signal.SIGINT)
+    code, _out, err = command.finish()
+    assert code == 0, err
+
+
+def test_run_with_a_dashboard(domain):
+    import urllib.request
+
+    graph_file = os.path.join(os.path.dirname(__file__), "..", "examples", "graphs", "sine.yaml")
+    command = Command("run", graph_file, "--domain", domain, "--dashboard", 0, "--duration", 30)
+    line = command.out.wait_for("dashboard: http")
+    page = urllib.request.urlopen(line.split(": ", 1)[1], timeout=10).read()
+    assert b"multiqueue" in page
+    code, out, err = command.finish(timeout=60)
+    assert code == 0, err
+    assert "pool blocks still in use after the stop: 0" in out

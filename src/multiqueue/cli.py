@@ -965,6 +965,53 @@ def _tap(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    """Explain every held buffer of a domain; exit 1 when something needs fixing."""
+    from .doctor import diagnose
+
+    report = diagnose(args.domain)
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        print(report.format())
+    return 0 if report.ok else 1
+
+
+def _dashboard(args) -> int:
+    """Serve the live dashboard of a running graph until Ctrl-C."""
+    from .dashboard import Dashboard
+
+    dash = Dashboard(args.domain, host=args.host, port=args.port).start()
+    print(f"dashboard of domain {args.domain!r}: {dash.url}  (Ctrl-C stops it)", flush=True)
+    try:
+        threading.Event().wait()  # the server runs on its thread; Ctrl-C ends this wait
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dash.stop()
+    return 0
+
+
+def _block(args) -> int:
+    """pause / resume / stop a running block (its answer is printed; exit 1 if it refused)."""
+    from .graph.runner import control_topic
+    from .stream.bus import Bus
+
+    topic = _check_topic(control_topic(args.block))
+    with _Tool(args.domain, "block") as tool:
+        if not os.path.exists(_topic_queue(tool.manager, topic)):
+            raise _Fail(f"no block {args.block!r} takes commands in domain {args.domain!r}")
+        with Bus(tool.manager) as bus:
+            try:
+                answer = bus.request(topic, {"cmd": args.action}, timeout=args.timeout).data
+            except TimeoutError:
+                raise _Fail(f"block {args.block!r} did not answer within {args.timeout:g} s") from None
+    if not answer.get("ok"):
+        raise _Fail(f"block {args.block!r}: {answer.get('error')}")
+    print(f"{args.block}: {args.action}: done")
+    return 0
+
+
 def _run(args) -> int:
     """Load a graph file, run it with a progress line a second, print the summary.
     Exit 0: done; 1: a block failed (or pool blocks leaked); 2: a bad graph file."""
@@ -994,6 +1041,12 @@ def _run(args) -> int:
     except KeyboardInterrupt:  # start() stopped what it had started
         print("interrupted while starting", file=sys.stderr)
         return 130
+    dash = None
+    if args.dashboard is not None and failure is None:
+        from .dashboard import Dashboard
+
+        dash = Dashboard(rt.domain, port=args.dashboard).start()
+        print(f"dashboard: {dash.url}", flush=True)
     t0 = time.monotonic()
     deadline = None if args.duration is None else t0 + args.duration
     next_line = t0 + 1.0
@@ -1022,6 +1075,8 @@ def _run(args) -> int:
         failure = e
     if failure is not None:
         how = "a block failed"
+    if dash is not None:
+        dash.stop()
     print(f"\nstopped after {time.monotonic() - t0:.1f} s ({how})")
     if rt.final_stats is not None:
         print(rt.final_stats.format())
@@ -1091,7 +1146,24 @@ def main(argv=None) -> int:
     p.add_argument("--domain", type=_domain_name, default=None,
                    help="the domain to run in (default: the file's 'domain:', else its name)")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
+    p.add_argument("--dashboard", type=int, nargs="?", const=8765, default=None, metavar="PORT",
+                   help="serve the live dashboard on localhost:PORT while it runs (default port 8765)")
     p.set_defaults(func=_run)
+    p = sub.add_parser("doctor", help="explain every held buffer: holders, dead processes, leaks, fixes")
+    p.add_argument("domain", type=_domain_name)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_doctor)
+    p = sub.add_parser("dashboard", help="serve the live web dashboard of a running graph")
+    p.add_argument("domain", type=_domain_name)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    p.set_defaults(func=_dashboard)
+    p = sub.add_parser("block", help="pause, resume or stop a block of a running graph")
+    p.add_argument("domain", type=_domain_name)
+    p.add_argument("block")
+    p.add_argument("action", choices=("pause", "resume", "stop"))
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the block's answer")
+    p.set_defaults(func=_block)
 
     p = sub.add_parser("ls", help="the domains on this machine: processes (alive or dead), graph, pools")
     p.add_argument("--json", action="store_true", help="machine-readable output")

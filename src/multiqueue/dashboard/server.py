@@ -24,6 +24,7 @@ import numpy as np
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
+from ..errors import QueueClosedError
 from ..graph.attach import attach
 from ..graph.runner import control_topic
 from ..stream.bus import Bus
@@ -210,7 +211,13 @@ class _Session:
         if self.tap is None:
             return None
         newest = None
-        while (frame := self.tap.read(timeout=0)) is not None:
+        while True:
+            try:
+                frame = self.tap.read(timeout=0)
+            except QueueClosedError:  # the graph has stopped: nothing more to show
+                break
+            if frame is None:
+                break
             if newest is not None:
                 newest.buffer.release()
             newest = frame
