@@ -166,3 +166,19 @@ class FailInit(Block):
 
     def work(self, inputs):
         return DONE
+
+
+class Inbox(Block):
+    """Consumes frames; answers every message sent to it (on_message) on the sender's inbox."""
+
+    inputs = {"in": Port(np.float32)}
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = str(path)
+
+    def work(self, inputs):
+        pass
+
+    def on_message(self, message):
+        self.bus.send(message.data["reply"], {"got": message.data, "from": "box"})

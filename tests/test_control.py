@@ -98,7 +98,8 @@ def test_status_events_tell_starts_failures_and_stops(domain, tmp_path):
          "bus = Bus(m); sub = bus.subscribe('status'); print('ready', flush=True)\n"
          "while True:\n"
          "    msg = sub.get(60)\n"
-         "    print(json.dumps(msg.data), flush=True)\n"
+         "    if not msg.data['event'].startswith('block-'):\n"
+         "        print(json.dumps(msg.data), flush=True)\n"
          "    if msg.data['event'] == 'stopped': break\n"
          "bus.close(); m.shutdown()\n", domain],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -171,3 +172,48 @@ def test_follow_yields_appended_lines(domain):
     handler.close()
     assert [line.rsplit(": ", 1)[1] for line in seen][-3:] == ["first", "second", "third"]
     os.unlink(log_path(domain))
+
+
+def test_block_events_graph_commands_and_drop_events(domain, tmp_path):
+    from multiqueue import ShmManager
+
+    rt = Runtime(domain, pools=POOLS)
+    src = rt.add(Ramp(count=10**9, n=8, pace_s=0.001), name="src")
+    sink = rt.add(Record(tmp_path / "slow.npy", delay_s=0.02), name="slow")
+    rt.connect(src["out"], sink["in"], policy="drop_oldest", capacity=4)
+    with ShmManager(domain, POOLS, reaper_interval=None) as manager, Bus(manager) as bus:
+        status = bus.subscribe("status", capacity=256)
+        rt.start()
+        assert bus.request("ctl", {"cmd": "pause"}).data == {"ok": True}
+        assert bus.request("ctl", {"cmd": "resume"}).data == {"ok": True}
+        assert bus.request("ctl", {"cmd": "jump"}).data["ok"] is False
+        events = []
+        while not any(e["event"] == "drops" for e in events):  # the slow branch drops frames
+            events.append(status.get(timeout=30).data)
+        assert any(e["event"] == "block-started" and e["block"] == "slow" for e in events)
+        assert bus.request("ctl", {"cmd": "stop"}).data == {"ok": True}  # the graph stops in order
+        assert rt.wait(timeout=60)
+        ends = []
+        while len(ends) < 2:
+            e = status.get(timeout=30).data
+            if e["event"] in ("block-done", "block-stopped", "block-failed"):
+                ends.append((e["block"], e["event"]))
+        assert sorted(ends) == [("slow", "block-done"), ("src", "block-done")]
+
+
+def test_a_message_sent_to_a_block_reaches_its_on_message(domain, tmp_path):
+    from graph_blocks import Inbox
+
+    rt = Runtime(domain, pools=POOLS)
+    src = rt.add(Ramp(count=10**9, n=8, pace_s=0.001), name="src")
+    box = rt.add(Inbox(tmp_path / "got.json"), name="box")
+    rt.connect(src["out"], box["in"])
+    rt.start()
+    try:
+        with Bus(rt.manager) as bus:
+            replies = bus.inbox("tester")
+            bus.send("box", {"hello": 1, "reply": "tester"})
+            answer = replies.get(timeout=30)
+    finally:
+        rt.stop()
+    assert answer.data == {"got": {"hello": 1, "reply": "tester"}, "from": "box"}

@@ -196,6 +196,17 @@ class Block:
         the block's name."""
         return logging.getLogger(f"mq.{type(self).__name__}")
 
+    @property
+    def bus(self):
+        """The domain's message bus (multiqueue.stream.Bus) while the block runs."""
+        return self._running().bus
+
+    def on_message(self, message) -> None:
+        """Hook: a message sent to this block (``bus.send(block_name, data)``, ``mq send``);
+        called between two work() calls.  ``message.data`` is the bytes or JSON sent."""
+        self.log.info("message from pid %d ignored: %s has no on_message()", message.sender_pid,
+                      type(self).__name__)
+
     # -- parameters ---------------------------------------------------------------------
 
     def get_parameter(self, name: str):

@@ -101,6 +101,7 @@ class BlockIO:
         self._sent: dict[str, int] = {}
         self._current: list[Frame] = []
         self.timed: list[tuple[int, str, object]] = []  # (at_ns, name, value), sorted; under the lock
+        self.bus = None  # the host's message bus, once it is up
 
     # -- input ---------------------------------------------------------------------------
 
@@ -338,6 +339,7 @@ class BlockRunner:
         self.abort = threading.Event()
         self.running = threading.Event()  # cleared while paused
         self.running.set()
+        self.publish_status = lambda event: None  # set by the host once its bus is up
         self.manager = manager
         self.queues = {port: PortQueue(manager, q, create=False) for port, q in spec.outputs.items()}
         self.readers = {}
@@ -399,6 +401,12 @@ class BlockRunner:
         self.stop.set()
         self.running.set()
 
+    def deliver(self, message) -> None:
+        """A message sent to this block's inbox: handed to Block.on_message between two
+        work() calls (under the block's lock)."""
+        with self.lock:
+            self.block.on_message(message)
+
     def _wait_while_paused(self) -> None:
         while not self.running.wait(SLICE_S):
             if self.abort.is_set():
@@ -410,6 +418,7 @@ class BlockRunner:
         row[R.STATE] = R.RUNNING
         set_block(self.name)  # the "block=" field of this thread's log lines
         _log.info("started (pid %d)", os.getpid())
+        self.publish_status("block-started")
         finished = False
         try:
             self.block.start()
@@ -440,6 +449,8 @@ class BlockRunner:
             self.report(("failed", self.name, traceback.format_exc()))
         finally:
             self._finish(finished)
+            self.publish_status({R.DONE: "block-done", R.STOPPED: "block-stopped"}.get(
+                int(row[R.STATE]), "block-failed"))
             if self.on_end is not None:
                 self.on_end()
 
@@ -642,6 +653,16 @@ class Host:
         start), stop.  Answers: ``{"ok": true, "value": ...}`` or ``{"ok": false,
         "error": "..."}``."""
         bus.subscribe(control_topic(runner.name), callback=lambda m: self._command(bus, runner, m))
+        bus.inbox(runner.name, callback=runner.deliver)  # bus.send(block, ...): Block.on_message
+        runner.io.bus = bus  # Block.bus: the block's own publishing and sending
+        runner.publish_status = lambda event: self._publish_status(bus, runner.name, event)
+
+    @staticmethod
+    def _publish_status(bus: Bus, block: str, event: str) -> None:
+        try:
+            bus.publish("status", {"event": event, "block": block, "pid": os.getpid()}, timeout=0)
+        except Exception:  # noqa: BLE001 - events are best effort
+            _log.warning("could not publish the status event %s", event)
 
     @staticmethod
     def _command(bus: Bus, runner: "BlockRunner", message) -> None:

@@ -205,6 +205,8 @@ class Runtime:
         self._fatal: BlockFailure | None = None
         self._supervisor: threading.Thread | None = None
         self._bus: Bus | None = None
+        self._drops_seen: dict[int, int] = {}
+        self._next_drops_check = 0.0
         self.blocks_in_use_at_end: int | None = None  # pool blocks still held after the stop
         self.final_stats: GraphStats | None = None  # stats() as they were when the graph ended
 
@@ -304,6 +306,7 @@ class Runtime:
                 host.send(("start",))
         _log.info("graph started: %s", ", ".join(f"{h.name} ({h.placement})" for h in self.blocks.values()))
         self._status({"event": "started", "blocks": list(self.blocks)})
+        self._bus.subscribe("ctl", callback=self._graph_command)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop in order (sources first, then drain), wait, release everything.
@@ -506,6 +509,10 @@ class Runtime:
                 host.thread.join()
                 self._host_ended(host)
         self._escalate()
+        if time.monotonic() >= self._next_drops_check:
+            self._next_drops_check = time.monotonic() + 1.0
+            with contextlib.suppress(Exception):  # best effort: the graph may be ending meanwhile
+                self._publish_drops()
         with self._lock:
             if self._hosts and all(h.done for h in self._hosts.values()):
                 self._all_exited.set()
@@ -609,6 +616,35 @@ class Runtime:
             for port in self.blocks[name].outputs:
                 self._queues[(name, port)].close()
         self._begin_stop()
+
+    def _graph_command(self, message) -> None:
+        """Commands to the whole graph on topic ``ctl``: stop (in order), pause, resume
+        (or start) every block.  Answers like a block's: ``{"ok": ..., "error": ...}``."""
+        command = message.data.get("cmd") if isinstance(message.data, dict) else None
+        try:
+            if command == "stop":
+                self._begin_stop()
+            elif command in ("pause", "resume", "start"):
+                verb = "resume" if command == "start" else command
+                for name in self.blocks:
+                    if not self._hosts[self.blocks[name].host_key].done:
+                        self._bus.publish(control_topic(name), {"cmd": verb})
+            else:
+                raise ValueError(f"unknown graph command {command!r}: stop, pause, resume, start")
+            self._bus.reply(message, {"ok": True})
+        except Exception as e:  # noqa: BLE001 - the requester gets the error text
+            self._bus.reply(message, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+
+    def _publish_drops(self) -> None:
+        """A status event when an edge has dropped frames since the last look."""
+        if self._graph is None or self._state != "running":
+            return
+        for i, e in enumerate(self._graph.description["edges"]):
+            drops = int(self._graph.edge_rows[i, R.EDGE_DROPS])
+            if drops > self._drops_seen.get(i, 0):
+                self._status({"event": "drops", "edge": f"{e['src']} -> {e['dst']}", "drops": drops,
+                              "new": drops - self._drops_seen.get(i, 0)})
+                self._drops_seen[i] = drops
 
     def _status(self, event: dict, topic: str = "status") -> None:
         """Publish a status event (topic "status"; failures go to "errors" as well)."""
