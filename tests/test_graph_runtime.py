@@ -13,6 +13,14 @@ from multiqueue.graph import BlockError, GraphError, Multiply, NullSink, Runtime
 POOLS = ShmConfig(pools=[PoolConfig("frames", 4096, 256)], max_processes=32)
 
 
+def wait_for_a_frame(domain, port):
+    """Until ``port`` has sent a frame (read through a tap that starts at the oldest one)."""
+    with attach(domain) as graph, graph.subscribe(port, start="oldest") as tap:
+        frame = tap.read(timeout=30)
+        assert frame is not None
+        frame.buffer.release()
+
+
 def expected_ramp(count, n, factor):
     k = np.arange(count, dtype=np.float64)
     return k * factor, (k * n + n * (n - 1) / 2) * factor
@@ -256,6 +264,7 @@ def test_stop_aborts_a_hung_block_after_the_drain_timeout(domain):
     hung = rt.add(Stuck(), name="hung")
     rt.connect(src["out"], hung["in"])
     rt.start()
+    wait_for_a_frame(domain, "src.out")  # on its way to the hung block, which will never finish it
     rt.stop()  # the source stops; the hung block never drains: aborted, then all released
     states = {n: b.state for n, b in rt.final_stats.blocks.items()}
     assert states == {"src": "done", "hung": "stopped"}
@@ -426,6 +435,7 @@ def test_stop_returns_even_when_a_thread_block_ignores_the_abort(domain):
     rt.connect(src["out"], rt.add(Deaf(), name="deaf", placement="thread")["in"])
     rt.start()
     try:
+        wait_for_a_frame(domain, "src.out")  # the deaf block gets it, and never returns
         rt.stop()
         assert [(f.block, f.action) for f in rt.failures] == [("deaf", "left running in a daemon thread")]
     finally:

@@ -29,8 +29,10 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import re
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -708,18 +710,19 @@ class Runtime:
                                                       None, "left running in a daemon thread"))
 
     def _kill_all(self) -> None:
-        """Abort, then SIGKILL, every worker still running, and wait for them."""
+        """Abort, then SIGKILL, every worker still running.  Signals only: the supervisor
+        alone waits for processes (two threads reaping one child race), so from another
+        thread this waits for the supervisor to see them end."""
         self._abort_all()
-        deadline = time.monotonic() + _ABORT_GRACE_S
+        in_supervisor = threading.current_thread() is self._supervisor
+        if not in_supervisor and self._all_exited.wait(_ABORT_GRACE_S):
+            return
         for host in list(self._hosts.values()):
-            if host.process is not None and not host.done:
-                try:
-                    host.process.join(max(0.0, deadline - time.monotonic()))
-                    if host.process.is_alive():
-                        host.process.kill()
-                        host.process.join(5.0)
-                except ValueError:
-                    pass  # closed meanwhile by the supervisor: it has ended
+            if host.process is not None and not host.done and host.process.pid is not None:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(host.process.pid, signal.SIGKILL)
+        if not in_supervisor:
+            self._all_exited.wait(5.0)
 
     def _abort_all(self) -> None:
         for host in self._hosts.values():
@@ -821,8 +824,6 @@ def _exit_reason(exitcode: int | None) -> str:
     if exitcode is None:
         return "did not exit"
     if exitcode < 0:
-        import signal
-
         try:
             return f"its process was killed by {signal.Signals(-exitcode).name}"
         except ValueError:
