@@ -165,13 +165,17 @@ class _Session:
         await self.websocket.send(json.dumps({"type": "graph", "domain": d.domain,
                                               "graph": d.graph.description, "ports": d.graph.ports}))
         receiver = asyncio.create_task(self._receive())
+        loop = asyncio.get_running_loop()
+        next_update = loop.time()
         try:
             while not receiver.done():
                 await self.websocket.send(json.dumps(d.stats_message()))
                 frame = await asyncio.to_thread(self._latest_frame)
                 if frame is not None:
                     await self.websocket.send(json.dumps(frame))
-                await asyncio.sleep(UPDATE_S)
+                # on a fixed beat (10 a second), not UPDATE_S after the work of an update
+                next_update = max(next_update + UPDATE_S, loop.time() - UPDATE_S)
+                await asyncio.sleep(max(0.0, next_update - loop.time()))
             receiver.result()  # a closed connection ends the session
         finally:
             receiver.cancel()
