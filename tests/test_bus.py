@@ -585,3 +585,22 @@ def test_closing_under_a_waiting_subscriber_does_not_crash(domain, code):
         ShmManager.cleanup(domain)  # a crashed process leaves its domain behind
     assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr[-2000:]}"
     assert "Traceback" not in result.stderr and result.stdout == "left\n"
+
+
+def test_a_reply_reaches_a_new_requester_whose_reply_topic_reuses_an_old_name(owner):
+    """A server keeps requesters' reply topics mapped; a topic whose requester left and
+    whose name came back (a reused pid) must be opened anew, not answered into the old one."""
+    m, bus = owner
+    with Bus(m) as server:
+        def answer(msg, payload):
+            server.reply(Message(msg.topic, {"reply_to": "re-reused", "rid": 7}, 0, 0, 0), payload)
+
+        first = bus.subscribe("re-reused")
+        answer(Message("x", {}, 0, 0, 0), "one")
+        assert first.get(timeout=5).data == "one"
+        first.close()
+        bus._forget("re-reused")  # its requester left: the segment is gone
+        second = bus.subscribe("re-reused")  # the same name again, a new segment
+        answer(Message("x", {}, 0, 0, 0), "two")
+        assert second.get(timeout=5).data == "two"
+        second.close()

@@ -577,3 +577,25 @@ def test_a_reader_waiting_in_pop_gets_queue_closed_error_when_the_queue_is_relea
     queue.release()
     thread.join(30)
     assert len(errors) == 1 and isinstance(errors[0], QueueClosedError), errors
+
+
+def test_a_forked_child_releases_a_queue_a_parent_thread_waits_on_without_hanging(manager, q):
+    """The child inherits the count of waiting threads, not the threads: it must not wait for them."""
+    native = _native.Queue(manager._ctx, q._segment.mmap)
+    index = q._native.join(0, False, os.getpid(), process_start_time(os.getpid()))
+    entered = threading.Event()
+    thread = threading.Thread(target=lambda: (entered.set(), native.wait(0, index, 30.0, 0.0)))
+    thread.start()
+    entered.wait()
+    while not _native.atomic_load_u32(q._segment.mmap, QueueHeader.data_waiters.offset):
+        pass  # the thread is about to sleep in the kernel
+    pid = os.fork()
+    if pid == 0:  # the child: release at once, then leave without running the parent's cleanup
+        native.release_view()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    native.release_view()  # the parent's thread leaves the wait, then the mapping goes
+    thread.join(30)
+    assert not thread.is_alive()
+    q._native.detach(index)

@@ -830,6 +830,7 @@ typedef struct {
     mq_reader *readers;
     mq_item *ring;
     int waiting;             /* threads of this process inside wait() (counted with the GIL held) */
+    pid_t owner;             /* the process that counts them: a forked child inherits the count, not the threads */
     int releasing;           /* release_view() is waiting for them to leave: wait() returns -1 */
 } Queue;
 
@@ -921,6 +922,7 @@ static int Queue_init(Queue *self, PyObject *args, PyObject *kwds) {
     self->q = q;
     self->readers = (mq_reader *)((char *)q + sizeof(mq_queue));
     self->ring = (mq_item *)((char *)self->readers + (size_t)q->max_readers * sizeof(mq_reader));
+    self->owner = getpid();
     return 0;
 }
 
@@ -1259,7 +1261,7 @@ static PyObject *Queue_steal_lock(Queue *self, PyObject *arg) {
 static PyObject *Queue_release_view(Queue *self, PyObject *Py_UNUSED(ignored)) {
     if (self->has_view) {
         __atomic_store_n(&self->releasing, 1, __ATOMIC_RELEASE);
-        while (self->waiting > 0) {
+        while (self->waiting > 0 && getpid() == self->owner) {
             mq_queue *q = self->q;
             __atomic_fetch_add(&q->data_event, 1, __ATOMIC_SEQ_CST); /* other processes' waiters */
             __atomic_fetch_add(&q->space_event, 1, __ATOMIC_SEQ_CST); /* see a spurious wake-up */

@@ -557,12 +557,13 @@ class Runtime:
         self._fail(host, "raised an exception", False)
 
     def _host_ended(self, host: _HostHandle) -> None:
-        host.done = True
         exitcode = 0
-        if host.process is not None:
-            host.process.join(5.0)  # its sentinel fired: it is exiting, collect its status
-            exitcode = host.process.exitcode
-            host.process.close()  # its pipes and sentinel: no descriptor kept per run
+        with self._lock:  # _kill_all reads done and the pid under it
+            host.done = True
+            if host.process is not None:
+                host.process.join(5.0)  # its sentinel fired: it is exiting, collect its status
+                exitcode = host.process.exitcode
+                host.process.close()  # its pipes and sentinel: no descriptor kept per run
         unfinished = host.process is not None and not host.exit_message  # died, or left early
         if not host.failures and not unfinished and exitcode == 0:
             return
@@ -717,10 +718,15 @@ class Runtime:
         in_supervisor = threading.current_thread() is self._supervisor
         if not in_supervisor and self._all_exited.wait(_ABORT_GRACE_S):
             return
-        for host in list(self._hosts.values()):
-            if host.process is not None and not host.done and host.process.pid is not None:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(host.process.pid, signal.SIGKILL)
+        with self._lock:  # the supervisor marks hosts done (and closes them) under it too
+            pids = []
+            for host in self._hosts.values():
+                if host.process is not None and not host.done:
+                    with contextlib.suppress(ValueError):  # closed meanwhile
+                        pids.append(host.process.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if not in_supervisor:
             self._all_exited.wait(5.0)
 

@@ -151,7 +151,8 @@ class Bus:
         self._topics: dict[str, PortQueue] = {}
         self._subscriptions: list[Subscription] = []
         self._lock = threading.Lock()
-        self._seq = itertools.count()
+        self._seq = itertools.count(1)  # 0 stands for "no request id" in the header
+        self._closed = False
         self._request_lock = threading.Lock()
         self._replies: Subscription | None = None  # this Bus's reply topic, made at its first request
         self._reply_topics: dict[str, PortQueue] = {}  # requesters' reply topics this Bus answered
@@ -161,6 +162,7 @@ class Bus:
         """Send ``data`` (bytes-like or JSON-able) to every subscriber of ``topic``;
         nobody listening costs nothing.  Waits up to ``timeout`` for a free bus block.
         ``keep=False`` unmaps the topic afterwards (for one-off topics)."""
+        self._check_open()
         queue = self._topic(topic) if keep else self._one_off(topic)
         try:
             self._publish_to(queue, data, timeout)
@@ -187,6 +189,7 @@ class Bus:
         after this call are seen.  ``capacity`` (a power of two up to MAX_CAPACITY) is
         the topic's, set by its first user (default DEFAULT_CAPACITY): each subscriber
         holds at most that many unread messages, then loses its oldest."""
+        self._check_open()
         sub = Subscription(self, topic, capacity, callback)
         with self._lock:
             self._subscriptions.append(sub)
@@ -240,6 +243,9 @@ class Bus:
         _check_topic(topic)
         with self._lock:
             q = self._reply_topics.pop(topic, None)
+        if q is not None and not _has_reader(q):  # its requester left (a new one may reuse the name)
+            q.release()
+            q = None
         if q is None:
             q = PortQueue(self.manager, f"b-{topic}", create=False, multi_producer=True)
         with self._lock:
@@ -248,7 +254,12 @@ class Bus:
                 self._reply_topics.pop(next(iter(self._reply_topics))).release()
         return q
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MultiQueueError("this Bus is closed; make a new one")
+
     def close(self) -> None:
+        self._closed = True
         with self._lock:
             subscriptions = list(self._subscriptions)
         for sub in subscriptions:  # all marked first: a thread in get() returns None from now on
@@ -317,6 +328,14 @@ class Bus:
         finally:
             if BUS_POOL in self.manager.list_pools():
                 self._pool_id = self.manager.get_pool(BUS_POOL).pool_id
+
+
+def _has_reader(queue: PortQueue) -> bool:
+    """Does anyone read this queue (a requester still waits on its reply topic)?"""
+    try:
+        return any(r.state == 1 for r in queue._readers[: queue._header.readers_hw])
+    except (AttributeError, TypeError):
+        return False  # released
 
 
 def _check_topic(topic) -> None:

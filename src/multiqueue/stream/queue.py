@@ -130,6 +130,7 @@ class PortQueue:
         self.manager = manager
         self.name = name
         self._segment = _open_or_create(manager, name, capacity, max_readers, CLOCKS[clock], create)
+        self._path = self._segment.path
         self._native = _native.Queue(manager._ctx, self._segment.mmap)
         self._header = QueueHeader.from_buffer(self._segment.mmap)
         self._readers = (ReaderRecord * self._header.max_readers).from_buffer(
@@ -263,10 +264,8 @@ class PortQueue:
     def remove(self) -> None:
         """Release this handle and delete the queue from the domain (processes that
         still have it mapped keep their mapping; nobody can open it by name again)."""
-        path = self._segment.path if self._native is not None else None
         self.release()
-        if path is not None:
-            unlink_quietly(path)
+        unlink_quietly(self._path)  # even if the manager's shutdown released the handle first
 
     def release(self) -> None:
         """Detach the readers made through this object and unmap the queue in this
@@ -435,7 +434,7 @@ class QueueReader:
         try:
             out.append(self.pop(timeout))
             pop_buffer, index, manager = self._pop_buffer, self.index, self._manager
-            while len(out) < max_n:
+            while len(out) < max_n and self._attached:  # detached meanwhile: its slot is not ours
                 buffer = pop_buffer(index, manager)
                 if buffer.__class__ is not Buffer:
                     break
@@ -455,7 +454,10 @@ class QueueReader:
         if not self._attached:
             raise self._gone()
         while True:
-            buffer_id = self._native.peek(self.index)
+            try:
+                buffer_id = self._native.peek(self.index)
+            except RuntimeError as e:  # released by another thread meanwhile
+                raise self._gone(e) from None
             if buffer_id < 0:
                 return None
             try:
