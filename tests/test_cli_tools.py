@@ -352,7 +352,7 @@ def test_send_reaches_an_inbox_in_another_process(graph):
     assert sent.returncode == 0, sent.stderr
     code, out, err = sub.finish()
     assert code == 0, err
-    assert re.fullmatch(r"to-worker pid=\d+ seq=0 \[1, 2\]\n", out), out
+    assert re.fullmatch(r"to-worker pid=\d+ seq=1 \[1, 2\]\n", out), out  # a Bus numbers from 1
     lost = mq("send", d, "nobody", "1")
     assert lost.returncode == 1
     assert lost.stderr.strip() == (f"mq send: nobody reads the inbox of 'nobody' (topic 'to-nobody') in "
