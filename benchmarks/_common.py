@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import statistics
+import time
 
 import numpy as np
 
@@ -72,3 +73,38 @@ def write_json(path: str, payload: dict) -> None:
         json.dump(payload, f, indent=2)
         f.write("\n")
     print(f"wrote {path}")
+
+
+class Worker:
+    """A spawned worker process and the parent's end of its pipe (the worker target gets
+    the child end as its last argument)."""
+
+    def __init__(self, ctx, target, *args, name: str | None = None):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=target, args=(*args, child), daemon=True, name=name)
+        self.name = self.process.name
+        self.process.start()
+        child.close()
+
+    def send(self, message) -> None:
+        self.conn.send(message)
+
+    def expect(self, timeout: float = 120.0):
+        """The worker's next message; RuntimeError if it dies or stays silent."""
+        deadline = time.monotonic() + timeout
+        while not self.conn.poll(0.2):
+            if not self.process.is_alive() and not self.conn.poll(0):  # a last word may still wait
+                raise RuntimeError(f"worker {self.name} exited ({self.process.exitcode})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.name} silent for {timeout:.0f} s")
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.terminate()  # SIGTERM: the worker leaves its domain
+            self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()

@@ -66,7 +66,7 @@ import time
 
 import _pipeline_blocks as B
 import numpy as np
-from _common import machine_info, print_machine, write_json
+from _common import Worker, machine_info, print_machine, write_json
 
 from multiqueue import PoolConfig, ShmConfig
 from multiqueue.graph import Runtime
@@ -122,36 +122,9 @@ def _read_json(path: str):
         return json.load(f)
 
 
-class Worker:
-    """A spawned process of the mp.Queue chain and the parent's end of its result pipe."""
-
-    def __init__(self, ctx, name: str, target, *args):
-        self.name = name
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=B.mp_worker, args=(target, *args, child), daemon=True,
-                                   name=f"pipeline-mp-{name}")
-        self.process.start()
-        child.close()
-
-    def expect(self, timeout: float):
-        """The worker's next message; RuntimeError if it dies or stays silent."""
-        deadline = time.monotonic() + timeout
-        while not self.conn.poll(0.2):
-            if not self.process.is_alive() and not self.conn.poll(0):
-                raise RuntimeError(f"mp.Queue chain: {self.name} exited ({self.process.exitcode})")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mp.Queue chain: {self.name} silent for {timeout:.0f} s")
-        return self.conn.recv()
-
-    def stop(self) -> None:
-        self.process.join(5)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
+def chain_worker(ctx, name: str, target, *args) -> Worker:
+    """A spawned process of the mp.Queue chain (run through B.mp_worker)."""
+    return Worker(ctx, B.mp_worker, target, *args, name=f"pipeline-mp-{name}")
 
 
 def run_mp(schedule: B.Schedule, args, tag: str, workdir: str) -> dict:
@@ -161,10 +134,10 @@ def run_mp(schedule: B.Schedule, args, tag: str, workdir: str) -> dict:
     window, received = ctx.Semaphore(1), ctx.RawValue("q", 0)  # the WINDOW phase's
     workers: dict[str, Worker] = {}
     try:
-        workers["sink"] = Worker(ctx, "sink", B.mp_sink, q3, window, received, args.profile)
-        workers["stage2"] = Worker(ctx, "stage2", B.mp_stage, q2, q3, "stage2", args.profile)
-        workers["stage1"] = Worker(ctx, "stage1", B.mp_stage, q1, q2, "stage1", args.profile)
-        workers["source"] = Worker(ctx, "source", B.mp_source, q1, schedule, window, received,
+        workers["sink"] = chain_worker(ctx, "sink", B.mp_sink, q3, window, received, args.profile)
+        workers["stage2"] = chain_worker(ctx, "stage2", B.mp_stage, q2, q3, "stage2", args.profile)
+        workers["stage1"] = chain_worker(ctx, "stage1", B.mp_stage, q1, q2, "stage1", args.profile)
+        workers["source"] = chain_worker(ctx, "source", B.mp_source, q1, schedule, window, received,
                                    args.profile)
         for w in workers.values():
             if w.expect(START_TIMEOUT_S) != "ready":

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from _common import machine_info, print_machine, write_json
+from _common import Worker, machine_info, print_machine, write_json
 from _transport_peers import BAD, END, HELLO, QUIT, Endpoint, available_peers, expected_sum, iceoryx_prefix
 
 from multiqueue import PoolConfig, ShmConfig, ShmManager
@@ -271,39 +271,6 @@ def ping_main(ping, pong, conn) -> None:
         tx.close()
         rx.close()
     _worker(body)
-
-
-class Worker:
-    """A spawned worker process and the parent's end of its pipe."""
-
-    def __init__(self, ctx, target, *args):
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=target, args=(*args, child), daemon=True)
-        self.process.start()
-        child.close()
-
-    def send(self, message) -> None:
-        self.conn.send(message)
-
-    def expect(self, timeout: float = 120.0):
-        """The worker's next message; RuntimeError if it dies or stays silent."""
-        deadline = time.monotonic() + timeout
-        while not self.conn.poll(0.2):
-            if not self.process.is_alive():
-                raise RuntimeError(f"worker {self.process.name} exited ({self.process.exitcode})")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker {self.process.name} silent for {timeout} s")
-        return self.conn.recv()
-
-    def stop(self) -> None:
-        self.process.join(5)
-        if self.process.is_alive():
-            self.process.terminate()  # SIGTERM: the worker leaves its domain
-            self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
 
 
 class Session:

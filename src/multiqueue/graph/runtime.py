@@ -26,6 +26,7 @@ stop, every block drains its inputs and closes its outputs, workers exit; after
 """
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -283,7 +284,7 @@ class Runtime:
         self._state = "starting"
         try:
             domain_logger(self.domain, process_name="runtime")
-            self.manager = ShmManager(self.domain, self.pools, name="runtime")
+            self.manager = ShmManager(self.domain, _with_bus_room(self.pools), name="runtime")
             self._bus = Bus(self.manager)
             # the graph segment first: it is what refuses a second graph in the domain
             self._graph = R.GraphSegment.create(self.manager._prefix, self.domain, self.describe())
@@ -797,6 +798,16 @@ class Runtime:
         if not answer.get("ok"):
             raise BlockError(f"block {handle.name!r}: {answer.get('error')}")
         return answer.get("value")
+
+
+BUS_ROOM = 1024  # metadata slots added to a given ShmConfig for the message bus's pool
+
+
+def _with_bus_room(pools: ShmConfig | None) -> ShmConfig | None:
+    """The user's pools with room for the bus's own pool (commands, status events) on top."""
+    if pools is None:
+        return None  # the default config leaves plenty
+    return dataclasses.replace(pools, max_buffers=pools.max_buffers + BUS_ROOM)
 
 
 def queue_name(block: str, port: str) -> str:

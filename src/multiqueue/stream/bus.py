@@ -29,8 +29,9 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from ..errors import MultiQueueError, QueueClosedError
+from ..errors import DomainFullError, MultiQueueError, QueueClosedError
 from ..shm import PoolConfig, ShmManager
+from ..shm.layout import MAX_CHUNKS
 from .queue import PortQueue
 
 BUS_POOL = "mq-bus"
@@ -40,6 +41,7 @@ MAX_MESSAGE = BLOCK - HEADER.size
 KIND_BYTES, KIND_JSON = 0, 1
 _CLOSE_TICK_S = 0.05
 _REPLY_TOPICS_KEPT = 32
+MIN_POOL_BLOCKS = 64
 _bus_ids = itertools.count()  # tells apart the reply topics of two Bus objects of a process
 DEFAULT_CAPACITY = 64
 MAX_CAPACITY = 4096  # so that a few stuck subscribers cannot drain the bus pool
@@ -319,9 +321,18 @@ class Bus:
         if BUS_POOL in self.manager.list_pools():
             self._pool_id = self.manager.get_pool(BUS_POOL).pool_id
             return
+        # as many blocks as the domain's metadata table has room for, up to max_pool_blocks
+        ctl = self.manager._ctl
+        limit = min(self._max_pool_blocks, ctl.max_buffers - ctl.slots_used)
+        if limit < MIN_POOL_BLOCKS:
+            raise DomainFullError(
+                f"the message bus of domain {self.manager.domain!r} needs {MIN_POOL_BLOCKS} blocks but "
+                f"the domain has room for {max(0, limit)} (max_buffers={ctl.max_buffers}); create it "
+                "with a larger ShmConfig.max_buffers")
+        first = min(self._pool_blocks, limit)
         try:
-            self.manager.add_pool(PoolConfig(BUS_POOL, BLOCK, self._pool_blocks, expandable=True,
-                                             max_blocks=self._max_pool_blocks))
+            self.manager.add_pool(PoolConfig(BUS_POOL, BLOCK, first, expandable=True,
+                                             max_blocks=min(limit, first * MAX_CHUNKS)))
         except ValueError:
             if BUS_POOL not in self.manager.list_pools():  # not just another process being first
                 raise
