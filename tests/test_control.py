@@ -217,3 +217,21 @@ def test_a_message_sent_to_a_block_reaches_its_on_message(domain, tmp_path):
     finally:
         rt.stop()
     assert answer.data == {"got": {"hello": 1, "reply": "tester"}, "from": "box"}
+
+
+def test_a_runtime_with_a_tight_metadata_table_still_has_its_bus(domain, tmp_path):
+    tight = ShmConfig(pools=[PoolConfig("frames", 4096, 64)], max_buffers=64)  # no room of its own
+    rt = Runtime(domain, pools=tight)
+    src = rt.add(Ramp(count=5, n=8), name="src", placement="thread")
+    rt.connect(src["out"], rt.add(Record(tmp_path / "o.npy"), name="out", placement="thread")["in"])
+    rt.run(duration=60)
+    assert len(np.load(tmp_path / "o.npy")) == 5
+
+
+def test_a_bus_on_a_domain_without_room_says_how_to_make_some(domain):
+    from multiqueue import DomainFullError, ShmManager
+
+    full = ShmConfig(pools=[PoolConfig("frames", 4096, 64)], max_buffers=64)
+    with ShmManager(domain, full, reaper_interval=None) as m:
+        with pytest.raises(DomainFullError, match="message bus of domain .* needs 64 blocks but the domain has room for 0"):
+            Bus(m)
