@@ -1,9 +1,11 @@
 """Helpers shared by the benchmark scripts: machine info, run statistics, table, JSON."""
 
+import contextlib
 import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 
@@ -108,3 +110,38 @@ class Worker:
             self.process.kill()
             self.process.join()
         self.conn.close()
+
+
+class Session:
+    """A resource the workers use (a transport, a hub) and the workers, torn down in
+    reverse whatever happens."""
+
+    def __init__(self, ctx, resource):
+        self.ctx, self.resource = ctx, resource
+        self.workers: list[Worker] = []
+
+    def start(self, target, *args) -> Worker:
+        worker = Worker(self.ctx, target, *args)
+        self.workers.append(worker)
+        return worker
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for worker in self.workers:
+                worker.stop()
+        finally:
+            self.resource.close()
+
+
+def remove_leftovers(shm_prefix: str, workdir: str) -> list[str]:
+    """Remove what a run left: /dev/shm files starting with ``shm_prefix`` (a bug if
+    any: they are returned, to report) and its temporary directory."""
+    leftovers = [n for n in os.listdir("/dev/shm") if n.startswith(shm_prefix)]
+    for name in leftovers:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join("/dev/shm", name))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return leftovers

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from _common import Worker, machine_info, print_machine, write_json
+from _common import Session, machine_info, print_machine, remove_leftovers, write_json
 
 from multiqueue import ShmManager
 from multiqueue.stream import Bus
@@ -424,37 +424,13 @@ def ping_main(link, mode: str, conn) -> None:
     _worker(body)
 
 
-class Session:
-    """A transport instance and its workers, torn down in reverse whatever happens."""
-
-    def __init__(self, ctx, transport_class, tag: str, workdir: str):
-        self.ctx = ctx
-        self.workers: list[Worker] = []
-        self.transport = transport_class(tag, workdir)
-
-    def start(self, target, *args) -> Worker:
-        worker = Worker(self.ctx, target, *args)
-        self.workers.append(worker)
-        return worker
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            for worker in self.workers:
-                worker.stop()
-        finally:
-            self.transport.close()
-
-
 # -- measurements -------------------------------------------------------------------------------
 
 
 def throughput(ctx, transport_class, kind, size, args, tag, workdir) -> list[dict]:
     """One set of processes: a warm-up run, then args.runs measured runs."""
-    with Session(ctx, transport_class, tag, workdir) as s:
-        link = s.transport.link("tp")
+    with Session(ctx, transport_class(tag, workdir)) as s:
+        link = s.resource.link("tp")
         sub = s.start(subscriber_main, link, kind)
         sub.expect()  # subscribed (bus) / bound (pyzmq)
         pub = s.start(publisher_main, link, kind, size)
@@ -482,8 +458,8 @@ def round_trip(ctx, transport_class, args, tag, workdir) -> list[dict]:
     """One run in a new pair of processes: (p50, p99) in microseconds."""
     request = transport_class is BusRequest
     count = max(200, args.round_trips // 10) if request else args.round_trips
-    with Session(ctx, transport_class, tag, workdir) as s:
-        link = s.transport.link("rt")
+    with Session(ctx, transport_class(tag, workdir)) as s:
+        link = s.resource.link("rt")
         b = s.start(server_main if request else echo_main, link)
         b.expect()
         a = s.start(ping_main, link, "request" if request else "exchange")
@@ -583,13 +559,7 @@ def to_json(results, args, info, kinds, sizes, transports, errors, elapsed) -> d
 
 def cleanup(workdir: str) -> list[str]:
     """Remove what the run left: bus domains in /dev/shm (a bug if any) and the ipc directory."""
-    prefix = f"mq.bb{os.getpid()}-"
-    leftovers = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
-    for name in leftovers:
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join("/dev/shm", name))
-    shutil.rmtree(workdir, ignore_errors=True)
-    return leftovers
+    return remove_leftovers(f"mq.bb{os.getpid()}-", workdir)
 
 
 def _interrupt(*_) -> None:

@@ -53,7 +53,6 @@ per-hop p50 < 50 us (every hop, one frame in flight).
 """
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
@@ -66,7 +65,7 @@ import time
 
 import _pipeline_blocks as B
 import numpy as np
-from _common import Worker, machine_info, print_machine, write_json
+from _common import Worker, machine_info, print_machine, remove_leftovers, write_json
 
 from multiqueue import PoolConfig, ShmConfig
 from multiqueue.graph import Runtime
@@ -346,13 +345,7 @@ def brief(result: dict) -> str:
 
 def cleanup(workdir: str) -> list[str]:
     """Remove the run's files: its temporary directory and any domain left in /dev/shm."""
-    prefix = f"mq.pl{os.getpid()}-"
-    leftovers = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
-    for name in leftovers:
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join("/dev/shm", name))
-    shutil.rmtree(workdir, ignore_errors=True)
-    return leftovers
+    return remove_leftovers(f"mq.pl{os.getpid()}-", workdir)
 
 
 def _interrupt(*_) -> None:

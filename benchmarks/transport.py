@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from _common import Worker, machine_info, print_machine, write_json
+from _common import Session, machine_info, print_machine, write_json
 from _transport_peers import BAD, END, HELLO, QUIT, Endpoint, available_peers, expected_sum, iceoryx_prefix
 
 from multiqueue import PoolConfig, ShmConfig, ShmManager
@@ -273,30 +273,6 @@ def ping_main(ping, pong, conn) -> None:
     _worker(body)
 
 
-class Session:
-    """Hubs and workers of one measurement, torn down in reverse whatever happens."""
-
-    def __init__(self, ctx, hub_class, tag: str, size: int, depth: int, channels: int, workdir: str):
-        self.ctx = ctx
-        self.workers: list[Worker] = []
-        self.hub = hub_class(ctx, tag, size, depth, channels, workdir)
-
-    def start(self, target, *args) -> Worker:
-        worker = Worker(self.ctx, target, *args)
-        self.workers.append(worker)
-        return worker
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            for worker in self.workers:
-                worker.stop()
-        finally:
-            self.hub.close()
-
-
 # -- measurements -------------------------------------------------------------------------
 
 
@@ -304,8 +280,8 @@ def throughput(ctx, hub_class, size, fanout, fill, args, tag, workdir) -> list[f
     """Messages/s of each of args.runs runs, after a warm-up run that goes at least twice
     through the buffers a transport may cycle through (first touches of shared memory)."""
     depth = depth_for(size)
-    with Session(ctx, hub_class, tag, size, depth, 1, workdir) as s:
-        spec = s.hub.channel("tp", fanout, "stream")
+    with Session(ctx, hub_class(ctx, tag, size, depth, 1, workdir)) as s:
+        spec = s.resource.channel("tp", fanout, "stream")
         consumers = [s.start(consumer_main, spec, i, fill) for i in range(fanout)]
         for c in consumers:
             c.expect()
@@ -336,8 +312,8 @@ def throughput(ctx, hub_class, size, fanout, fill, args, tag, workdir) -> list[f
 def round_trip(ctx, hub_class, wait, args, tag, workdir) -> list[tuple[float, float]]:
     """[(p50, p99)] in microseconds of one run (a new pair of processes per run, so that the
     runs of the transports can be interleaved)."""
-    with Session(ctx, hub_class, tag, RT_SIZE, RT_DEPTH, 2, workdir) as s:
-        ping, pong = s.hub.channel("ping", 1, wait), s.hub.channel("pong", 1, wait)
+    with Session(ctx, hub_class(ctx, tag, RT_SIZE, RT_DEPTH, 2, workdir)) as s:
+        ping, pong = s.resource.channel("ping", 1, wait), s.resource.channel("pong", 1, wait)
         b = s.start(pong_main, ping, pong)
         b.expect()
         a = s.start(ping_main, ping, pong)
