@@ -226,6 +226,8 @@ def _format_graph(g: dict) -> str:
     for b in g["blocks"].values():
         lines.append(f"{b['name']:<16}{b['state']:<13}{b['pid']:>8}{b['items_in']:>10}{b['items_out']:>10}"
                      f"{b['rate_in']:>10.1f}{b['rate_out']:>10.1f}{b['work_s']:>9.2f}{b['restarts']:>9}")
+        if b.get("counters"):
+            lines.append(" " * 16 + "  ".join(f"{k}={v}" for k, v in b["counters"].items()))
     lines.append(f"{'edge':<36}{'policy':<13}{'fill':>9}{'drops':>8}")
     for e in g["edges"]:
         fill = f"{e['lag']}/{e['capacity']}"

@@ -144,6 +144,7 @@ class Block:
     inputs: dict = {}
     outputs: dict = {}
     parameters: tuple = ()  # names settable at run time by set_parameter()
+    counters: tuple = ()  # names of the block's own counters (at most 6): see count()
     batch: int = 16  # most frames handed to work() per input port per call
 
     def __init__(self):
@@ -247,6 +248,19 @@ class Block:
         """Sleep up to ``seconds``, waking early when the block should stop; returns
         False if it should stop (pacing sources and throttles use this)."""
         return self._running().sleep(seconds)
+
+    def count(self, name: str, n: int = 1) -> int:
+        """Add ``n`` to the counter ``name`` (one of :attr:`counters`); returns the new
+        value.  Counters live in the graph segment: stats, ``mq stats`` and attach()
+        show them, and a restarted block finds its predecessor's values there."""
+        return self._running().count(name, n)
+
+    def counter(self, name: str) -> int:
+        """The value of the counter ``name`` (a restarted block: where the last one left it)."""
+        return self._running().counter(name)
+
+    def set_counter(self, name: str, value: int) -> None:
+        self._running().set_counter(name, value)
 
     def consume(self, port: str, count: int) -> None:
         """Consume exactly ``count`` of the frames handed in on ``port`` this call

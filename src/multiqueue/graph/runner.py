@@ -102,6 +102,8 @@ class BlockIO:
         self._current: list[Frame] = []
         self.timed: list[tuple[int, str, object]] = []  # (at_ns, name, value), sorted; under the lock
         self.bus = None  # the host's message bus, once it is up
+        self.row = None  # the block's row in the graph segment (its counters), set by the runner
+        self.counter_words = {name: R.COUNTERS + i for i, name in enumerate(block.counters)}
 
     # -- input ---------------------------------------------------------------------------
 
@@ -313,6 +315,24 @@ class BlockIO:
         self._out_port(port)
         return self.queues[port]
 
+    def _counter_word(self, name: str) -> int:
+        try:
+            return self.counter_words[name]
+        except KeyError:
+            raise KeyError(f"block {self.name!r} has no counter {name!r}; its counters: "
+                           f"{list(self.counter_words) or 'none'} (declare them in 'counters')") from None
+
+    def count(self, name: str, n: int) -> int:
+        word = self._counter_word(name)
+        self.row[word] += n  # one writer: the block's own thread
+        return int(self.row[word])
+
+    def counter(self, name: str) -> int:
+        return int(self.row[self._counter_word(name)])
+
+    def set_counter(self, name: str, value: int) -> None:
+        self.row[self._counter_word(name)] = value
+
     def sleep(self, seconds: float) -> bool:
         event = self.stop if not self.readers else self.abort
         if seconds > 0:
@@ -366,6 +386,7 @@ class BlockRunner:
                           self.stop, self.abort)
         # a restarted block goes on counting where its predecessor's row stopped
         self.io.items_in, self.io.items_out = int(self.row[R.ITEMS_IN]), int(self.row[R.ITEMS_OUT])
+        self.io.row = self.row
         self.block._io = self.io
         self.row[R.STATE] = R.READY
         return joined

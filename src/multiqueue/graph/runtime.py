@@ -124,6 +124,7 @@ class BlockStats:
     work_s: float
     restarts: int
     failures: int
+    counters: dict = field(default_factory=dict)  # the block's own counters (Block.counters)
 
 
 @dataclass
@@ -147,6 +148,8 @@ class GraphStats:
         for b in self.blocks.values():
             lines.append(f"{b.name:<16}{b.state:<9}{b.items_in:>10}{b.items_out:>10}{b.rate_in:>10.1f}"
                          f"{b.rate_out:>10.1f}{b.work_s:>9.2f}")
+            if b.counters:
+                lines.append(" " * 16 + "  ".join(f"{k}={v}" for k, v in b.counters.items()))
         lines.append(f"{'edge':<32}{'policy':<12}{'fill':>9}{'drops':>8}")
         for e in self.edges:
             fill = f"{e.lag}/{e.capacity}"
@@ -233,6 +236,7 @@ class Runtime:
         for port in (*block.input_ports(), *block.output_ports()):
             if not _PORT_RE.match(port):
                 raise GraphError(f"block {name!r}: port name {port!r} must be 1-6 letters, digits or _")
+        _check_counters(name, block.counters)
         handle = BlockHandle(name, block, placement, restart, max_restarts)
         self.blocks[name] = handle
         return handle
@@ -370,6 +374,7 @@ class Runtime:
             "blocks": [
                 {"name": h.name, "class": f"{type(h.block).__module__}.{type(h.block).__qualname__}",
                  "kind": h.block.kind, "placement": h.placement, "restart": h.restart,
+                 "counters": list(h.block.counters),
                  "inputs": {p: s.describe() for p, s in h.inputs.items()},
                  "outputs": {p: {**s.describe(), "queue": queue_name(h.name, p)}
                              for p, s in h.outputs.items()}}
@@ -810,6 +815,13 @@ def _with_bus_room(pools: ShmConfig | None) -> ShmConfig | None:
     return dataclasses.replace(pools, max_buffers=pools.max_buffers + BUS_ROOM)
 
 
+def _check_counters(block: str, counters) -> None:
+    if (not isinstance(counters, tuple) or len(counters) > R.MAX_COUNTERS
+            or not all(isinstance(c, str) and c for c in counters) or len(set(counters)) != len(counters)):
+        raise GraphError(f"block {block!r}: counters must be a tuple of at most {R.MAX_COUNTERS} distinct "
+                         f"names, not {counters!r}")
+
+
 def queue_name(block: str, port: str) -> str:
     return f"{block}-{port}"
 
@@ -826,7 +838,8 @@ def graph_stats(graph: R.GraphSegment, queue_stats: dict) -> GraphStats:
         blocks[b["name"]] = BlockStats(
             b["name"], R.STATES[row[R.STATE]], int(row[R.PID]), int(row[R.ITEMS_IN]), int(row[R.ITEMS_OUT]),
             row[R.ITEMS_IN] / elapsed if elapsed else 0.0, row[R.ITEMS_OUT] / elapsed if elapsed else 0.0,
-            int(row[R.WORK_CALLS]), row[R.WORK_NS] / 1e9, int(row[R.RESTARTS]), int(row[R.FAILURES]))
+            int(row[R.WORK_CALLS]), row[R.WORK_NS] / 1e9, int(row[R.RESTARTS]), int(row[R.FAILURES]),
+            {name: int(row[R.COUNTERS + k]) for k, name in enumerate(b.get("counters", ()))})
     edges = []
     for i, e in enumerate(graph.description["edges"]):
         qs = queue_stats.get(e["queue"])

@@ -1,0 +1,317 @@
+"""Bridge blocks: a port's frames to a Zenoh key on one machine, back into a port
+of another domain on another (or the same) machine.
+
+Inside each machine frames stay zero-copy pool blocks; across the wire each frame
+is one Zenoh put (the frame's bytes, and its header as the attachment: see
+``wire``).  Sequence numbers let the receiver count what it lost::
+
+    # machine A                                  # machine B
+    rt.add(BridgeSink("lab/radio/iq"), "tx")       rt.add(BridgeSource("lab/radio/iq"), "rx")
+    rt.connect(src["out"], rt["tx"]["in"])         rt.connect(rt["rx"]["out"], fft["in"])
+
+Back-pressure, ``policy``:
+
+- ``"block"`` (default): reliable, and the sender waits while no receiver is
+  there or the receiver is behind (Zenoh's congestion control BLOCK and a bounded
+  receive buffer hold back the wire); frames are lost only if a receiver dies with
+  frames in flight, and the receiver counts those.
+- ``"drop"``: the sender never waits; frames sent with no receiver are counted by
+  the sender (``unmatched``), frames the receiver had no room for by the receiver
+  (``dropped``), and every gap in the sequence by the receiver (``lost``).
+
+A stream ends when the sender's input ends: it sends an end marker and waits
+(up to ``linger`` seconds) until its receivers say they have every frame; a
+receiver then ends its output (``end=True``), so the receiving graph drains too.
+"""
+
+import collections
+import json
+import logging
+import secrets
+import threading
+import time
+
+import numpy as np
+
+from ..graph.block import DONE, OK, Block, Port
+from . import wire
+from .settings import BridgeError, ZenohSettings, close_session, import_zenoh, open_session
+
+POLICIES = ("block", "drop")
+_WAIT_SLICE_S = 0.05  # how often a waiting sender looks at the stop flag
+_log = logging.getLogger("mq.bridge")
+
+
+def _check_key(key: str) -> str:
+    zenoh = import_zenoh()
+    if not isinstance(key, str) or not key or "@" in key:
+        raise BridgeError(f"bridge key {key!r}: a Zenoh key expression such as 'lab/radio/iq' "
+                          "(no '@': multiqueue keeps '@mq' chunks for itself)")
+    try:
+        zenoh.KeyExpr(key)
+    except Exception as e:  # noqa: BLE001 - zenoh says why the key is invalid
+        raise BridgeError(f"bridge key {key!r} is not a valid Zenoh key expression: {e}") from None
+    if any(c in key for c in "*$"):
+        raise BridgeError(f"bridge key {key!r}: a bridge publishes/subscribes one key, no wildcards")
+    return key
+
+
+def _check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"bridge policy must be 'block' or 'drop', not {policy!r}")
+    return policy
+
+
+def receiver_key(key: str, receiver: str = "*") -> str:
+    """Where a receiver of ``key`` answers progress queries."""
+    return f"{key}/@mq/rx/{receiver}"
+
+
+class BridgeSink(Block):
+    """Publishes every frame of its input on the Zenoh key ``key`` (see the module doc).
+
+    Counters: ``sent`` frames put on the wire, ``unmatched`` frames sent while no
+    receiver listened (policy drop), ``wait_ms`` time spent waiting for a receiver,
+    ``seq`` the next sequence number, ``stream`` this stream's id (a restarted
+    sender goes on with the same stream and numbers).
+    """
+
+    inputs = {"in": Port()}
+    counters = ("sent", "unmatched", "wait_ms", "seq", "stream")
+
+    def __init__(self, key: str, *, policy: str = "block", zenoh=None, linger: float = 10.0,
+                 express: bool = False):
+        super().__init__()
+        self.key, self.policy = _check_key(key), _check_policy(policy)
+        self.zenoh, self.linger, self.express = ZenohSettings.of(zenoh), float(linger), bool(express)
+        self._session = self._publisher = None
+
+    def initialize(self) -> None:
+        zenoh = import_zenoh()
+        self._session = open_session(self.zenoh)
+        congestion = zenoh.CongestionControl.BLOCK if self.policy == "block" else zenoh.CongestionControl.DROP
+        self._publisher = self._session.declare_publisher(
+            self.key, congestion_control=congestion, reliability=zenoh.Reliability.RELIABLE,
+            express=self.express)
+
+    def start(self) -> None:
+        if self.counter("stream") == 0:  # a first start (a restart keeps its stream and numbers)
+            self.set_counter("stream", secrets.randbits(62) + 1)
+        self._stream = self.counter("stream")
+
+    def work(self, inputs):
+        for frame in inputs["in"]:
+            if not self._receiver_ready():
+                return OK  # stopping: the frames left are not sent
+            array = frame.array
+            seq = self.counter("seq")
+            header = wire.encode(self._stream, seq, frame.timestamp, frame.time_range, array.dtype,
+                                 array.shape)
+            self._publisher.put(array.tobytes(), attachment=header)  # the one copy out of the pool block
+            self.set_counter("seq", seq + 1)
+            self.count("sent")
+        return OK
+
+    def _matched(self) -> bool:
+        return self._publisher.matching_status.matching
+
+    def _receiver_ready(self) -> bool:
+        """Block policy: wait while no receiver listens.  Drop: count the frame if none does."""
+        if self._matched():
+            return True
+        if self.policy == "drop":
+            self.count("unmatched")
+            return True
+        t0 = time.monotonic()
+        try:
+            while not self._matched():
+                if not self.sleep(_WAIT_SLICE_S):
+                    return False
+            return True
+        finally:
+            self.count("wait_ms", int((time.monotonic() - t0) * 1000))
+
+    def stop(self) -> None:
+        if self._publisher is None:
+            return
+        sent = self.counter("seq")
+        self._publisher.put(b"", attachment=wire.end_marker(self._stream, sent))
+        self._await_receivers(sent)
+
+    def _await_receivers(self, sent: int) -> None:
+        """Until every receiver of this stream says it has all ``sent`` frames (or linger)."""
+        deadline = time.monotonic() + self.linger
+        while time.monotonic() < deadline and self._matched():
+            behind = [p for p in self.receivers() if p.get("stream") == self._stream and p["next_seq"] < sent]
+            if not behind and self._matched():
+                return
+            time.sleep(_WAIT_SLICE_S)
+        if self._matched():
+            _log.warning("%s: receivers still behind after %.1f s at the end of the stream", self.key,
+                         self.linger)
+
+    def receivers(self, timeout: float = 1.0) -> list[dict]:
+        """Progress reports of the receivers of this key: ``{"stream", "next_seq", ...}``."""
+        replies = self._session.get(receiver_key(self.key), timeout=timeout)
+        reports = []
+        for reply in replies:
+            if reply.ok is not None:
+                try:
+                    reports.append(json.loads(reply.ok.payload.to_bytes()))
+                except ValueError:
+                    continue
+        return reports
+
+    def cleanup(self) -> None:
+        if self._session is not None:
+            close_session(self._session)
+        self._session = self._publisher = None
+
+
+class BridgeSource(Block):
+    """Frames from the Zenoh key ``key`` into its output, as a BridgeSink sent them:
+    same bytes, dtype, shape, timestamp and time range (see the module doc).
+
+    ``dtype`` / ``shape`` declare the output port (checked when connecting; a
+    frame that does not match fails the block with a clear error).  ``buffer``
+    frames wait between Zenoh and the block.  Counters: ``received`` frames,
+    ``lost`` gaps in the sequence (the stream's frames this receiver never got,
+    counted from its first frame on, over restarts of this block), ``dropped``
+    (policy drop: no room), ``invalid`` samples that were not bridged frames (logged),
+    ``next_seq`` and ``stream`` (where a restarted receiver goes on from).
+    """
+
+    counters = ("received", "lost", "dropped", "invalid", "next_seq", "stream")
+
+    def __init__(self, key: str, *, dtype=None, shape=None, policy: str = "block", zenoh=None,
+                 buffer: int = 64, end: bool = True):
+        super().__init__()
+        self.key, self.policy = _check_key(key), _check_policy(policy)
+        self.port = Port(dtype, shape)
+        self.zenoh, self.buffer, self.end = ZenohSettings.of(zenoh), int(buffer), bool(end)
+        if self.buffer < 1:
+            raise ValueError(f"buffer must be at least 1 frame, not {buffer}")
+        self._session = None
+
+    def output_ports(self):
+        return {"out": self.port}
+
+    def initialize(self) -> None:
+        self._samples = collections.deque()
+        self._ready = threading.Condition()
+        self._closing = False
+        self._dropped = 0  # written by Zenoh's thread, turned into the counter by work()
+        self._progress = {"next_seq": 0, "stream": 0, "ended": False}
+        self._session = open_session(self.zenoh)
+        self._queryable = self._session.declare_queryable(
+            receiver_key(self.key, secrets.token_hex(8)), self._answer_progress)
+        self._subscriber = self._session.declare_subscriber(self.key, self._on_sample)
+
+    def start(self) -> None:
+        self._dropped_before = self.counter("dropped")
+        self._progress.update(next_seq=self.counter("next_seq"), stream=self.counter("stream"))
+
+    # -- Zenoh's threads ----------------------------------------------------------------
+
+    def _on_sample(self, sample) -> None:
+        attachment = sample.attachment
+        item = (attachment.to_bytes() if attachment is not None else b"", sample.payload.to_bytes())
+        with self._ready:
+            if self.policy == "block":  # hold Zenoh's thread: the wire backs up to the sender
+                while len(self._samples) >= self.buffer and not self._closing:
+                    self._ready.wait(_WAIT_SLICE_S)
+                if self._closing:
+                    return
+            elif len(self._samples) >= self.buffer:
+                self._samples.popleft()
+                self._dropped += 1
+            self._samples.append(item)
+            self._ready.notify_all()
+
+    def _answer_progress(self, query) -> None:
+        query.reply(query.key_expr, json.dumps(self._progress))
+
+    # -- the block's thread -------------------------------------------------------------
+
+    def work(self, inputs):
+        with self._ready:
+            if not self._samples:
+                self._ready.wait(_WAIT_SLICE_S)
+            taken = [self._samples.popleft() for _ in range(min(self.batch, len(self._samples)))]
+            self._ready.notify_all()
+            dropped = self._dropped
+        if dropped:
+            self.set_counter("dropped", self._dropped_before + dropped)
+        for attachment, payload in taken:
+            if self._deliver(attachment, payload) is DONE:
+                return DONE
+        return OK
+
+    def _deliver(self, attachment: bytes, payload: bytes):
+        try:
+            header = wire.decode(attachment)
+            wire.check_payload(header, len(payload))
+        except wire.WireError as e:
+            if self.count("invalid") <= 10 or self.counter("invalid") % 1000 == 0:
+                _log.warning("%s: a sample that is not a bridged frame: %s", self.key, e)
+            return OK
+        if not self._in_sequence(header):
+            return OK
+        if header.end:
+            self._progress["ended"] = True
+            _log.info("%s: the stream ended after %d frames", self.key, header.seq)
+            return DONE if self.end else OK
+        self._check_port(header)
+        out = self.allocate("out", header.shape, header.dtype)
+        out.array[...] = np.frombuffer(payload, header.dtype).reshape(header.shape)  # the copy in
+        self.send("out", out, timestamp=header.timestamp, time_range=header.time_range)
+        self.count("received")
+        self._progress["next_seq"] = self.count("next_seq")
+        return OK
+
+    def _in_sequence(self, header: wire.FrameHeader) -> bool:
+        """Counts gaps; False for a frame already had (a duplicate or a reordering)."""
+        if header.stream != self.counter("stream"):
+            if self.counter("stream") != 0:
+                _log.warning("%s: a new stream (the sender restarted) at frame %d", self.key, header.seq)
+            else:
+                _log.info("%s: joined the stream at frame %d", self.key, header.seq)
+            self.set_counter("stream", header.stream)
+            self.set_counter("next_seq", header.seq)
+            self._progress.update(stream=header.stream, next_seq=header.seq, ended=False)
+        expected = self.counter("next_seq")
+        if header.seq < expected:
+            _log.warning("%s: frame %d came again or late (expected %d); ignored", self.key, header.seq,
+                         expected)
+            return False
+        if header.seq > expected:
+            self.count("lost", header.seq - expected)
+            _log.warning("%s: lost frames %d..%d", self.key, expected, header.seq - 1)
+            self.set_counter("next_seq", header.seq)
+            self._progress["next_seq"] = header.seq
+        return True
+
+    def _check_port(self, header: wire.FrameHeader) -> None:
+        port = self.port
+        if port.dtype is not None and header.dtype != port.dtype:
+            raise BridgeError(f"{self.key}: frame {header.seq} carries {header.dtype}, but this "
+                              f"BridgeSource's port is declared {port.dtype}; fix dtype= or the sender")
+        if port.shape is not None and tuple(header.shape) != tuple(port.shape):
+            raise BridgeError(f"{self.key}: frame {header.seq} has shape {header.shape}, but this "
+                              f"BridgeSource's port is declared {port.shape}")
+
+    def stop(self) -> None:
+        self._close_wire()
+
+    def cleanup(self) -> None:
+        self._close_wire()
+        if self._session is not None:
+            close_session(self._session)
+        self._session = None
+
+    def _close_wire(self) -> None:
+        if self._session is None:
+            return
+        with self._ready:
+            self._closing = True  # a Zenoh thread waiting for room gives up
+            self._ready.notify_all()

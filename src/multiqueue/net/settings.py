@@ -1,0 +1,123 @@
+"""Where a bridge finds its peers: the Zenoh session settings.
+
+The default needs no configuration and stays on this machine: peer mode,
+listening on an ephemeral port of 127.0.0.1, peers found by Zenoh's multicast
+scouting.  A deployment names its endpoints instead (scouting is then off unless
+asked for)::
+
+    ZenohSettings(connect=["tcp/10.0.0.5:7447"])                 # peer, dial a known peer
+    ZenohSettings(mode="client", connect=["tcp/router:7447"])   # through a zenohd router
+    ZenohSettings(listen=["tcp/0.0.0.0:7447"])                  # let the others dial us
+    ZenohSettings(config_file="zenoh.json5")                    # anything else Zenoh knows
+
+Graph files and ``mq bridge`` take the same fields as a mapping / options.
+"""
+
+import atexit
+import json
+import threading
+from dataclasses import dataclass, fields
+
+from ..errors import MultiQueueError
+
+MODES = ("peer", "client", "router")
+_LOOPBACK = "tcp/127.0.0.1:0"
+
+
+class BridgeError(MultiQueueError):
+    """A bridge could not start (no Zenoh, bad settings) or met a peer it cannot serve."""
+
+
+@dataclass(frozen=True)
+class ZenohSettings:
+    mode: str = "peer"
+    connect: tuple[str, ...] = ()
+    listen: tuple[str, ...] = ()
+    scouting: bool | None = None  # multicast scouting; None: on only when no endpoint is given
+    config_file: str | None = None  # a Zenoh json5 config applied first
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"zenoh mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        for name in ("connect", "listen"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            if not all(isinstance(e, str) and "/" in e for e in value):
+                raise ValueError(f"zenoh {name}: a list of endpoints like 'tcp/127.0.0.1:7447', "
+                                 f"not {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if self.scouting not in (None, True, False):
+            raise ValueError(f"zenoh scouting must be true or false, not {self.scouting!r}")
+
+    @classmethod
+    def of(cls, value) -> "ZenohSettings":
+        """Settings from None (the defaults), a mapping of the fields, or settings."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = set(value) - known
+            if unknown:
+                raise ValueError(f"unknown zenoh setting(s) {', '.join(sorted(unknown))}; "
+                                 f"known: {', '.join(sorted(known))}")
+            return cls(**value)
+        raise TypeError(f"zenoh settings: a mapping or ZenohSettings, not {type(value).__name__}")
+
+    def to_config(self):
+        zenoh = import_zenoh()
+        config = zenoh.Config.from_file(self.config_file) if self.config_file else zenoh.Config()
+        listen = self.listen or (() if self.connect or self.config_file else (_LOOPBACK,))
+        scouting = self.scouting if self.scouting is not None else not (self.connect or self.listen)
+        config.insert_json5("mode", json.dumps(self.mode))
+        if listen:
+            config.insert_json5("listen/endpoints", json.dumps(list(listen)))
+        if self.connect:
+            config.insert_json5("connect/endpoints", json.dumps(list(self.connect)))
+        config.insert_json5("scouting/multicast/enabled", json.dumps(scouting))
+        return config
+
+
+def import_zenoh():
+    try:
+        import zenoh
+    except ImportError:
+        raise BridgeError("bridging needs Zenoh's Python API: pip install 'multiqueue[net]' "
+                          "(the package eclipse-zenoh)") from None
+    return zenoh
+
+
+_open_sessions: dict[int, object] = {}  # id -> session (sessions take no weak references)
+_lock = threading.Lock()
+
+
+def open_session(settings: ZenohSettings):
+    """A Zenoh session with these settings; closed at exit if its owner forgets (a
+    process with an open session does not exit otherwise)."""
+    zenoh = import_zenoh()
+    try:
+        session = zenoh.open(settings.to_config())
+    except Exception as e:  # zenoh.ZError and config errors: say which settings failed
+        raise BridgeError(f"could not open a Zenoh session with {settings}: {e}") from None
+    with _lock:
+        _open_sessions[id(session)] = session
+    return session
+
+
+def close_session(session) -> None:
+    with _lock:
+        _open_sessions.pop(id(session), None)
+    try:
+        session.close()
+    except Exception:  # noqa: BLE001 - closing twice, or at interpreter shutdown
+        pass
+
+
+@atexit.register
+def _close_sessions() -> None:
+    with _lock:
+        sessions = list(_open_sessions.values())
+    for session in sessions:
+        close_session(session)

@@ -1,0 +1,104 @@
+"""The one serialisation across the wire: a frame's header, sent as the Zenoh
+attachment of a put whose payload is the frame's bytes.
+
+Header (little-endian): magic ``MQF1``, version u16, flags u16, stream id u64,
+sequence number u64, timestamp i64, time range start/end i64, ndim u8, dtype
+length u16, then the dtype (``numpy.dtype.str``, or the JSON of its descr for
+structured dtypes) and ndim u64 extents.  The payload is exactly
+``prod(shape) * itemsize`` bytes.
+"""
+
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import MultiQueueError
+
+MAGIC = b"MQF1"
+VERSION = 1
+HAS_RANGE = 1  # the time range fields are set
+END = 2  # end of stream: no payload; seq is the number of frames sent
+_FIXED = struct.Struct("<4sHHQQqqqBH")
+MAX_NDIM = 32
+MAX_DTYPE = 4096
+
+
+class WireError(MultiQueueError, ValueError):
+    """A bridged frame that is not one: wrong magic, version, header or payload size."""
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    stream: int
+    seq: int
+    timestamp: int
+    time_range: tuple[int, int] | None
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    end: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for extent in self.shape:
+            n *= extent
+        return n
+
+
+def encode(stream: int, seq: int, timestamp: int, time_range, dtype, shape, end: bool = False) -> bytes:
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise WireError(f"dtype {dtype} holds Python objects: it cannot cross the wire")
+    text = (json.dumps(dtype.descr) if dtype.fields is not None else dtype.str).encode()
+    flags = (HAS_RANGE if time_range is not None else 0) | (END if end else 0)
+    start, stop = time_range if time_range is not None else (0, 0)
+    shape = tuple(int(x) for x in shape)
+    if len(shape) > MAX_NDIM:
+        raise WireError(f"a frame of {len(shape)} dimensions; at most {MAX_NDIM} cross the wire")
+    return (_FIXED.pack(MAGIC, VERSION, flags, stream, seq, timestamp, start, stop, len(shape), len(text))
+            + text + struct.pack(f"<{len(shape)}Q", *shape))
+
+
+def end_marker(stream: int, frames_sent: int) -> bytes:
+    return encode(stream, frames_sent, 0, None, np.uint8, (0,), end=True)
+
+
+def decode(header: bytes) -> FrameHeader:
+    """The header of a bridged frame; WireError says what is wrong with a bad one."""
+    if len(header) < _FIXED.size:
+        raise WireError(f"a frame header of {len(header)} bytes; a bridged frame's has at least "
+                        f"{_FIXED.size} (is the sender a multiqueue bridge?)")
+    magic, version, flags, stream, seq, timestamp, start, stop, ndim, dtype_len = _FIXED.unpack_from(header)
+    if magic != MAGIC:
+        raise WireError(f"not a multiqueue frame (magic {magic!r}, expected {MAGIC!r}): another "
+                        "program publishes on this key")
+    if version != VERSION:
+        raise WireError(f"frame format version {version}; this multiqueue speaks version {VERSION}: "
+                        "run the same multiqueue version on both ends")
+    if ndim > MAX_NDIM or dtype_len > MAX_DTYPE:
+        raise WireError(f"a frame header claiming {ndim} dimensions and a {dtype_len}-byte dtype")
+    expected = _FIXED.size + dtype_len + 8 * ndim
+    if len(header) != expected:
+        raise WireError(f"a frame header of {len(header)} bytes, its fields say {expected}")
+    text = header[_FIXED.size:_FIXED.size + dtype_len].decode("ascii", "replace")
+    try:
+        dtype = np.dtype([tuple(f) for f in json.loads(text)]) if text.startswith("[") else np.dtype(text)
+    except (TypeError, ValueError) as e:
+        raise WireError(f"a frame header with an unknown dtype {text!r}: {e}") from None
+    if dtype.hasobject:
+        raise WireError(f"a frame header with an object dtype {text!r}")
+    shape = struct.unpack_from(f"<{ndim}Q", header, _FIXED.size + dtype_len)
+    frame = FrameHeader(stream, seq, timestamp, (start, stop) if flags & HAS_RANGE else None, dtype,
+                        shape, bool(flags & END))
+    if frame.nbytes > 1 << 40:
+        raise WireError(f"a frame header claiming {frame.nbytes} bytes ({dtype} {shape})")
+    return frame
+
+
+def check_payload(frame: FrameHeader, payload_size: int) -> None:
+    expected = 0 if frame.end else frame.nbytes
+    if payload_size != expected:
+        raise WireError(f"frame {frame.seq}: {payload_size} bytes of payload, its header ({frame.dtype} "
+                        f"{frame.shape}) says {expected}")
