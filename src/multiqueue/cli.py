@@ -1023,12 +1023,15 @@ def _run(args) -> int:
     from .graph.graphfile import load_graph
 
     try:
-        rt = load_graph(args.graph, domain=args.domain)
+        rt = load_graph(args.graph, domain=args.domain, host=args.host)
     except OSError as e:
         print(f"mq run: cannot read {args.graph}: {e.strerror or e}", file=sys.stderr)
         return 2
     except GraphError as e:  # GraphFileError: file:line: key: reason
         print(e, file=sys.stderr)
+        return 2
+    except MultiQueueError as e:  # a bridge that cannot be made (no Zenoh)
+        print(f"mq run: {args.graph}: {e}", file=sys.stderr)
         return 2
     print(f"running {args.graph} in domain {rt.domain!r}: {len(rt.blocks)} blocks, {len(rt.edges)} "
           f"connections; Ctrl-C stops it. Watch a port with: mq tap {rt.domain} BLOCK.PORT", flush=True)
@@ -1150,7 +1153,12 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
     p.add_argument("--dashboard", type=int, nargs="?", const=8765, default=None, metavar="PORT",
                    help="serve the live dashboard on localhost:PORT while it runs (default port 8765)")
+    p.add_argument("--host", default=None,
+                   help="run only this host's part of a graph with 'hosts:', bridged over Zenoh")
     p.set_defaults(func=_run)
+    from .net.tool import add_parser as add_remote_parser
+
+    add_remote_parser(sub)
     p = sub.add_parser("doctor", help="explain every held buffer: holders, dead processes, leaks, fixes")
     p.add_argument("domain", type=_domain_name)
     p.add_argument("--json", action="store_true", help="machine-readable output")

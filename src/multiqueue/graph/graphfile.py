@@ -14,6 +14,23 @@
       - src.out -> amp.in
       - {from: amp.out, to: sink.in, policy: drop_oldest, capacity: 8}
 
+Several machines (docs/network.md): ``hosts:`` names them, a block's ``host:``
+places it, and an edge between hosts is marked ``remote: true`` (its frames cross
+over Zenoh, on ``key:`` or ``mq/<domain>/data/<src>/<port>/<dst>/<port>``)::
+
+    hosts:
+      radio: {zenoh: {listen: ["tcp/0.0.0.0:7447"]}}          # domain: <domain>-radio
+      desk: {zenoh: {connect: ["tcp/radio.lan:7447"]}, domain: sdr-desk}
+    blocks:
+      src: {class: SignalSource, host: radio}
+      fft: {class: Spectrum, host: desk}
+    connections:
+      - {from: src.out, to: fft.in, remote: true}
+
+``load_graph(path)`` builds the whole graph in one runtime (remote edges are
+ordinary edges: the same graph runs on one machine); ``load_graph(path,
+host="radio")`` builds only what runs on that host, bridges included.
+
 ``class`` is a built-in block's name (``multiqueue.graph.blocks``) or an import
 path, ``module:Class`` or ``module.Class``, of any Block subclass (function-style
 blocks made with ``@block`` are classes too).  ``load_graph`` appends the file's
@@ -42,9 +59,10 @@ from . import blocks as builtin_blocks
 from .block import Block, GraphError
 from .runtime import Runtime
 
-TOP_KEYS = ("domain", "capacity", "pools", "blocks", "connections")
-BLOCK_KEYS = ("class", "params", "placement", "restart", "max_restarts")
-EDGE_KEYS = ("from", "to", "policy", "capacity")
+TOP_KEYS = ("domain", "capacity", "pools", "hosts", "blocks", "connections")
+BLOCK_KEYS = ("class", "params", "placement", "restart", "max_restarts", "host")
+EDGE_KEYS = ("from", "to", "policy", "capacity", "remote", "key")
+HOST_KEYS = ("domain", "zenoh")
 POOL_KEYS = {"name": "name", "block_size": "block_size", "count": "block_count",
              "expandable": "expandable", "max_blocks": "max_blocks"}  # file key -> PoolConfig field
 BUILTINS = {name: obj for name, obj in vars(builtin_blocks).items()
@@ -64,21 +82,23 @@ class GraphFileError(GraphError):
         return type(self), (self.source, self.line, self.key, self.reason)
 
 
-def load_graph(path, domain: str | None = None) -> Runtime:
+def load_graph(path, domain: str | None = None, host: str | None = None) -> Runtime:
     """A Runtime (not started) built from the graph file at ``path``; ``domain``
-    overrides the file's ``domain:`` (default: the file name's stem)."""
+    overrides the file's ``domain:`` (default: the file name's stem); ``host``: only
+    that host's part of the graph, with its bridges (see the module doc)."""
     path = Path(path)
     text = path.read_text()
     directory = str(path.resolve().parent)
     if directory not in sys.path:
         sys.path.append(directory)
-    return _Loader(str(path)).load(text, domain, fallback_domain=path.stem)
+    return _Loader(str(path)).load(text, domain, fallback_domain=path.stem, host=host)
 
 
-def load_graph_text(text: str, source: str = "<string>", domain: str | None = None) -> Runtime:
+def load_graph_text(text: str, source: str = "<string>", domain: str | None = None,
+                    host: str | None = None) -> Runtime:
     """Like :func:`load_graph` for YAML text; ``source`` names it in errors
     (default domain: ``graph``)."""
-    return _Loader(source).load(text, domain, fallback_domain="graph")
+    return _Loader(source).load(text, domain, fallback_domain="graph", host=host)
 
 
 def _is_null(node) -> bool:
@@ -100,6 +120,9 @@ class _Loader:
         self.source = source
         self.constructor = yaml.constructor.SafeConstructor()
         self.rt: Runtime | None = None
+        self.hosts: dict = {}  # name -> HostSpec, from "hosts:"
+        self.block_hosts: dict[str, str] = {}
+        self.remote: dict = {}  # edge index -> RemoteEdge
 
     # -- node helpers: each fails at the node's own line --------------------------------
 
@@ -157,7 +180,7 @@ class _Loader:
 
     # -- the file ------------------------------------------------------------------------
 
-    def load(self, text: str, domain: str | None, fallback_domain: str) -> Runtime:
+    def load(self, text: str, domain: str | None, fallback_domain: str, host: str | None = None) -> Runtime:
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as e:
@@ -192,6 +215,13 @@ class _Loader:
         capacity = self.power_of_two(top["capacity"][1], "capacity") if "capacity" in top else 16
         pools = self.pools(top["pools"][1]) if "pools" in top else None
         self.rt = Runtime(domain, pools=pools, capacity=capacity)
+        self.domain = domain
+        if "hosts" in top:
+            self.host_specs(top["hosts"][1])
+        if host is not None and not self.hosts:
+            self.fail(root, "hosts", f"--host {host}: this graph names no hosts (add 'hosts:')")
+        if host is not None and host not in self.hosts:
+            self.fail(top["hosts"][1], "hosts", f"no host {host!r}; hosts: {', '.join(self.hosts)}")
 
         block_nodes = self.mapping(top["blocks"][1], "blocks")
         if not block_nodes:
@@ -206,7 +236,38 @@ class _Loader:
                 if (name, port) not in connected:
                     self.fail(block_nodes[name][0], f"blocks.{name}",
                               f"input {port!r} is not connected; add e.g. 'OTHER.out -> {name}.{port}'")
-        return self.rt
+        if host is None:
+            return self.rt  # the whole graph here: remote edges are ordinary edges
+        from ..net.hosts import runtime_for_host
+
+        return runtime_for_host(self.rt, self.domain, self.hosts, self.block_hosts, self.remote, host)
+
+    def host_specs(self, node) -> None:
+        from ..net.hosts import HostSpec
+        from ..net.settings import ZenohSettings
+
+        for name, (key_node, value) in self.mapping(node, "hosts").items():
+            key = f"hosts.{name}"
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", name):
+                self.fail(key_node, key, "a host name is 1-32 letters, digits, _ or -")
+            fields = self.mapping(value, key, HOST_KEYS) if not _is_null(value) else {}
+            domain = f"{self.domain}-{name}"
+            if "domain" in fields:
+                domain = self.typed(fields["domain"][1], f"{key}.domain", str, "a domain name")
+            try:
+                check_domain(domain)
+            except ValueError as e:
+                self.fail(fields["domain"][1] if "domain" in fields else key_node, f"{key}.domain", str(e))
+            settings = ZenohSettings()
+            if "zenoh" in fields:
+                raw = self.value(fields["zenoh"][1], f"{key}.zenoh")
+                try:
+                    settings = ZenohSettings.of(raw)
+                except (TypeError, ValueError) as e:
+                    self.fail(fields["zenoh"][1], f"{key}.zenoh", str(e))
+            self.hosts[name] = HostSpec(name, domain, settings)
+        if not self.hosts:
+            self.fail(node, "hosts", "no hosts (leave 'hosts:' out to run on one machine)")
 
     def pools(self, node) -> ShmConfig:
         if not isinstance(node, yaml.SequenceNode) or not node.value:
@@ -249,6 +310,12 @@ class _Loader:
         if "max_restarts" in fields:
             options["max_restarts"] = self.typed(fields["max_restarts"][1], f"{key}.max_restarts", int,
                                                  "a number of restarts")
+        if "host" in fields:
+            if not self.hosts:
+                self.fail(fields["host"][1], f"{key}.host", "no 'hosts:' section names the hosts")
+            self.block_hosts[name] = self.choice(fields["host"][1], f"{key}.host", tuple(self.hosts))
+        elif self.hosts:
+            self.block_hosts[name] = next(iter(self.hosts))  # the first host is the default
         try:
             self.rt.add(block, name, **options)
         except (GraphError, ValueError) as e:
@@ -319,7 +386,7 @@ class _Loader:
             self.fail(node, "connections", f"expected a list of 'src.out -> dst.in', not {_describe(node)}")
         for i, item in enumerate(node.value):
             key = f"connections[{i}]"
-            options = {}
+            options, fields = {}, {}
             if isinstance(item, yaml.ScalarNode):
                 match = _EDGE_RE.match(str(self.value(item, key)))
                 if not match:
@@ -339,9 +406,37 @@ class _Loader:
                 if "capacity" in fields:
                     options["capacity"] = self.power_of_two(fields["capacity"][1], f"{key}.capacity")
             try:
-                self.rt.connect(src, dst, **options)
+                edge = self.rt.connect(src, dst, **options)
             except (GraphError, ValueError) as e:  # dtype or shape mismatch, second writer, cycle
                 self.fail(item, key, str(e))
+            self.remote_edge(item, key, fields, edge)
+
+    def remote_edge(self, item, key: str, fields: dict, edge) -> None:
+        """Note a remote edge (and its key); an edge between hosts must be one."""
+        from ..net.hosts import RemoteEdge, data_key
+
+        remote = "remote" in fields and self.typed(fields["remote"][1], f"{key}.remote", bool,
+                                                   "true or false")
+        src_host, dst_host = self.block_hosts.get(edge.src.block), self.block_hosts.get(edge.dst.block)
+        if src_host != dst_host and not remote:
+            self.fail(item, key, f"{edge.src} runs on host {src_host!r}, {edge.dst} on {dst_host!r}: mark "
+                      "the edge 'remote: true' (its frames then cross over Zenoh)")
+        if "key" in fields and not remote:
+            self.fail(fields["key"][1], f"{key}.key", "a key is for remote edges; add 'remote: true'")
+        if not remote:
+            return
+        data = data_key(self.domain, edge.src, edge.dst)
+        if "key" in fields:
+            data = self.typed(fields["key"][1], f"{key}.key", str, "a Zenoh key such as 'lab/radio/iq'")
+            from ..net.bridge import _check_key
+
+            try:
+                _check_key(data)
+            except Exception as e:  # noqa: BLE001 - BridgeError: say it at the key's line
+                self.fail(fields["key"][1], f"{key}.key", str(e))
+        if any(r.key == data for r in self.remote.values()):
+            self.fail(item, key, f"another remote edge already uses the key {data!r}")
+        self.remote[edge.index] = RemoteEdge(edge.index, data)
 
     def port(self, node, key: str, text: str, direction: str):
         match = _PORT_REF_RE.match(text)

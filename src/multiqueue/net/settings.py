@@ -69,6 +69,8 @@ class ZenohSettings:
     def to_config(self):
         zenoh = import_zenoh()
         config = zenoh.Config.from_file(self.config_file) if self.config_file else zenoh.Config()
+        # no endpoints: this machine only; else Zenoh's own default listeners (every
+        # interface, an ephemeral port), which gossip tells peers about
         listen = self.listen or (() if self.connect or self.config_file else (_LOOPBACK,))
         scouting = self.scouting if self.scouting is not None else not (self.connect or self.listen)
         config.insert_json5("mode", json.dumps(self.mode))
@@ -89,26 +91,42 @@ def import_zenoh():
     return zenoh
 
 
-_open_sessions: dict[int, object] = {}  # id -> session (sessions take no weak references)
+# One session per settings per process: the bridge blocks of a worker share it, so a
+# host that listens on a fixed port binds it once.
+_sessions: dict[ZenohSettings, list] = {}  # settings -> [session, users]
 _lock = threading.Lock()
 
 
 def open_session(settings: ZenohSettings):
-    """A Zenoh session with these settings; closed at exit if its owner forgets (a
-    process with an open session does not exit otherwise)."""
+    """This process's Zenoh session for ``settings`` (opened on first use; give it
+    back with :func:`close_session`).  Sessions still open at exit are closed then
+    (a process with an open session does not exit otherwise)."""
     zenoh = import_zenoh()
-    try:
-        session = zenoh.open(settings.to_config())
-    except Exception as e:  # zenoh.ZError and config errors: say which settings failed
-        raise BridgeError(f"could not open a Zenoh session with {settings}: {e}") from None
     with _lock:
-        _open_sessions[id(session)] = session
-    return session
+        entry = _sessions.get(settings)
+        if entry is None:
+            try:
+                entry = _sessions[settings] = [zenoh.open(settings.to_config()), 0]
+            except Exception as e:  # zenoh.ZError and config errors: say which settings failed
+                raise BridgeError(f"could not open a Zenoh session with {settings}: {e}") from None
+        entry[1] += 1
+        return entry[0]
 
 
 def close_session(session) -> None:
+    """Give back a session from :func:`open_session`; the last user closes it."""
     with _lock:
-        _open_sessions.pop(id(session), None)
+        for settings, entry in list(_sessions.items()):
+            if entry[0] is session:
+                entry[1] -= 1
+                if entry[1] > 0:
+                    return
+                del _sessions[settings]
+                break
+    _close_quietly(session)
+
+
+def _close_quietly(session) -> None:
     try:
         session.close()
     except Exception:  # noqa: BLE001 - closing twice, or at interpreter shutdown
@@ -118,6 +136,7 @@ def close_session(session) -> None:
 @atexit.register
 def _close_sessions() -> None:
     with _lock:
-        sessions = list(_open_sessions.values())
+        sessions = [entry[0] for entry in _sessions.values()]
+        _sessions.clear()
     for session in sessions:
-        close_session(session)
+        _close_quietly(session)

@@ -1,0 +1,95 @@
+"""``mq remote``: the blocks of a graph on other machines, over Zenoh.
+
+    mq remote GRAPH stats [--json]                 every host's blocks and edges
+    mq remote GRAPH param BLOCK NAME [VALUE]       get / set a block's parameter
+    mq remote GRAPH status                         follow every host's status events
+    mq remote GRAPH stop                           stop every host's part in order
+
+GRAPH is the graph file's ``domain:``; ``--connect tcp/HOST:PORT`` (repeatable),
+``--listen``, ``--mode`` reach the Zenoh network as the hosts' settings do.
+"""
+
+import json
+import threading
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("remote", help="stats, parameters, status and stop of a graph's hosts over Zenoh")
+    p.add_argument("graph", help="the graph's name (its file's 'domain:')")
+    p.add_argument("action", choices=("stats", "param", "status", "stop"))
+    p.add_argument("args", nargs="*", help="param: BLOCK NAME [VALUE] (VALUE as JSON, else text)")
+    p.add_argument("--connect", action="append", default=[], metavar="ENDPOINT",
+                   help="a Zenoh endpoint to dial, e.g. tcp/10.0.0.5:7447 (repeatable)")
+    p.add_argument("--listen", action="append", default=[], metavar="ENDPOINT")
+    p.add_argument("--mode", default="peer", choices=("peer", "client"))
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers (default 5)")
+    p.add_argument("--count", type=int, default=None, help="status: stop after this many events")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .control import RemoteGraph, graph_prefix
+    from .settings import BridgeError, ZenohSettings
+
+    settings = ZenohSettings(mode=args.mode, connect=tuple(args.connect), listen=tuple(args.listen))
+    with RemoteGraph(graph_prefix(args.graph), zenoh=settings, timeout=args.timeout) as remote:
+        if args.action == "stats":
+            stats = remote.stats()
+            if not stats:
+                raise BridgeError(f"no host of graph {args.graph!r} answered within {args.timeout:g} s")
+            if args.json:
+                print(json.dumps(stats, indent=2))
+            else:
+                for host, s in sorted(stats.items()):
+                    print(f"host {host}:")
+                    for b in s["blocks"].values():
+                        counters = "  ".join(f"{k}={v}" for k, v in b.get("counters", {}).items())
+                        print(f"  {b['name']:<16}{b['state']:<9}{b['items_in']:>10} in"
+                              f"{b['items_out']:>10} out  {counters}")
+            return 0
+        if args.action == "param":
+            return _param(remote, args)
+        if args.action == "stop":
+            replies = remote.graph_command("stop")
+            if not replies:
+                raise BridgeError(f"no host of graph {args.graph!r} answered within {args.timeout:g} s")
+            for host, reply in sorted(replies.items()):
+                print(f"{host}: {'stopping' if reply.get('ok') else reply.get('error')}")
+            return 0 if all(r.get("ok") for r in replies.values()) else 1
+        return _follow(remote, args)
+
+
+def _param(remote, args) -> int:
+    if len(args.args) not in (2, 3):
+        raise SystemExit("mq remote GRAPH param BLOCK NAME [VALUE]")
+    block, name = args.args[:2]
+    if len(args.args) == 2:
+        value = remote.get_parameter(block, name)
+        print(json.dumps(value) if args.json else value)
+    else:
+        try:
+            value = json.loads(args.args[2])
+        except ValueError:
+            value = args.args[2]
+        remote.set_parameter(block, name, value)
+        print(f"{block}.{name} = {value!r}")
+    return 0
+
+
+def _follow(remote, args) -> int:
+    seen, done = [0], threading.Event()
+
+    def show(event: dict) -> None:
+        print(json.dumps(event) if args.json else
+              " ".join(f"{k}={v}" for k, v in event.items()), flush=True)
+        seen[0] += 1
+        if args.count is not None and seen[0] >= args.count:
+            done.set()
+
+    subscriber = remote.subscribe_status(show)
+    try:
+        done.wait()
+    finally:
+        subscriber.undeclare()
+    return 0
