@@ -19,6 +19,7 @@ Zenoh network: ``RemoteGraph("mq/sdr").set_parameter("amp", "gain", 2.0)``.
 import dataclasses
 import json
 import logging
+import time
 
 from ..graph import registry as R
 from ..graph.block import DONE, OK, Block
@@ -121,6 +122,22 @@ class RemoteGraph:
     def __init__(self, prefix: str, *, zenoh=None, timeout: float = 5.0):
         self.prefix, self.timeout = prefix.rstrip("/"), timeout
         self._session = open_session(ZenohSettings.of(zenoh))
+        self._settle()
+
+    def _settle(self, quiet_s: float = 0.2, limit_s: float = 2.0) -> None:
+        """Wait until the peers we know stop changing (up to ``limit_s``): a peer we
+        dial tells us of the others (gossip) and we connect to them in the next
+        milliseconds; a query sent before would miss their hosts."""
+        deadline = time.monotonic() + limit_s
+        known, quiet_since = None, time.monotonic()
+        while time.monotonic() < deadline:
+            peers = {str(z) for z in self._session.info.peers_zid()} | {
+                str(z) for z in self._session.info.routers_zid()}
+            if peers != known:
+                known, quiet_since = peers, time.monotonic()
+            elif peers and time.monotonic() - quiet_since >= quiet_s:
+                return
+            time.sleep(0.02)
 
     def command(self, block: str, command: dict) -> dict:
         """Run a block command; returns the reply ``{"ok": True, "value": ...}`` or raises."""
