@@ -237,3 +237,29 @@ def test_mq_remote_without_an_answer_says_so(tmp_path):
     result = mq_remote(f"nobody-{uuid.uuid4().hex[:6]}", "stats", "--timeout", "0.5",
                        "--connect", f"tcp/127.0.0.1:{free_port()}")
     assert result.returncode == 1 and "answered within 0.5 s" in result.stderr
+
+
+EXAMPLE = ROOT / "examples" / "graphs" / "two_hosts.yaml"
+
+
+@pytest.fixture
+def example_domains():
+    yield
+    leftovers = [p for d in ("two_hosts", "two_hosts-radio", "two_hosts-desk") for p in domain_segments("mq.", d)]
+    for path in leftovers:
+        unlink_quietly(path)
+    assert not leftovers, f"test left segments behind: {leftovers}"
+
+
+def test_the_two_host_example_runs_whole_and_split(example_domains):
+    whole = subprocess.run([sys.executable, "-m", "multiqueue.cli", "run", EXAMPLE, "--quiet"],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert whole.returncode == 0, whole.stderr
+    assert "rx" not in whole.stdout and "spectra" in whole.stdout
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 7450)) == 0:
+            pytest.skip("port 7450 (the example's) is in use on this machine")
+    procs = [mq("run", EXAMPLE, "--host", "desk", "--quiet"), mq("run", EXAMPLE, "--host", "radio", "--quiet")]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "received=96  lost=0" in outs[0][0] and "sent=96  unmatched=0" in outs[1][0]
