@@ -182,3 +182,25 @@ class Inbox(Block):
 
     def on_message(self, message):
         self.bus.send(message.data["reply"], {"got": message.data, "from": "box"})
+
+
+class CountingCrash(Block):
+    """Counts frames in its counters ("frames", "lives"); SIGKILLs itself once at frame
+    ``at`` (a marker file says it did), after counting that frame."""
+
+    inputs = {"in": Port(np.float32)}
+    counters = ("frames", "lives")
+
+    def __init__(self, at, marker):
+        super().__init__()
+        self.at, self.marker = at, marker
+
+    def start(self):
+        self.count("lives")
+
+    def work(self, inputs):
+        for _ in inputs["in"]:
+            if self.count("frames") == self.at and not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(10)

@@ -1,0 +1,54 @@
+"""Block counters: declared names, kept in the graph segment, over restarts."""
+
+import numpy as np
+import pytest
+from graph_blocks import CountingCrash, Ramp
+
+from multiqueue.graph import Block, GraphError, NullSink, Port, Runtime
+
+
+def test_counters_survive_a_sigkill_and_restart_and_show_in_stats(domain, tmp_path):
+    rt = Runtime(domain)
+    src = rt.add(Ramp(count=200, n=16, pace_s=0.002), "src")  # paced: frames come after the restart
+    victim = rt.add(CountingCrash(at=50, marker=str(tmp_path / "killed")), "victim", restart="restart")
+    rt.connect(src["out"], victim["in"])
+    rt.run(duration=60)
+    stats = rt.final_stats.blocks["victim"]
+    assert stats.restarts == 1
+    # the second life counted on from the first's 50 (frames pushed while it was down are
+    # not its own to count)
+    assert stats.counters["lives"] == 2
+    assert 50 < stats.counters["frames"] <= 200
+    assert "frames=" in rt.final_stats.format()
+
+
+class Unknown(Block):
+    inputs = {"in": Port(np.float32)}
+    counters = ("seen",)
+
+    def work(self, inputs):
+        self.count("sen")
+
+
+def test_an_undeclared_counter_fails_the_block_with_the_names_it_has(domain):
+    rt = Runtime(domain)
+    src = rt.add(Ramp(count=5, n=4), "src")
+    bad = rt.add(Unknown(), "bad")
+    rt.connect(src["out"], bad["in"])
+    with pytest.raises(Exception, match=r"has no counter 'sen'; its counters: \['seen'\]"):
+        rt.run(duration=30)
+
+
+@pytest.mark.parametrize("counters", [("a",) * 2, tuple("abcdefg"), ["a"], ("",)])
+def test_bad_counter_declarations_are_refused_at_add(domain, counters):
+    class Bad(NullSink):
+        pass
+
+    Bad.counters = counters
+    with pytest.raises(GraphError, match="counters must be a tuple of at most 6 distinct names"):
+        Runtime(domain).add(Bad(), "bad")
+
+
+def test_counters_need_a_running_block():
+    with pytest.raises(Exception, match="is not running"):
+        Unknown().count("seen")
