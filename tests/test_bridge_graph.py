@@ -245,7 +245,8 @@ EXAMPLE = ROOT / "examples" / "graphs" / "two_hosts.yaml"
 @pytest.fixture
 def example_domains():
     yield
-    leftovers = [p for d in ("two_hosts", "two_hosts-radio", "two_hosts-desk") for p in domain_segments("mq.", d)]
+    domains = ("two_hosts", "two_hosts-radio", "two_hosts-desk")
+    leftovers = [p for d in domains for p in domain_segments("mq.", d)]
     for path in leftovers:
         unlink_quietly(path)
     assert not leftovers, f"test left segments behind: {leftovers}"
@@ -259,7 +260,7 @@ def test_the_two_host_example_runs_whole_and_split(example_domains):
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", 7450)) == 0:
             pytest.skip("port 7450 (the example's) is in use on this machine")
-    procs = [mq("run", EXAMPLE, "--host", "desk", "--quiet"), mq("run", EXAMPLE, "--host", "radio", "--quiet")]
+    procs = [mq("run", EXAMPLE, "--host", host, "--quiet") for host in ("desk", "radio")]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "received=96  lost=0" in outs[0][0] and "sent=96  unmatched=0" in outs[1][0]
