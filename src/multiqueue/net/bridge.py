@@ -135,7 +135,9 @@ class BridgeSink(Block):
         if self._publisher is None:
             return
         sent = self.counter("seq")
-        self._publisher.put(b"", attachment=wire.end_marker(self._stream, sent))
+        zenoh = import_zenoh()  # the end marker is never dropped, whatever the policy
+        self._session.put(self.key, b"", attachment=wire.end_marker(self._stream, sent),
+                          congestion_control=zenoh.CongestionControl.BLOCK)
         self._await_receivers(sent)
 
     def _await_receivers(self, sent: int) -> None:
@@ -201,6 +203,7 @@ class BridgeSource(Block):
         self._ready = threading.Condition()
         self._closing = False
         self._dropped = 0  # written by Zenoh's thread, turned into the counter by work()
+        self._first = None  # (stream, seq) of the first sample Zenoh handed us: where we joined
         self._progress = {"next_seq": 0, "stream": 0, "ended": False}
         self._session = open_session(self.zenoh)
         self._queryable = self._session.declare_queryable(
@@ -216,6 +219,8 @@ class BridgeSource(Block):
     def _on_sample(self, sample) -> None:
         attachment = sample.attachment
         item = (attachment.to_bytes() if attachment is not None else b"", sample.payload.to_bytes())
+        if self._first is None:
+            self._first = wire.peek_position(item[0])
         with self._ready:
             if self.policy == "block":  # hold Zenoh's thread: the wire backs up to the sender
                 while len(self._samples) >= self.buffer and not self._closing:
@@ -272,13 +277,16 @@ class BridgeSource(Block):
     def _in_sequence(self, header: wire.FrameHeader) -> bool:
         """Counts gaps; False for a frame already had (a duplicate or a reordering)."""
         if header.stream != self.counter("stream"):
+            start = header.seq
             if self.counter("stream") != 0:
                 _log.warning("%s: a new stream (the sender restarted) at frame %d", self.key, header.seq)
-            else:
-                _log.info("%s: joined the stream at frame %d", self.key, header.seq)
+            else:  # where we joined: the first frame that reached us, even if dropped for want of room
+                first = self._first
+                start = first[1] if first is not None and first[0] == header.stream else header.seq
+                _log.info("%s: joined the stream at frame %d", self.key, start)
             self.set_counter("stream", header.stream)
-            self.set_counter("next_seq", header.seq)
-            self._progress.update(stream=header.stream, next_seq=header.seq, ended=False)
+            self.set_counter("next_seq", start)
+            self._progress.update(stream=header.stream, next_seq=start, ended=False)
         expected = self.counter("next_seq")
         if header.seq < expected:
             _log.warning("%s: frame %d came again or late (expected %d); ignored", self.key, header.seq,

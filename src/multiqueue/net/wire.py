@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from ..errors import MultiQueueError
 
@@ -47,11 +48,39 @@ class FrameHeader:
         return n
 
 
+def _fields(descr) -> list:
+    """A structured dtype's descr back from JSON: [name, format(, shape)] lists to tuples."""
+    if not isinstance(descr, list):
+        raise WireError(f"a structured dtype's description is a list of fields, not {descr!r}")
+    fields = []
+    for field in descr:
+        if not isinstance(field, list) or len(field) not in (2, 3) or not isinstance(field[0], str):
+            raise WireError(f"a structured dtype field is [name, format(, shape)], not {field!r}")
+        fmt = field[1] if isinstance(field[1], str) else _fields(field[1])
+        fields.append((field[0], fmt) if len(field) == 2 else (field[0], fmt, tuple(field[2])))
+    return fields
+
+
+def _describe(dtype: np.dtype) -> str:
+    return json.dumps(npy_format.dtype_to_descr(dtype)) if dtype.fields is not None else dtype.str
+
+
+def _dtype_of(text: str) -> np.dtype:
+    try:
+        if text.startswith("["):
+            return npy_format.descr_to_dtype(_fields(json.loads(text)))
+        return np.dtype(text)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise WireError(f"a frame header with an unknown dtype {text[:200]!r}: {e}") from None
+
+
 def encode(stream: int, seq: int, timestamp: int, time_range, dtype, shape, end: bool = False) -> bytes:
     dtype = np.dtype(dtype)
     if dtype.hasobject:
         raise WireError(f"dtype {dtype} holds Python objects: it cannot cross the wire")
-    text = (json.dumps(dtype.descr) if dtype.fields is not None else dtype.str).encode()
+    if dtype.itemsize == 0:
+        raise WireError(f"dtype {dtype} has no size: a frame of it holds nothing")
+    text = _describe(dtype).encode()
     flags = (HAS_RANGE if time_range is not None else 0) | (END if end else 0)
     start, stop = time_range if time_range is not None else (0, 0)
     shape = tuple(int(x) for x in shape)
@@ -83,18 +112,23 @@ def decode(header: bytes) -> FrameHeader:
     if len(header) != expected:
         raise WireError(f"a frame header of {len(header)} bytes, its fields say {expected}")
     text = header[_FIXED.size:_FIXED.size + dtype_len].decode("ascii", "replace")
-    try:
-        dtype = np.dtype([tuple(f) for f in json.loads(text)]) if text.startswith("[") else np.dtype(text)
-    except (TypeError, ValueError) as e:
-        raise WireError(f"a frame header with an unknown dtype {text!r}: {e}") from None
-    if dtype.hasobject:
-        raise WireError(f"a frame header with an object dtype {text!r}")
+    dtype = _dtype_of(text)
+    if dtype.hasobject or dtype.itemsize == 0:
+        raise WireError(f"a frame header with a dtype no frame can have: {text[:200]!r}")
     shape = struct.unpack_from(f"<{ndim}Q", header, _FIXED.size + dtype_len)
     frame = FrameHeader(stream, seq, timestamp, (start, stop) if flags & HAS_RANGE else None, dtype,
                         shape, bool(flags & END))
     if frame.nbytes > 1 << 40:
         raise WireError(f"a frame header claiming {frame.nbytes} bytes ({dtype} {shape})")
     return frame
+
+
+def peek_position(header: bytes) -> tuple[int, int] | None:
+    """(stream, seq) of a header, without checking the rest; None if it is not one."""
+    if len(header) < _FIXED.size or header[:4] != MAGIC:
+        return None
+    _, _, _, stream, seq = struct.unpack_from("<4sHHQQ", header)
+    return stream, seq
 
 
 def check_payload(frame: FrameHeader, payload_size: int) -> None:
