@@ -124,7 +124,7 @@ class RemoteGraph:
         self._session = open_session(ZenohSettings.of(zenoh))
         self._settle()
 
-    def _settle(self, quiet_s: float = 0.2, limit_s: float = 2.0) -> None:
+    def _settle(self, quiet_s: float = 0.5, limit_s: float = 3.0) -> None:
         """Wait until the peers we know stop changing (up to ``limit_s``): a peer we
         dial tells us of the others (gossip) and we connect to them in the next
         milliseconds; a query sent before would miss their hosts."""

@@ -79,6 +79,10 @@ class ZenohSettings:
         if self.connect:
             config.insert_json5("connect/endpoints", json.dumps(list(self.connect)))
         config.insert_json5("scouting/multicast/enabled", json.dumps(scouting))
+        if not self.config_file:
+            # Zenoh's own shared memory leaves /dev/shm/*.zenoh files behind workers that end
+            # with os._exit (multiprocessing's), and frames on one machine need no bridge
+            config.insert_json5("transport/shared_memory/enabled", "false")
         return config
 
 
