@@ -35,7 +35,7 @@ import numpy as np
 
 from ..graph.block import DONE, OK, Block, Port
 from . import wire
-from .settings import BridgeError, ZenohSettings, close_session, import_zenoh, open_session
+from .settings import BridgeError, ZenohSettings, close_session, import_zenoh, json_replies, open_session
 
 POLICIES = ("block", "drop")
 _WAIT_SLICE_S = 0.05  # how often a waiting sender looks at the stop flag
@@ -155,14 +155,7 @@ class BridgeSink(Block):
     def receivers(self, timeout: float = 1.0) -> list[dict]:
         """Progress reports of the receivers of this key: ``{"stream", "next_seq", ...}``."""
         replies = self._session.get(receiver_key(self.key), timeout=timeout)
-        reports = []
-        for reply in replies:
-            if reply.ok is not None:
-                try:
-                    reports.append(json.loads(reply.ok.payload.to_bytes()))
-                except ValueError:
-                    continue
-        return reports
+        return [report for _, report in json_replies(replies) if isinstance(report, dict)]
 
     def cleanup(self) -> None:
         if self._session is not None:

@@ -25,7 +25,7 @@ from ..graph import registry as R
 from ..graph.block import DONE, OK, Block
 from ..graph.runner import control_topic
 from ..graph.runtime import graph_stats
-from .settings import BridgeError, ZenohSettings, close_session, open_session
+from .settings import BridgeError, ZenohSettings, close_session, json_replies, open_session
 
 _log = logging.getLogger("mq.control")
 _ENDED = (R.DONE, R.FAILED, R.STOPPED)
@@ -187,14 +187,7 @@ class RemoteGraph:
     def _query_keys(self, key: str, payload: dict | None = None) -> list[tuple[str, dict]]:
         replies = self._session.get(key, payload=json.dumps(payload) if payload is not None else None,
                                     timeout=self.timeout)
-        answers = []
-        for reply in replies:
-            if reply.ok is not None:
-                try:
-                    answers.append((str(reply.ok.key_expr), json.loads(reply.ok.payload.to_bytes())))
-                except ValueError:
-                    continue
-        return answers
+        return [(k, data) for k, data in json_replies(replies) if isinstance(data, dict)]
 
     def close(self) -> None:
         if self._session is not None:

@@ -86,6 +86,18 @@ class ZenohSettings:
         return config
 
 
+def json_replies(replies) -> list[tuple[str, object]]:
+    """(key, decoded JSON) of each good reply to a Zenoh get; errors and non-JSON skipped."""
+    answers = []
+    for reply in replies:
+        if reply.ok is not None:
+            try:
+                answers.append((str(reply.ok.key_expr), json.loads(reply.ok.payload.to_bytes())))
+            except ValueError:
+                continue
+    return answers
+
+
 def import_zenoh():
     try:
         import zenoh
