@@ -199,8 +199,8 @@ class BridgeSource(Block):
         self._first = None  # (stream, seq) of the first sample Zenoh handed us: where we joined
         self._progress = {"next_seq": 0, "stream": 0, "ended": False}
         self._session = open_session(self.zenoh)
-        self._queryable = self._session.declare_queryable(
-            receiver_key(self.key, secrets.token_hex(8)), self._answer_progress)
+        self._progress_key = receiver_key(self.key, secrets.token_hex(8))
+        self._queryable = self._session.declare_queryable(self._progress_key, self._answer_progress)
         self._subscriber = self._session.declare_subscriber(self.key, self._on_sample)
 
     def start(self) -> None:
@@ -227,7 +227,7 @@ class BridgeSource(Block):
             self._ready.notify_all()
 
     def _answer_progress(self, query) -> None:
-        query.reply(query.key_expr, json.dumps(self._progress))
+        query.reply(self._progress_key, json.dumps(self._progress))  # our own key, not the query's wildcard
 
     # -- the block's thread -------------------------------------------------------------
 
