@@ -4,6 +4,7 @@ import os
 import uuid
 
 import pytest
+from hypothesis import settings
 
 from helpers import run_python, spawn_python  # noqa: F401  (re-exported for tests)
 from multiqueue import PoolConfig, ShmConfig, ShmManager
@@ -39,3 +40,9 @@ def manager(domain, small_config):
 def _logs_in_a_temp_dir(tmp_path_factory):
     """Domain logs of the test run go to a temporary directory (workers inherit it)."""
     os.environ["MQ_LOG_DIR"] = str(tmp_path_factory.mktemp("mq-logs"))
+
+
+# Property-based tests run the same examples on every run (a failure is a bug to fix, not
+# luck); deadline off because this 2-core machine runs several processes per example.
+settings.register_profile("mq", derandomize=True, deadline=None, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "mq"))
