@@ -38,6 +38,9 @@ _ENTRY_WORDS = C.sizeof(L.Entry) // 8
 _ITEM_WORDS = C.sizeof(Item) // 8  # an item is (id, timestamp)
 _READER_ACTIVE = 1
 _SNAPSHOTS = 3  # a difference must show in this many snapshots in a row to be reported
+_WALK_TRIES = 5  # attempts at reading a busy pool's free list while it stands still
+_HEAD_WORD = C.sizeof(L.Pool) // 8  # u64 words per pool record; the head is the first
+_NEXT_FREE = L.Entry.next_free.offset // 4  # u32 index of next_free inside an entry
 _MASK32 = 0xFFFFFFFF
 
 
@@ -122,8 +125,27 @@ class QueueInfo:
 
 
 @dataclass
+class PoolInfo:
+    """Where every block of one pool is: free, held, taken by a dead process, or lost."""
+
+    name: str
+    pool_id: int
+    blocks: int
+    free: int | None  # None: the free list kept changing while it was walked (a busy pool)
+    held: int  # blocks with references
+    unpublished: int  # taken by a process that died before publishing them (reaping returns them)
+    lost: int  # none of the above in every snapshot: leaked blocks
+
+    def describe(self) -> str:
+        free = "busy" if self.free is None else str(self.free)
+        return (f"{self.name}: {self.blocks} blocks = {free} free + {self.held} held"
+                + (f" + {self.unpublished} unpublished" if self.unpublished else "")
+                + (f" + {self.lost} LOST" if self.lost else ""))
+
+
+@dataclass
 class Finding:
-    kind: str  # dead-process, dead-reader, leak, inconsistent, unreadable-segment
+    kind: str  # dead-process, dead-reader, leak, lost-block, inconsistent, unreadable-segment
     message: str
     fix: str
     pid: int | None = None
@@ -140,6 +162,7 @@ class DoctorReport:
     queues: list[QueueInfo]
     buffers: list[BufferInfo]
     findings: list[Finding]
+    pools: list[PoolInfo] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -169,6 +192,8 @@ class DoctorReport:
                 who = f"pid {r.pid}" + (f" {r.name!r}" if r.name else "")
                 lines.append(f"    reader {r.index}: {who}, {'alive' if r.alive else 'DEAD'}, {r.policy}, "
                              f"{r.unread} unread")
+        lines.append(f"pools ({len(self.pools)}):")
+        lines.extend(f"  {p.describe()}" for p in self.pools)
         lines.append(f"held buffers ({len(self.buffers)}):")
         if self.buffers:
             lines.append(f"  {'id':<20}{'pool':<12}{'size/capacity':>16}{'refs':>6}  "
@@ -187,7 +212,8 @@ class DoctorReport:
             for i, (desc, count) in enumerate(rows):
                 lines.append((head if i == 0 else " " * len(head)) + f"{desc:<52}{count:>6}")
         if self.ok:
-            lines.append("no problems found: every reference is accounted for and every holder is alive")
+            lines.append("no problems found: every reference and every block is accounted for and every "
+                         "holder is alive")
         else:
             lines.append(f"findings ({len(self.findings)}):")
             for f in self.findings:
@@ -299,6 +325,7 @@ class _Snap:
     queues: list[_QueueSnap]
     control: mmap.mmap  # the mapping, to read the entries of held slots
     taken_ns: int
+    free: dict[int, list[int] | None]  # active pool id -> slots in its free list (None: busy)
 
 
 def _snapshot(control: mmap.mmap, queues: list[tuple[str, str, mmap.mmap]]) -> _Snap:
@@ -330,7 +357,48 @@ def _snapshot(control: mmap.mmap, queues: list[tuple[str, str, mmap.mmap]]) -> _
         ring = np.frombuffer(mm, np.uint64, h.capacity * _ITEM_WORDS, ring_at)[::_ITEM_WORDS].copy()
         active = [(i, r) for i, r in enumerate(records) if r.state == _READER_ACTIVE]
         snaps.append(_QueueSnap(name, path, h, active, ring))
-    return _Snap(ctl, registered, pools, states, rows, snaps, control, time.monotonic_ns())
+    active = [i for i, p in enumerate(pools) if p.state in (L.POOL_ACTIVE, L.POOL_REMOVING)]
+    return _Snap(ctl, registered, pools, states, rows, snaps, control, time.monotonic_ns(),
+                 _free_lists(control, ctl, active))
+
+
+def _free_lists(control: mmap.mmap, ctl: L.Control, pool_ids: list[int]) -> dict[int, list[int] | None]:
+    """The slots in each pool's free list, read without locks.
+
+    The head word carries a tag that changes on every push and pop, so a list whose
+    head reads the same before and after the links were copied did not change in
+    between: the walk is of one consistent list.  A pool that never stands still for
+    _WALK_TRIES attempts is reported as busy (None).  A walk that leaves the table or
+    loops returns what it saw plus -1, which the analysis reports as corrupt.
+    """
+    heads = np.frombuffer(control, np.uint64, ctl.max_pools * _HEAD_WORD, ctl.pools_offset)[::_HEAD_WORD]
+    used = ctl.slots_used
+    result: dict[int, list[int] | None] = {p: None for p in pool_ids}
+    for _ in range(_WALK_TRIES):
+        pending = [p for p in pool_ids if result[p] is None]
+        if not pending:
+            break
+        before = heads[pending].copy()
+        links = np.frombuffer(control, np.uint32, used * _ENTRY_WORDS * 2, ctl.meta_offset)
+        links = links[_NEXT_FREE::_ENTRY_WORDS * 2].copy()
+        after = heads[pending].copy()
+        for pool_id, head, again in zip(pending, before.tolist(), after.tolist(), strict=True):
+            if head == again:
+                result[pool_id] = _walk(head & _MASK32, links)
+    return result
+
+
+def _walk(top: int, links: np.ndarray) -> list[int]:
+    slots: list[int] = []
+    seen: set[int] = set()
+    while top:
+        slot = top - 1
+        if slot >= len(links) or slot in seen:
+            return slots + [-1]
+        seen.add(slot)
+        slots.append(slot)
+        top = int(links[slot])
+    return slots
 
 
 @dataclass
@@ -343,6 +411,7 @@ class _Analysis:
     # ("leftover", slot, state word, leftover), ("stale-ledger", proc slot, slot, word, state word),
     # ("stale-item", queue, reader, id, state word)
     anomalies: dict[tuple, str]
+    pools: list[PoolInfo]
 
 
 def _analyze(snap: _Snap) -> _Analysis:
@@ -374,6 +443,7 @@ def _analyze(snap: _Snap) -> _Analysis:
         buffer(slot, int(gens[slot]))
 
     processes = []
+    allocating: set[int] = set()  # slots live processes are publishing right now
     for s, p in snap.procs:
         row = snap.rows[s]
         counts = (row & np.uint64(_MASK32)).astype(np.int64)
@@ -391,6 +461,8 @@ def _analyze(snap: _Snap) -> _Analysis:
                 if not alive[s]:
                     buffer(slot, gen, unpublished=True).holders.append(holder)
                     n_unpublished += 1
+                else:
+                    allocating.add(slot)
             elif alive[s]:  # a dead process's stale words are dropped harmlessly when it is reaped
                 anomalies[("stale-ledger", s, slot, int(row[slot]), int(snap.states[slot]))] = (
                     f"process {p.pid} {names[s]!r} records {count} reference(s) of buffer "
@@ -434,7 +506,44 @@ def _analyze(snap: _Snap) -> _Analysis:
         b.leftover = b.ref_count - b.accounted
         if b.leftover:
             anomalies[("leftover", slot, int(snap.states[slot]), b.leftover)] = ""
-    return _Analysis(snap, processes, queues, dict(sorted(buffers.items())), anomalies)
+    pools = [_account_pool(snap, pool_id, refs, buffers, allocating, anomalies) for pool_id in snap.free]
+    return _Analysis(snap, processes, queues, dict(sorted(buffers.items())), anomalies, pools)
+
+
+def _account_pool(snap: _Snap, pool_id: int, refs: np.ndarray, buffers: dict[int, BufferInfo],
+                  allocating: set[int], anomalies: dict[tuple, str]) -> PoolInfo:
+    """Put every block of a pool in one place: free, held, unpublished or (else) lost.
+
+    Lost blocks and blocks both free and held become anomalies (reported when they
+    persist): a lost block is one a process took from the free list and was killed
+    before recording it in its ledger (docs/shm.md), or a sign of corruption."""
+    rec = snap.pools[pool_id]
+    name = rec.name.decode(errors="replace")
+    slots = [first for c in rec.chunks[: min(rec.n_chunks, L.MAX_CHUNKS)]
+             for first in range(c.first_slot, min(c.first_slot + c.count, len(refs)))]
+    info = PoolInfo(name, pool_id, len(slots), None, 0, 0, 0)
+    free_list = snap.free[pool_id]
+    for slot in slots:
+        if refs[slot] > 0:
+            info.held += 1
+        elif slot in buffers and buffers[slot].unpublished:
+            info.unpublished += 1
+    if free_list is None:
+        return info
+    free = set(free_list)
+    info.free = len(free - {-1})
+    if -1 in free or not free <= set(slots):
+        anomalies[("free-list", pool_id, tuple(free_list))] = (
+            f"the free list of pool {name!r} loops or leaves the pool's slots")
+    for slot in free & set(slots):
+        if refs[slot] > 0:
+            anomalies[("free-and-held", slot, int(snap.states[slot]))] = (
+                f"block slot {slot} of pool {name!r} is in the free list but has {int(refs[slot])} "
+                "reference(s)")
+    for slot in slots:
+        if slot not in free and refs[slot] == 0 and slot not in buffers and slot not in allocating:
+            anomalies[("lost-block", pool_id, slot, int(snap.states[slot]))] = ""
+    return info
 
 
 def _plural(n: int, word: str) -> str:
@@ -521,8 +630,9 @@ def _report(domain: str, prefix: str, control_path: str, a: _Analysis, persisten
                 f"run {cleanup} and report it",
                 references=-b.leftover, buffers=[b.id]))
 
+    findings.extend(_lost_blocks(domain, a, persistent))
     for key, message in a.anomalies.items():
-        if key[0] == "leftover" or key not in persistent:
+        if key[0] in ("leftover", "lost-block") or key not in persistent:
             continue
         findings.append(Finding(
             "inconsistent", message,
@@ -531,4 +641,28 @@ def _report(domain: str, prefix: str, control_path: str, a: _Analysis, persisten
 
     findings.extend(unreadable)
     return DoctorReport(domain, prefix, control_path, a.processes, a.queues, list(a.buffers.values()),
-                        findings)
+                        findings, a.pools)
+
+
+def _lost_blocks(domain: str, a: _Analysis, persistent: set) -> list[Finding]:
+    """One finding per pool with blocks that are neither free nor held in every snapshot."""
+    lost: dict[int, list[int]] = {}
+    for key in persistent:
+        if key[0] == "lost-block":
+            lost.setdefault(key[1], []).append(key[2])
+    findings = []
+    for pool in a.pools:
+        slots = sorted(lost.get(pool.pool_id, ()))
+        if not slots:
+            continue
+        pool.lost = len(slots)
+        shown = ", ".join(map(str, slots[:10])) + (" ..." if len(slots) > 10 else "")
+        findings.append(Finding(
+            "lost-block",
+            f"pool {pool.name!r} has {_plural(len(slots), 'block')} (slot {shown}) that are neither free "
+            "nor held: a process was probably killed between taking a block from the free list and "
+            "recording it (see docs/shm.md)",
+            f"a lost block cannot be used again while the domain lives (pool {pool.name!r} has "
+            f"{_plural(len(slots), 'block')} less) until every process of {domain!r} stops and "
+            f"`mq cleanup {domain}` removes the domain; harmless unless it recurs"))
+    return findings
