@@ -15,7 +15,15 @@ import numpy as np
 
 from ..errors import SegmentError
 from ..shm import layout as L
-from ..shm.segment import create_segment, is_alive, open_segment, segment_path, unlink_quietly
+from ..shm.segment import (
+    OWNER_ONLY,
+    Access,
+    create_segment,
+    is_alive,
+    open_segment,
+    segment_path,
+    unlink_quietly,
+)
 
 MAGIC_GRAPH = int.from_bytes(b"MQGRAPH1", "little")
 KIND_GRAPH = 4
@@ -70,7 +78,8 @@ class GraphSegment:
         self.description = json.loads(bytes(segment.mmap[start : start + header.description_size]))
 
     @classmethod
-    def create(cls, prefix: str, domain: str, description: dict) -> "GraphSegment":
+    def create(cls, prefix: str, domain: str, description: dict,
+               access: Access = OWNER_ONLY) -> "GraphSegment":
         text = json.dumps(description).encode()
         n_blocks, n_edges = len(description["blocks"]), len(description["edges"])
         table_end = L.PAGE + (n_blocks + n_edges) * ROW_WORDS * 8
@@ -88,10 +97,11 @@ class GraphSegment:
             del rows
 
         path = segment_path(prefix, domain, "graph")
-        segment = create_segment(path, size, MAGIC_GRAPH, KIND_GRAPH, ctypes.sizeof(GraphHeader), init)
+        header_size = ctypes.sizeof(GraphHeader)
+        segment = create_segment(path, size, MAGIC_GRAPH, KIND_GRAPH, header_size, init, access)
         if segment is None and _stale(path):  # its runtime died before anyone removed it
             unlink_quietly(path)
-            segment = create_segment(path, size, MAGIC_GRAPH, KIND_GRAPH, ctypes.sizeof(GraphHeader), init)
+            segment = create_segment(path, size, MAGIC_GRAPH, KIND_GRAPH, header_size, init, access)
         if segment is None:
             raise SegmentError(17, f"domain {domain!r} already runs a graph ({path} exists); stop it "
                                    "first, or give this graph another domain")

@@ -291,7 +291,8 @@ class Runtime:
             self.manager = ShmManager(self.domain, _with_bus_room(self.pools), name="runtime")
             self._bus = Bus(self.manager)
             # the graph segment first: it is what refuses a second graph in the domain
-            self._graph = R.GraphSegment.create(self.manager._prefix, self.domain, self.describe())
+            self._graph = R.GraphSegment.create(self.manager._prefix, self.domain, self.describe(),
+                                                 self.manager._access)
             self._create_queues()
             self._start_hosts(specs)
             self._supervisor = threading.Thread(target=self._supervise, name="mq-supervisor", daemon=True)

@@ -4,7 +4,7 @@ import re
 from dataclasses import dataclass, field
 
 from .layout import MAX_CHUNKS, MAX_NAME
-from .segment import DEFAULT_PREFIX, check_prefix
+from .segment import DEFAULT_PREFIX, check_prefix, resolve_group
 
 _POOL_NAME_RE = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_NAME}}}$")
 
@@ -62,6 +62,8 @@ class ShmConfig:
 
     ``max_buffers`` bounds the blocks of all pools together (each block has one
     metadata slot); ``max_processes`` bounds the processes attached at once.
+    Segments are owner-only (mode 0600); ``group`` (a group name or id) shares the
+    domain with that group's members instead (mode 0660, every segment of the domain).
     """
 
     name_prefix: str = DEFAULT_PREFIX
@@ -69,9 +71,11 @@ class ShmConfig:
     max_processes: int = 64
     max_buffers: int = 16384
     max_pools: int = 32
+    group: str | int | None = None
 
     def __post_init__(self):
         check_prefix(self.name_prefix)
+        self.gid = None if self.group is None else resolve_group(self.group)
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique, got {names}")

@@ -2,6 +2,7 @@
 
 import atexit
 import ctypes
+import logging
 import os
 import secrets
 import sys
@@ -28,6 +29,7 @@ from . import layout as L
 from .buffer import _ENTRY_WORDS, _W_LINK, _W_OFFSET, _W_SIZE, Buffer
 from .config import PoolConfig, PoolStats, ReapReport, ShmConfig, ShmStats
 from .segment import (
+    Access,
     DomainLock,
     check_domain,
     create_segment,
@@ -39,6 +41,7 @@ from .segment import (
     unlink_quietly,
 )
 
+_log = logging.getLogger("multiqueue.shm")
 _POOL_DATA_OFFSET = L.PAGE  # payload of a pool segment starts on the second page
 _live_managers: "weakref.WeakSet[ShmManager]" = weakref.WeakSet()
 
@@ -109,6 +112,7 @@ class ShmManager:
         self._prefix = prefix
         self._control = self._open_or_create_control(prefix)
         self._lock = DomainLock(self._control.fd)
+        self._access = Access.of(self._control.fd)  # segments this process creates get the same
         mm = self._control.mmap
         self._ctl = L.Control.from_buffer(mm)
         c = self._ctl
@@ -169,8 +173,7 @@ class ShmManager:
             others_alive = any(p.state != L.PROC_FREE for p in self._procs)
         self._ctx.close()
         if unlink or (unlink is None and not others_alive):
-            for path in domain_segments(self._prefix, self.domain):
-                unlink_quietly(path)
+            self._unlink_segments()
         self._unmap()
         _live_managers.discard(self)
 
@@ -198,7 +201,7 @@ class ShmManager:
                     rec.max_blocks if rec.expandable else None,
                 )
             )
-        return ShmConfig(self._prefix, pools, c.max_processes, c.max_buffers, c.max_pools)
+        return ShmConfig(self._prefix, pools, c.max_processes, c.max_buffers, c.max_pools, self._access.gid)
 
     @classmethod
     def cleanup(cls, domain: str, name_prefix: str = ShmConfig.name_prefix) -> list[str]:
@@ -292,7 +295,7 @@ class ShmManager:
         with self._lock:
             if config.name in self._pool_names_locked():
                 raise ValueError(f"domain {self.domain!r} already has a pool named {config.name!r}")
-            _create_pool(self._control, self._ctx, self._prefix, self.domain, config)
+            _create_pool(self._control, self._ctx, self._prefix, self.domain, config, self._access)
         self._notify_waiters()
         self._refresh_pools()
         return self.get_pool(config.name)
@@ -417,6 +420,20 @@ class ShmManager:
         return out
 
     # ------------------------------------------------------------------ internals
+
+    def _unlink_segments(self) -> None:
+        """Remove the domain's files; in a group-shared domain /dev/shm's sticky bit lets
+        only each file's owner remove it, so other users' files are left (and named)."""
+        kept = []
+        for path in domain_segments(self._prefix, self.domain):
+            try:
+                unlink_quietly(path)
+            except PermissionError:
+                kept.append(path)
+        if kept:
+            _log.warning("left %d segment(s) of domain %r that belong to other users (only their owner "
+                         "may remove them; run `mq cleanup %s` as that user): %s",
+                         len(kept), self.domain, self.domain, ", ".join(kept))
 
     def _check(self) -> None:
         if not self._initialized and getattr(self, "_forked_from", None):
@@ -650,7 +667,8 @@ class ShmManager:
             rec = self._pools[pool_id]
             if rec.expandable and rec.block_count < rec.max_blocks:
                 with self._lock:
-                    grown = _grow_pool(self._control, self._ctx, self._prefix, self.domain, pool_id)
+                    grown = _grow_pool(self._control, self._ctx, self._prefix, self.domain, pool_id,
+                                       self._access)
                 if grown:
                     self._notify_waiters()
                     return True
@@ -774,6 +792,7 @@ def _create_domain(path: str, prefix: str, domain: str, config: ShmConfig):
     are removed and the caller attaches to theirs.
     """
     lay = L.control_layout(config.max_processes, config.max_pools, config.max_buffers)
+    access = Access.for_group(config.gid)
     created_pools: list[str] = []
 
     def init(mm):
@@ -787,13 +806,13 @@ def _create_domain(path: str, prefix: str, domain: str, config: ShmConfig):
         ctx = _native.Context(mm, 0)
         try:
             for pool in config.pools:
-                _create_pool_in(mm, ctx, prefix, domain, pool, created_pools)
+                _create_pool_in(mm, ctx, prefix, domain, pool, created_pools, access)
         finally:
             ctx.close()
 
     try:
         seg = create_segment(path, lay["total"], L.MAGIC_CONTROL, L.KIND_CONTROL, lay["procs"],
-                             init)
+                             init, access)
     except BaseException:
         for p in created_pools:
             unlink_quietly(p)
@@ -804,18 +823,18 @@ def _create_domain(path: str, prefix: str, domain: str, config: ShmConfig):
     return seg
 
 
-def _create_pool(control, ctx, prefix: str, domain: str, config: PoolConfig) -> int:
+def _create_pool(control, ctx, prefix: str, domain: str, config: PoolConfig, access: Access) -> int:
     """Add a pool to a live domain (caller holds the domain lock)."""
     created: list[str] = []
     try:
-        return _create_pool_in(control.mmap, ctx, prefix, domain, config, created)
+        return _create_pool_in(control.mmap, ctx, prefix, domain, config, created, access)
     except BaseException:
         for p in created:
             unlink_quietly(p)
         raise
 
 
-def _create_pool_in(mm, ctx, prefix, domain, config: PoolConfig, created: list[str]) -> int:
+def _create_pool_in(mm, ctx, prefix, domain, config: PoolConfig, created: list[str], access: Access) -> int:
     c = L.Control.from_buffer(mm)
     pools = (L.Pool * c.max_pools).from_buffer(mm, c.pools_offset)
     free_ids = [i for i, p in enumerate(pools) if p.state == L.POOL_FREE]
@@ -842,14 +861,14 @@ def _create_pool_in(mm, ctx, prefix, domain, config: PoolConfig, created: list[s
         )
     rec.chunks[0].first_slot = first
     c.slots_used = first + config.block_limit  # reserved slots stay at generation 0: invalid ids
-    _add_chunk(mm, ctx, prefix, domain, pool_id, config.block_count, created)
+    _add_chunk(mm, ctx, prefix, domain, pool_id, config.block_count, created, access)
     rec.state = L.POOL_ACTIVE
     c.pools_epoch += 1
     del c, pools, rec
     return pool_id
 
 
-def _grow_pool(control, ctx, prefix: str, domain: str, pool_id: int) -> bool:
+def _grow_pool(control, ctx, prefix: str, domain: str, pool_id: int, access: Access) -> bool:
     """Add a chunk of blocks to an expandable pool (caller holds the domain lock).
 
     Returns True if the pool has free blocks afterwards (it grew, or another process
@@ -864,7 +883,7 @@ def _grow_pool(control, ctx, prefix: str, domain: str, pool_id: int) -> bool:
         return False
     created: list[str] = []
     try:
-        _add_chunk(mm, ctx, prefix, domain, pool_id, room, created)
+        _add_chunk(mm, ctx, prefix, domain, pool_id, room, created, access)
     except BaseException:
         for p in created:
             unlink_quietly(p)
@@ -873,7 +892,7 @@ def _grow_pool(control, ctx, prefix: str, domain: str, pool_id: int) -> bool:
     return True
 
 
-def _add_chunk(mm, ctx, prefix, domain, pool_id: int, count: int, created: list[str]) -> None:
+def _add_chunk(mm, ctx, prefix, domain, pool_id: int, count: int, created: list[str], access: Access) -> None:
     """Create one segment of `count` blocks for a pool and link them into its free list."""
     c = L.Control.from_buffer(mm)
     rec = _pool_record(mm, pool_id)
@@ -881,7 +900,7 @@ def _add_chunk(mm, ctx, prefix, domain, pool_id: int, count: int, created: list[
     chunk = rec.n_chunks
     path = _pool_segment_path(prefix, domain, rec, chunk)
     size = _POOL_DATA_OFFSET + count * rec.stride
-    seg = create_segment(path, size, L.MAGIC_POOL, L.KIND_POOL, _POOL_DATA_OFFSET)
+    seg = create_segment(path, size, L.MAGIC_POOL, L.KIND_POOL, _POOL_DATA_OFFSET, access=access)
     if seg is None:
         raise SegmentError(17, f"segment {path} already exists; remove the stale domain first")
     created.append(path)

@@ -10,12 +10,15 @@ half-initialized segment, and creating never replaces an existing one.
 import ctypes
 import errno
 import fcntl
+import grp
 import mmap
 import os
 import re
+import resource
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from ..errors import SegmentError, SegmentVersionError
 from .layout import LAYOUT_VERSION, SegmentHeader
@@ -76,6 +79,55 @@ def is_alive(pid: int, start_time: int) -> bool:
     return pid > 0 and process_start_time(pid) == start_time
 
 
+def _open_file(path: str, flags: int, mode: int = 0o600) -> int:
+    """os.open with an actionable error when the process is out of file descriptors."""
+    try:
+        return os.open(path, flags, mode)
+    except OSError as e:
+        if e.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        whose = "this process" if e.errno == errno.EMFILE else "the system"
+        raise SegmentError(
+            e.errno,
+            f"cannot open segment {path}: {whose} has no file descriptor left (the process limit is "
+            f"{soft}, now {_open_fds()} open); raise it (`ulimit -n`, resource.setrlimit) or close files",
+        ) from None
+
+
+def _map(fd: int, size: int, path: str, **kwargs) -> mmap.mmap:
+    """mmap with an actionable error when the process is out of memory maps."""
+    try:
+        return mmap.mmap(fd, size, **kwargs)
+    except OSError as e:
+        if e.errno != errno.ENOMEM:
+            raise
+        raise SegmentError(
+            e.errno,
+            f"cannot map segment {path} ({size / 2**20:.1f} MiB): the process has {count_maps()} memory "
+            f"maps and the limit is vm.max_map_count={max_map_count()}, or address space is exhausted; "
+            "raise the limit (sysctl -w vm.max_map_count=N) or use fewer, larger pools",
+        ) from None
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
+def count_maps() -> int:
+    """How many memory maps this process has (each mapped segment is one)."""
+    with open("/proc/self/maps", "rb") as f:
+        return sum(1 for _ in f)
+
+
+def max_map_count() -> int:
+    with open("/proc/sys/vm/max_map_count") as f:
+        return int(f.read())
+
+
 class Segment:
     """One mapped segment: its path, file descriptor, mmap and header."""
 
@@ -119,17 +171,77 @@ def _fill_header(mm: mmap.mmap, magic: int, kind: int, header_size: int) -> None
     del hdr
 
 
-def create_segment(path, size, magic, kind, header_size, init=None, mode=0o600):
+@dataclass(frozen=True)
+class Access:
+    """Who may open a domain's segments: the owner only, or also one group.
+
+    Every segment of a domain gets the access of its control segment, so a pool
+    grown or a queue created by any process is as open as the domain, no more.
+    """
+
+    mode: int = 0o600
+    gid: int | None = None  # the group that shares the domain (mode 0660), None: owner only
+
+    @classmethod
+    def for_group(cls, group: int | None) -> "Access":
+        return cls() if group is None else cls(0o660, group)
+
+    @classmethod
+    def of(cls, fd: int) -> "Access":
+        """The access of an existing segment (the domain's control segment)."""
+        st = os.fstat(fd)
+        return cls(0o660, st.st_gid) if st.st_mode & 0o060 else cls()
+
+
+OWNER_ONLY = Access()
+
+
+def resolve_group(group: str | int) -> int:
+    """A group's id from its name or id; ValueError naming it if the system has none."""
+    if isinstance(group, bool) or not isinstance(group, (str, int)):
+        raise TypeError(f"group must be a group name or id, not {type(group).__name__}")
+    if isinstance(group, int):  # an id needs no name (a container may have none for it)
+        if not 0 <= group < 2**32 - 1:
+            raise ValueError(f"group id {group} is out of range")
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"unknown group {group!r}: name an existing group (see `getent group`)") from None
+
+
+def _apply_access(fd: int, path: str, access: Access) -> None:
+    if access.gid is not None:
+        try:
+            os.fchown(fd, -1, access.gid)
+        except PermissionError:
+            name = _group_name(access.gid)
+            raise SegmentError(
+                errno.EPERM,
+                f"cannot share segment {path} with group {name!r}: this user is not a member of it; "
+                f"add the user to {name!r} (usermod -aG {name} USER) or create the domain without group",
+            ) from None
+    os.fchmod(fd, access.mode)  # the umask may have narrowed it; never widen beyond `mode`
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def create_segment(path, size, magic, kind, header_size, init=None, access: Access = OWNER_ONLY):
     """Create and publish a segment; returns it, or None if `path` already exists.
 
     The space is reserved with posix_fallocate, so a full /dev/shm fails here with a
     clear error instead of a SIGBUS when a page is first touched.
     """
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    fd = _open_file(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     segment = None
     try:
-        os.fchmod(fd, mode)  # the umask may have narrowed it; never widen beyond `mode`
+        _apply_access(fd, path, access)
         try:
             os.posix_fallocate(fd, 0, size)
         except OSError as e:
@@ -140,7 +252,7 @@ def create_segment(path, size, magic, kind, header_size, init=None, mode=0o600):
                     "full; free space there (`df -h /dev/shm`) or configure smaller pools",
                 ) from None
             raise
-        mm = mmap.mmap(fd, size)
+        mm = _map(fd, size, path)
         if init is not None:
             init(mm)
         _fill_header(mm, magic, kind, header_size)
@@ -160,7 +272,7 @@ def create_segment(path, size, magic, kind, header_size, init=None, mode=0o600):
 def open_segment(path: str, magic: int, kind: int) -> Segment:
     """Open and check an existing segment (magic, kind, layout version, size)."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = _open_file(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SegmentError(errno.ENOENT, f"segment {path} does not exist") from None
     except PermissionError:
@@ -173,7 +285,7 @@ def open_segment(path: str, magic: int, kind: int) -> Segment:
         size = os.fstat(fd).st_size
         if size < ctypes.sizeof(SegmentHeader):
             raise SegmentError(errno.EINVAL, f"segment {path} is truncated ({size} bytes)")
-        mm = mmap.mmap(fd, size)
+        mm = _map(fd, size, path)
         hdr = SegmentHeader.from_buffer_copy(mm[: ctypes.sizeof(SegmentHeader)])
         if hdr.magic != magic or hdr.kind != kind:
             mm.close()

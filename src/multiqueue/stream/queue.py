@@ -579,7 +579,7 @@ def _open_or_create(manager, name, capacity, max_readers, clock, create):
 
         size = C.sizeof(QueueHeader) + max_readers * C.sizeof(ReaderRecord) + capacity * C.sizeof(Item)
         segment = create_segment(path, L.align(size, L.PAGE), MAGIC_QUEUE, KIND_QUEUE,
-                                 C.sizeof(QueueHeader), init)
+                                 C.sizeof(QueueHeader), init, manager._access)
         if segment is not None:
             return segment
     raise SegmentError(0, f"could not create or open queue {name!r}")
