@@ -10,6 +10,7 @@ from .errors import (
     PoolExhaustedError,
     PoolInUseError,
     PoolNotFoundError,
+    ResourceLimitError,
     SegmentError,
     SegmentVersionError,
 )
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Buffer", "BufferPool", "BufferReleasedError", "DomainFullError", "DomainInUseError",
     "InvalidBufferError", "MultiQueueError", "NotInitializedError", "PoolConfig",
-    "PoolExhaustedError", "PoolInUseError", "PoolNotFoundError", "PoolStats", "ReapReport", "Runtime",
+    "PoolExhaustedError", "PoolInUseError", "PoolNotFoundError",
+    "ResourceLimitError", "PoolStats", "ReapReport", "Runtime",
     "SegmentError", "SegmentVersionError", "ShmConfig", "ShmManager", "ShmStats", "attach",
 ]

@@ -57,3 +57,7 @@ class QueueClosedError(MultiQueueError):
 
 class QueueFullError(MultiQueueError):
     """A queue has no free consumer slot, or a reader cannot attach."""
+
+
+class ResourceLimitError(SegmentError):
+    """The machine cannot hold what was asked: /dev/shm space, memory maps, descriptors."""

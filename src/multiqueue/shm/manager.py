@@ -28,6 +28,7 @@ from ..errors import (
 from . import layout as L
 from .buffer import _ENTRY_WORDS, _W_LINK, _W_OFFSET, _W_SIZE, Buffer
 from .config import PoolConfig, PoolStats, ReapReport, ShmConfig, ShmStats
+from .resources import preflight
 from .segment import (
     Access,
     DomainLock,
@@ -125,6 +126,7 @@ class ShmManager:
         self._pid = os.getpid()
         self._chunk_views: dict[tuple[int, int, int], memoryview] = {}
         self._chunk_segments: dict[tuple[int, int, int], object] = {}
+        self._growth_failures: dict[int, str] = {}  # pool id -> why it last failed to grow
         # objects living on this domain (port queues...) told about reaps and shutdown
         self._attachments: weakref.WeakSet = weakref.WeakSet()
         with self._lock:
@@ -458,12 +460,20 @@ class ShmManager:
                         raise SegmentError(
                             e.errno, f"domain {self.domain!r} does not exist (no {path})"
                         ) from None
+                    self._preflight()
                     seg = _create_domain(path, prefix, self.domain, self._requested)
                     if seg is not None:
                         return seg
                     continue  # another process published it first: attach to theirs
                 raise
         raise SegmentError(0, f"could not create or open {path}")
+
+    def _preflight(self) -> None:
+        """Refuse a configuration this machine cannot hold, before creating anything."""
+        report = preflight(self._requested, self.domain)
+        for warning in report.warnings:
+            _log.warning("domain %r: %s", self.domain, warning)
+        report.raise_errors()
 
     def _register_locked(self) -> int:
         for slot, p in enumerate(self._procs):  # noqa: B007 - the loop finds `slot`
@@ -662,13 +672,25 @@ class ShmManager:
         return None
 
     def _grow_one(self, candidates) -> bool:
-        """Grow the first expandable candidate that can; True if any block was added."""
+        """Grow the first expandable candidate that can; True if any block was added.
+
+        A pool that cannot grow (/dev/shm full, out of maps or descriptors) is not an
+        error by itself: the allocation waits for a freed block like for a full pool,
+        and says why the pool did not grow if it times out."""
         for pool_id in candidates:
             rec = self._pools[pool_id]
             if rec.expandable and rec.block_count < rec.max_blocks:
-                with self._lock:
-                    grown = _grow_pool(self._control, self._ctx, self._prefix, self.domain, pool_id,
-                                       self._access)
+                try:
+                    with self._lock:
+                        grown = _grow_pool(self._control, self._ctx, self._prefix, self.domain, pool_id,
+                                           self._access)
+                except SegmentError as e:
+                    if pool_id not in self._growth_failures:
+                        _log.warning("domain %r: pool %r could not grow: %s", self.domain,
+                                     self._pool_name(pool_id), e)
+                    self._growth_failures[pool_id] = e.strerror or str(e)
+                    continue
+                self._growth_failures.pop(pool_id, None)
                 if grown:
                     self._notify_waiters()
                     return True
@@ -707,6 +729,8 @@ class ShmManager:
         for pool_id in candidates:
             s = self._pool_stats(pool_id)
             grow = f", expandable to {s.max_blocks}" if s.expandable else ""
+            if pool_id in self._growth_failures:
+                grow += f", could not grow: {self._growth_failures[pool_id]}"
             parts.append(f"{s.name!r} ({s.blocks_used}/{s.block_count} blocks of "
                          f"{_human(s.block_size)} used{grow})")
         waited = "without waiting" if not timeout else f"within {timeout} s"

@@ -91,7 +91,7 @@ def _open_file(path: str, flags: int, mode: int = 0o600) -> int:
         raise SegmentError(
             e.errno,
             f"cannot open segment {path}: {whose} has no file descriptor left (the process limit is "
-            f"{soft}, now {_open_fds()} open); raise it (`ulimit -n`, resource.setrlimit) or close files",
+            f"{soft}, now {open_fds()} open); raise it (`ulimit -n`, resource.setrlimit) or close files",
         ) from None
 
 
@@ -110,7 +110,7 @@ def _map(fd: int, size: int, path: str, **kwargs) -> mmap.mmap:
         ) from None
 
 
-def _open_fds() -> int:
+def open_fds() -> int:
     try:
         return len(os.listdir("/proc/self/fd"))
     except OSError:
