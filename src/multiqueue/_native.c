@@ -17,8 +17,9 @@
  *
  * Crash windows.  Every reference a process holds is recorded in its ledger row
  * (one 64-bit word per slot: generation << 32 | count).  Orders are chosen so that a
- * process killed between two steps can at worst leak one reference (never free a
- * block twice):  acquire = CAS the count up, then ledger up; release = ledger down,
+ * process killed between two steps can at worst leak (one block or reference; a queue
+ * push one reference per reader) and never frees a block twice (every death point is
+ * explored by tests/protocol_model.py):  acquire = CAS the count up, then ledger up; release = ledger down,
  * then CAS the count down; alloc = pop, ledger (gen+1, 1), then publish the state.
  * A dead process whose ledger names generation g+1 of a slot still at g with count 0
  * popped that block but never published it: reclaim() pushes it back.
@@ -1114,8 +1115,11 @@ static PyObject *Queue_join(Queue *self, PyObject *args) {
     r->popped = r->drops = 0;
     r->joined_seq = cursor;
     STORE(&r->cursor, cursor);
-    STORE(&r->state, MQ_READER_ACTIVE);
+    /* the high-water mark first: killed between the two stores, the slot is still
+       FREE and in range of every scan; the other order hid an ACTIVE reader from
+       pushes and reaps (found by tests/protocol_model.py) */
     if (index + 1 > q->readers_hw) STORE(&q->readers_hw, index + 1);
+    STORE(&r->state, MQ_READER_ACTIVE);
     queue_unlock(q);
     wake(&q->space_event, &q->space_waiters); /* a producer may wait for readers to join */
     return PyLong_FromLong((long)index);
