@@ -153,17 +153,17 @@ def build_ops(v: Variant) -> dict[str, Op]:
     # ---------------------------------------------------------- free list (Treiber)
     o = op("freelist_pop")
 
-    @o.atomic("load_head", "_native.c:165 head = LOAD(&pool->head)")
+    @o.atomic("load_head", "_native.c:166 head = LOAD(&pool->head)")
     def pop_load_head(m, L, x):
         L["h"] = m["pool.head"]
         return "load_next" if lo(L["h"]) else Ret(-1)  # :168 top == 0 -> -1
 
-    @o.atomic("load_next", "_native.c:169 next = entries[top - 1].next_free")
+    @o.atomic("load_next", "_native.c:170 next = entries[top - 1].next_free")
     def pop_load_next(m, L, x):
         L["next"] = m[f"nx{lo(L['h']) - 1}"]
         return "cas"
 
-    @o.atomic("cas", "_native.c:171 CAS(&pool->head, &head, (tag + 1) << 32 | next)")
+    @o.atomic("cas", "_native.c:172 CAS(&pool->head, &head, (tag + 1) << 32 | next)")
     def pop_cas(m, L, x):
         if m["pool.head"] != L["h"]:
             if lo(m["pool.head"]) == lo(L["h"]):
@@ -180,17 +180,17 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("freelist_push")  # args: slot
 
-    @o.atomic("load_head", "_native.c:176 head = LOAD(&pool->head)")
+    @o.atomic("load_head", "_native.c:177 head = LOAD(&pool->head)")
     def push_load_head(m, L, x):
         L["h"] = m["pool.head"]
         return "store_next"
 
-    @o.atomic("store_next", "_native.c:178 entries[slot].next_free = (uint32_t)head")
+    @o.atomic("store_next", "_native.c:179 entries[slot].next_free = (uint32_t)head")
     def push_store_next(m, L, x):
         m[f"nx{L['slot']}"] = lo(L["h"])
         return "cas"
 
-    @o.atomic("cas", "_native.c:180 CAS(&pool->head, &head, (tag + 1) << 32 | slot + 1)")
+    @o.atomic("cas", "_native.c:181 CAS(&pool->head, &head, (tag + 1) << 32 | slot + 1)")
     def push_cas(m, L, x):
         if m["pool.head"] != L["h"]:
             L["h"] = m["pool.head"]
@@ -204,11 +204,11 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("free_block")  # args: slot
 
-    @o.pure("push", "_native.c:301 freelist_push(pool, entries, slot)")
+    @o.pure("push", "_native.c:302 freelist_push(pool, entries, slot)")
     def fb_push(m, L, x):
         return Call("freelist_push", {"slot": L["slot"]}, "used_sub")
 
-    @o.atomic("used_sub", "_native.c:302 fetch_sub(&pool->used, 1)")
+    @o.atomic("used_sub", "_native.c:303 fetch_sub(&pool->used, 1)")
     def fb_used_sub(m, L, x):
         m["pool.used"] -= 1
         return Ret(None)  # :303 wake(): futex words only, not modelled
@@ -219,12 +219,12 @@ def build_ops(v: Variant) -> dict[str, Op]:
         st = L["st"]
         return Ret(-1) if hi(st) != L["gen"] or lo(st) < L["count"] else "cas"  # :313
 
-    @o.atomic("load", "_native.c:310 state = LOAD(&e->state)")
+    @o.atomic("load", "_native.c:311 state = LOAD(&e->state)")
     def dr_load(m, L, x):
         L["st"] = m[f"st{L['slot']}"]
         return drop_check(L)
 
-    @o.atomic("cas", "_native.c:314 CAS(&e->state, &state, state - count)")
+    @o.atomic("cas", "_native.c:315 CAS(&e->state, &state, state - count)")
     def dr_cas(m, L, x):
         key = f"st{L['slot']}"
         if m[key] != L["st"]:
@@ -243,7 +243,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
     # ---------------------------------------------------------------- buffers
     o = op("alloc_block")  # -> id, or -1 pool empty
 
-    @o.pure("pop", "_native.c:344 freelist_pop(pool, entries)")
+    @o.pure("pop", "_native.c:345 freelist_pop(pool, entries)")
     def al_pop(m, L, x):
         return Call("freelist_pop", {}, "popped")
 
@@ -254,24 +254,24 @@ def build_ops(v: Variant) -> dict[str, Op]:
         L["slot"] = L["_r"]
         return "used_add"
 
-    @o.atomic("used_add", "_native.c:347 add_fetch(&pool->used, 1)")
+    @o.atomic("used_add", "_native.c:348 add_fetch(&pool->used, 1)")
     def al_used_add(m, L, x):
         m["pool.used"] += 1
         return "load_gen"  # :348 pool state (constant here), :358-362 high_water (statistics)
 
-    @o.atomic("load_gen", "_native.c:364 gen = (state >> 32) + 1")
+    @o.atomic("load_gen", "_native.c:365 gen = (state >> 32) + 1")
     def al_load_gen(m, L, x):
         L["st"] = m[f"st{L['slot']}"]
         gen = (hi(L["st"]) + 1) & M32
         L["gen"] = gen or 1  # :365
         return "ledger_store"
 
-    @o.atomic("ledger_store", "_native.c:366 STORE(&ledger[slot], gen << 32 | 1)")
+    @o.atomic("ledger_store", "_native.c:367 STORE(&ledger[slot], gen << 32 | 1)")
     def al_ledger_store(m, L, x):
         m[ledger_key(x.me, L["slot"])] = L["gen"] << 32 | 1
         return "publish"
 
-    @o.atomic("publish", "_native.c:374 STORE(&e->state, gen << 32 | 1)")
+    @o.atomic("publish", "_native.c:375 STORE(&e->state, gen << 32 | 1)")
     def al_publish(m, L, x):
         key, slot = f"st{L['slot']}", L["slot"]
         if m[key] != L["st"] or lo(m[key]) != 0:
@@ -290,13 +290,13 @@ def build_ops(v: Variant) -> dict[str, Op]:
             x.events.add("acquire of a stale id refused on a reused slot")
         return Ret(-1) if stale else "cas"  # :418
 
-    @o.atomic("load", "_native.c:416 state = LOAD(&e->state)")
+    @o.atomic("load", "_native.c:417 state = LOAD(&e->state)")
     def acq_load(m, L, x):
         L["slot"], L["gen"] = lo(L["id"]), hi(L["id"])  # :412-414 parse, gen 0 / range checks
         L["st"] = m[f"st{L['slot']}"]
         return acq_check(L, x)
 
-    @o.atomic("cas", "_native.c:423 CAS(&e->state, &state, state + 1)")
+    @o.atomic("cas", "_native.c:424 CAS(&e->state, &state, state + 1)")
     def acq_cas(m, L, x):
         key = f"st{L['slot']}"
         if m[key] != L["st"]:
@@ -308,12 +308,12 @@ def build_ops(v: Variant) -> dict[str, Op]:
         m[key] = L["st"] + 1
         return "ledger_load"
 
-    @o.atomic("ledger_load", "_native.c:425 held = ledger[slot]")
+    @o.atomic("ledger_load", "_native.c:426 held = ledger[slot]")
     def acq_ledger_load(m, L, x):
         L["held"] = m[ledger_key(x.me, L["slot"])]
         return "ledger_store"
 
-    @o.atomic("ledger_store", "_native.c:427 STORE(&ledger[slot], gen << 32 | count)")
+    @o.atomic("ledger_store", "_native.c:428 STORE(&ledger[slot], gen << 32 | count)")
     def acq_ledger_store(m, L, x):
         held = L["held"]
         count = lo(held) + 1 if hi(held) == L["gen"] else 1
@@ -322,7 +322,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("release_ref")  # args: id -> 1 freed, 0 still held, -1 not held
 
-    @o.atomic("ledger_load", "_native.c:436 held = ledger[slot]")
+    @o.atomic("ledger_load", "_native.c:437 held = ledger[slot]")
     def rel_ledger_load(m, L, x):
         L["slot"], L["gen"] = lo(L["id"]), hi(L["id"])
         L["held"] = m[ledger_key(x.me, L["slot"])]
@@ -332,7 +332,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
             return Call("drop_refs", {"slot": L["slot"], "gen": L["gen"], "count": 1}, "ledger_store")
         return "ledger_store"
 
-    @o.atomic("ledger_store", "_native.c:438 STORE(&ledger[slot], held - 1)")
+    @o.atomic("ledger_store", "_native.c:439 STORE(&ledger[slot], held - 1)")
     def rel_ledger_store(m, L, x):
         m[ledger_key(x.me, L["slot"])] = L["held"] - 1
         if v.release_count_first:
@@ -345,13 +345,13 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("reclaim")  # args: dead -> None; the caller holds the domain lock
 
-    @o.atomic("row_load", "_native.c:491 held = row[slot]")
+    @o.atomic("row_load", "_native.c:492 held = row[slot]")
     def rc_row_load(m, L, x):
         L.setdefault("slot", 0)
         L["held"] = m[ledger_key(L["dead"], L["slot"])]
         return "next" if L["held"] == 0 else "row_clear"  # :492
 
-    @o.atomic("row_clear", "_native.c:493 STORE(&row[slot], 0)")
+    @o.atomic("row_clear", "_native.c:494 STORE(&row[slot], 0)")
     def rc_row_clear(m, L, x):
         m[ledger_key(L["dead"], L["slot"])] = 0
         if lo(L["held"]) == 0:
@@ -365,7 +365,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
             return "next"  # :497-501
         return "prev_load"
 
-    @o.atomic("prev_load", "_native.c:505 state = LOAD(&entries[slot].state)")
+    @o.atomic("prev_load", "_native.c:506 state = LOAD(&entries[slot].state)")
     def rc_prev_load(m, L, x):
         gen = hi(L["held"])
         previous = UINT32_MAX if gen == 1 else gen - 1  # :504
@@ -384,7 +384,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
     # ---------------------------------------------------------------- port queues
     o = op("queue_lock")  # -> 1; a dead holder's lock is stolen (PortQueue._break_dead_lock)
 
-    @o.atomic("cas", "_native.c:858 CAS(&q->lock, 0, me) (spins while a live holder keeps it)")
+    @o.atomic("cas", "_native.c:859 CAS(&q->lock, 0, me) (spins while a live holder keeps it)")
     def ql_cas(m, L, x):
         holder = m["q.lock"]
         if holder == 0:
@@ -410,7 +410,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("queue_unlock")
 
-    @o.atomic("store", "_native.c:866 STORE(&q->lock, 0)")
+    @o.atomic("store", "_native.c:867 STORE(&q->lock, 0)")
     def qu_store(m, L, x):
         if m["q.lock"] != x.me + 1:
             raise Violation(f"P{x.me} unlocks a queue lock held by {m['q.lock']} (stolen from a live holder)")
@@ -419,12 +419,12 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("take_item")  # args: r, cur -> (won, id)
 
-    @o.atomic("ring_load", "_native.c:871 id = LOAD(&ring[cur & mask].id)")
+    @o.atomic("ring_load", "_native.c:872 id = LOAD(&ring[cur & mask].id)")
     def ti_ring_load(m, L, x):
         L["id"] = m[f"ring{L['cur'] & (x.cfg.capacity - 1)}"]
         return "cas"
 
-    @o.atomic("cas", "_native.c:872 CAS(&r->cursor, &cur, cur + 1)")
+    @o.atomic("cas", "_native.c:873 CAS(&r->cursor, &cur, cur + 1)")
     def ti_cas(m, L, x):
         key = f"cur{L['r']}"
         if m[key] != L["cur"]:
@@ -439,7 +439,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
         st = L["st"]
         return Ret(0) if hi(st) != L["gen"] or lo(st) == 0 or lo(st) == UINT32_MAX else "cas"  # :888
 
-    @o.atomic("load", "_native.c:886 state = LOAD(&e->state)")
+    @o.atomic("load", "_native.c:887 state = LOAD(&e->state)")
     def aq_load(m, L, x):
         L["slot"], L["gen"] = lo(L["id"]), hi(L["id"])
         if L["gen"] == 0:
@@ -447,7 +447,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
         L["st"] = m[f"st{L['slot']}"]
         return aq_check(L)
 
-    @o.atomic("cas", "_native.c:889 CAS(&e->state, &state, state + 1)")
+    @o.atomic("cas", "_native.c:890 CAS(&e->state, &state, state + 1)")
     def aq_cas(m, L, x):
         key = f"st{L['slot']}"
         if m[key] != L["st"]:
@@ -460,11 +460,11 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("push_id")  # args: id -> 1 pushed, 0 full, -1 closed, -3 not held
 
-    @o.atomic("closed_load", "_native.c:941 LOAD(&q->closed)")
+    @o.atomic("closed_load", "_native.c:942 LOAD(&q->closed)")
     def pu_closed(m, L, x):
         return Ret(-1) if m["q.closed"] else "ledger_load"
 
-    @o.atomic("ledger_load", "_native.c:944 held = ledger[slot]")
+    @o.atomic("ledger_load", "_native.c:945 held = ledger[slot]")
     def pu_ledger_load(m, L, x):
         L["slot"], L["gen"] = lo(L["id"]), hi(L["id"])
         L["held"] = m[ledger_key(x.me, L["slot"])]
@@ -472,24 +472,24 @@ def build_ops(v: Variant) -> dict[str, Op]:
             return Ret(-3)  # :945
         return Call("queue_lock", {}, "head_load")  # :946
 
-    @o.atomic("head_load", "_native.c:947 head = q->head")
+    @o.atomic("head_load", "_native.c:948 head = q->head")
     def pu_head_load(m, L, x):
         L["head"] = m["q.head"]
         return "hw_load"
 
-    @o.atomic("hw_load", "_native.c:948 hw = LOAD(&q->readers_hw)")
+    @o.atomic("hw_load", "_native.c:949 hw = LOAD(&q->readers_hw)")
     def pu_hw_load(m, L, x):
         L["hw"], L["i"] = m["q.hw"], 0
         return "b_next"
 
-    @o.pure("b_next", "_native.c:949 for each reader: a full blocking one refuses")
+    @o.pure("b_next", "_native.c:950 for each reader: a full blocking one refuses")
     def pu_b_next(m, L, x):
         if L["i"] == L["hw"]:
             L["i"], L["readers"] = 0, 0
             return "d_next"
         return "b_state"
 
-    @o.atomic("b_state", "_native.c:951 LOAD(&r->state), r->policy")
+    @o.atomic("b_state", "_native.c:952 LOAD(&r->state), r->policy")
     def pu_b_state(m, L, x):
         i = L["i"]
         if m[f"rst{i}"] == ACTIVE and m[f"rpol{i}"] == POLICY_BLOCK:
@@ -497,7 +497,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
         L["i"] += 1
         return "b_next"
 
-    @o.atomic("b_cursor", "_native.c:952 head - LOAD(&r->cursor) >= capacity")
+    @o.atomic("b_cursor", "_native.c:953 head - LOAD(&r->cursor) >= capacity")
     def pu_b_cursor(m, L, x):
         if L["head"] - m[f"cur{L['i']}"] >= x.cfg.capacity:
             return Call("queue_unlock", {}, "full")  # :953
@@ -508,18 +508,18 @@ def build_ops(v: Variant) -> dict[str, Op]:
     def pu_full(m, L, x):
         return Ret(0)
 
-    @o.pure("d_next", "_native.c:957 for each reader: drop the oldest of a full drop_oldest one")
+    @o.pure("d_next", "_native.c:958 for each reader: drop the oldest of a full drop_oldest one")
     def pu_d_next(m, L, x):
         return "ledger_store" if L["i"] == L["hw"] else "d_state"
 
-    @o.atomic("d_state", "_native.c:959 LOAD(&r->state)")
+    @o.atomic("d_state", "_native.c:960 LOAD(&r->state)")
     def pu_d_state(m, L, x):
         if m[f"rst{L['i']}"] != ACTIVE:
             L["i"] += 1
             return "d_next"
         return "d_cursor"
 
-    @o.atomic("d_cursor", "_native.c:960 cur = LOAD(&r->cursor); r->policy")
+    @o.atomic("d_cursor", "_native.c:961 cur = LOAD(&r->cursor); r->policy")
     def pu_d_cursor(m, L, x):
         i = L["i"]
         cur = m[f"cur{i}"]
@@ -540,14 +540,14 @@ def build_ops(v: Variant) -> dict[str, Op]:
         L["i"] += 1
         return "d_next"
 
-    @o.atomic("ledger_store", "_native.c:977 STORE(&ledger[slot], held - 1)")
+    @o.atomic("ledger_store", "_native.c:978 STORE(&ledger[slot], held - 1)")
     def pu_ledger_store(m, L, x):
         m[ledger_key(x.me, L["slot"])] = L["held"] - 1
         if L["readers"] == 0:  # :979 nobody listens
             return Call("drop_refs", {"slot": L["slot"], "gen": L["gen"], "count": 1}, "unlock")
         return "fetch_add" if L["readers"] > 1 else "ring_store"
 
-    @o.atomic("fetch_add", "_native.c:981 fetch_add(&e->state, readers - 1)")
+    @o.atomic("fetch_add", "_native.c:982 fetch_add(&e->state, readers - 1)")
     def pu_fetch_add(m, L, x):
         key = f"st{L['slot']}"
         if hi(m[key]) != L["gen"] or lo(m[key]) == 0:
@@ -555,12 +555,12 @@ def build_ops(v: Variant) -> dict[str, Op]:
         m[key] += L["readers"] - 1
         return "ring_store"
 
-    @o.atomic("ring_store", "_native.c:986 store(&ring[head & mask].id, id)")
+    @o.atomic("ring_store", "_native.c:987 store(&ring[head & mask].id, id)")
     def pu_ring_store(m, L, x):
         m[f"ring{L['head'] & (x.cfg.capacity - 1)}"] = L["id"]
         return "head_store"
 
-    @o.atomic("head_store", "_native.c:987 STORE(&q->head, head + 1)")
+    @o.atomic("head_store", "_native.c:988 STORE(&q->head, head + 1)")
     def pu_head_store(m, L, x):
         m["q.head"] = L["head"] + 1
         return Call("queue_unlock", {}, "done")
@@ -575,26 +575,26 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("pop_item")  # args: r -> id, or -1 empty, -2 closed and drained, -4 detached
 
-    @o.atomic("state_load", "_native.c:1037 LOAD(&r->state)")
+    @o.atomic("state_load", "_native.c:1038 LOAD(&r->state)")
     def po_state(m, L, x):
         return "cursor_load" if m[f"rst{L['r']}"] == ACTIVE else Ret(-4)
 
-    @o.atomic("cursor_load", "_native.c:1038 cur = LOAD(&r->cursor)")
+    @o.atomic("cursor_load", "_native.c:1039 cur = LOAD(&r->cursor)")
     def po_cursor(m, L, x):
         L["cur"] = m[f"cur{L['r']}"]
         return "head_load"
 
-    @o.atomic("head_load", "_native.c:1039 cur >= LOAD(&q->head)")
+    @o.atomic("head_load", "_native.c:1040 cur >= LOAD(&q->head)")
     def po_head(m, L, x):
         if L["cur"] >= m["q.head"]:
             return "closed_load"
         return Call("take_item", {"r": L["r"], "cur": L["cur"]}, "took")  # :1044
 
-    @o.atomic("closed_load", "_native.c:1040 LOAD(&q->closed)")
+    @o.atomic("closed_load", "_native.c:1041 LOAD(&q->closed)")
     def po_closed(m, L, x):
         return "head_reload" if m["q.closed"] else Ret(-1)
 
-    @o.atomic("head_reload", "_native.c:1041 cur >= LOAD(&q->head)")
+    @o.atomic("head_reload", "_native.c:1042 cur >= LOAD(&q->head)")
     def po_head_reload(m, L, x):
         return Ret(-2) if L["cur"] >= m["q.head"] else "state_load"
 
@@ -603,12 +603,12 @@ def build_ops(v: Variant) -> dict[str, Op]:
         won, L["id"] = L["_r"]
         return "ledger_load" if won else "state_load"
 
-    @o.atomic("ledger_load", "_native.c:1048 *ledger")
+    @o.atomic("ledger_load", "_native.c:1049 *ledger")
     def po_ledger_load(m, L, x):
         L["held"] = m[ledger_key(x.me, lo(L["id"]))]
         return "ledger_store"
 
-    @o.atomic("ledger_store", "_native.c:1049 STORE(ledger, gen << 32 | count)")
+    @o.atomic("ledger_store", "_native.c:1050 STORE(ledger, gen << 32 | count)")
     def po_ledger_store(m, L, x):
         gen, held = hi(L["id"]), L["held"]
         count = lo(held) + 1 if hi(held) == gen else 1
@@ -617,12 +617,12 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("queue_join")  # args: policy, oldest -> reader index, -1 no free reader
 
-    @o.pure("lock", "_native.c:1097 queue_lock")
+    @o.pure("lock", "_native.c:1098 queue_lock")
     def jo_lock(m, L, x):
         L["idx"] = 0
         return Call("queue_lock", {}, "scan")
 
-    @o.atomic("scan", "_native.c:1099 LOAD(&readers[index].state) != FREE")
+    @o.atomic("scan", "_native.c:1100 LOAD(&readers[index].state) != FREE")
     def jo_scan(m, L, x):
         if m[f"rst{L['idx']}"] == FREE_READER:
             return "head_load"
@@ -632,17 +632,17 @@ def build_ops(v: Variant) -> dict[str, Op]:
             return Call("queue_unlock", {}, "done")  # :1100-1102
         return "scan"
 
-    @o.atomic("head_load", "_native.c:1105 head = q->head")
+    @o.atomic("head_load", "_native.c:1106 head = q->head")
     def jo_head(m, L, x):
         L["head"] = L["cursor"] = m["q.head"]
         L["low"] = L["head"] - x.cfg.capacity if L["head"] > x.cfg.capacity else 0
         return "walk" if L["oldest"] else "fields"
 
-    @o.pure("walk", "_native.c:1108 while cursor > low && add_queue_ref(ring[cursor - 1])")
+    @o.pure("walk", "_native.c:1109 while cursor > low && add_queue_ref(ring[cursor - 1])")
     def jo_walk(m, L, x):
         return "ring_load" if L["cursor"] > L["low"] else "fields"
 
-    @o.atomic("ring_load", "_native.c:1108 ring[(cursor - 1) & mask].id")
+    @o.atomic("ring_load", "_native.c:1109 ring[(cursor - 1) & mask].id")
     def jo_ring_load(m, L, x):
         item = m[f"ring{(L['cursor'] - 1) & (x.cfg.capacity - 1)}"]
         return Call("add_queue_ref", {"id": item}, "walked")
@@ -654,25 +654,25 @@ def build_ops(v: Variant) -> dict[str, Op]:
         L["cursor"] -= 1
         return "walk"
 
-    @o.atomic("fields", "_native.c:1110-1115 r->policy, proc, pid, start_time, popped, joined_seq")
+    @o.atomic("fields", "_native.c:1111-1116 r->policy, proc, pid, start_time, popped, joined_seq")
     def jo_fields(m, L, x):
         m[f"rpol{L['idx']}"] = POLICY_DROP if L["policy"] else POLICY_BLOCK
         m[f"rown{L['idx']}"] = x.me
         return "cursor_store"
 
-    @o.atomic("cursor_store", "_native.c:1116 STORE(&r->cursor, cursor)")
+    @o.atomic("cursor_store", "_native.c:1117 STORE(&r->cursor, cursor)")
     def jo_cursor(m, L, x):
         m[f"cur{L['idx']}"] = L["cursor"]
         if v.join_state_first:
             return "state_store"
         return "hw_store" if L["idx"] + 1 > m["q.hw"] else "state_store"  # the test reads readers_hw
 
-    @o.atomic("hw_store", "_native.c:1120 STORE(&q->readers_hw, index + 1)")
+    @o.atomic("hw_store", "_native.c:1121 STORE(&q->readers_hw, index + 1)")
     def jo_hw(m, L, x):
         m["q.hw"] = L["idx"] + 1
         return Call("queue_unlock", {}, "done") if v.join_state_first else "state_store"
 
-    @o.atomic("state_store", "_native.c:1121 STORE(&r->state, ACTIVE)")
+    @o.atomic("state_store", "_native.c:1122 STORE(&r->state, ACTIVE)")
     def jo_state(m, L, x):
         m[f"rst{L['idx']}"] = ACTIVE
         L["result"] = L["idx"]
@@ -686,21 +686,21 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("queue_detach")  # args: r -> references released
 
-    @o.pure("lock", "_native.c:1136 queue_lock")
+    @o.pure("lock", "_native.c:1137 queue_lock")
     def de_lock(m, L, x):
         L["released"] = 0
         return Call("queue_lock", {}, "state_load")
 
-    @o.atomic("state_load", "_native.c:1138 LOAD(&r->state) == ACTIVE")
+    @o.atomic("state_load", "_native.c:1139 LOAD(&r->state) == ACTIVE")
     def de_state(m, L, x):
         return "cursor_load" if m[f"rst{L['r']}"] == ACTIVE else Call("queue_unlock", {}, "done")
 
-    @o.atomic("cursor_load", "_native.c:1140 cur = LOAD(&r->cursor)")
+    @o.atomic("cursor_load", "_native.c:1141 cur = LOAD(&r->cursor)")
     def de_cursor(m, L, x):
         L["cur"] = m[f"cur{L['r']}"]
         return "head_load"
 
-    @o.atomic("head_load", "_native.c:1141 cur >= q->head")
+    @o.atomic("head_load", "_native.c:1142 cur >= q->head")
     def de_head(m, L, x):
         if L["cur"] >= m["q.head"]:
             return "state_store"
@@ -714,7 +714,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
         L["released"] += 1  # :1140 drop_queue_ref
         return Call("drop_refs", {"slot": lo(item), "gen": hi(item), "count": 1}, "cursor_load")
 
-    @o.atomic("state_store", "_native.c:1147 STORE(&r->state, FREE)")
+    @o.atomic("state_store", "_native.c:1148 STORE(&r->state, FREE)")
     def de_state_store(m, L, x):
         m[f"rst{L['r']}"] = FREE_READER
         return Call("queue_unlock", {}, "done")
