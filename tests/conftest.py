@@ -11,6 +11,15 @@ from multiqueue import PoolConfig, ShmConfig, ShmManager
 from multiqueue.shm.segment import domain_segments, unlink_quietly
 
 
+def pytest_addoption(parser):
+    """The chaos suite's long form (tests/chaos/test_chaos.py): more rounds, another seed."""
+    group = parser.getgroup("chaos", "chaos suite (tests/chaos)")
+    group.addoption("--chaos-rounds", type=int, default=None, metavar="N",
+                    help="rounds of kills in tests/chaos (default 10, the short form)")
+    group.addoption("--chaos-seed", type=int, default=None, metavar="S",
+                    help="seed of the chaos schedule (default: the fixed one in tests/chaos/test_chaos.py)")
+
+
 @pytest.fixture
 def domain():
     """A fresh domain name; every segment of it is gone after the test (or removed)."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from ..log import domain_logger, remove_domain_handlers
 from ..shm import ShmConfig, ShmManager
 from ..stream.bus import Bus
-from ..stream.queue import POLICIES, PortQueue
+from ..stream.queue import POLICIES, PortQueue, reap_dead_readers_everywhere
 from . import registry as R
 from .block import Block, BlockError, GraphError, Port
 from .runner import BlockSpec, Host, InputEdge, control_topic, host_main
@@ -681,6 +681,8 @@ class Runtime:
             self.manager.reap()
             for q in self._queues.values():
                 q.reap_dead_readers()
+            # and the queues only the dead worker had open: its blocks' command topics
+            reap_dead_readers_everywhere(self.manager, skip={q.name for q in self._queues.values()})
         except Exception:  # noqa: BLE001 - teardown may have started; reclaim is best effort
             pass
 

@@ -21,6 +21,7 @@ from ..shm.buffer import Buffer
 from ..shm.manager import ShmManager, check_timeout
 from ..shm.segment import (
     create_segment,
+    domain_segments,
     is_alive,
     open_segment,
     process_start_time,
@@ -557,6 +558,35 @@ def _start_time() -> int:
     if not _START_TIME or _START_TIME[0] != pid:
         _START_TIME[:] = [pid, process_start_time(pid) or 0]
     return _START_TIME[1]
+
+
+def queue_names(manager) -> list[str]:
+    """Names of every queue of the manager's domain (port queues and bus topics)."""
+    start = segment_path(manager._prefix, manager.domain, "q.")
+    return [path[len(start):] for path in domain_segments(manager._prefix, manager.domain)
+            if path.startswith(start) and "." not in path[len(start):]]  # "." : a temporary
+
+
+def reap_dead_readers_everywhere(manager, skip=()) -> int:
+    """Detach the readers of dead processes from every queue of the domain but ``skip``
+    (names of queues the caller reaps itself); returns how many were detached.
+
+    A killed process may have been reading queues nobody else in this process has open
+    (a block's command topics, say): without this their readers would pin references
+    and hold back producers until someone happened to open them."""
+    reaped = 0
+    for name in queue_names(manager):
+        if name in skip:
+            continue
+        try:
+            queue = PortQueue(manager, name, create=False)
+        except SegmentError:
+            continue  # removed meanwhile, or not ours to read
+        try:
+            reaped += queue.reap_dead_readers()
+        finally:
+            queue.release()
+    return reaped
 
 
 def _open_or_create(manager, name, capacity, max_readers, clock, create):
