@@ -233,9 +233,12 @@ static int control_fits(const mq_control *ctl, uint64_t len) {
     uint64_t procs = ctl->max_processes, pools = ctl->max_pools, bufs = ctl->max_buffers;
     if (procs == 0 || procs > 4096 || pools == 0 || pools > 1024 || bufs == 0 || bufs >= (1u << 31))
         return 0;
-    return ctl->procs_offset + procs * sizeof(mq_process) <= len &&
-           ctl->pools_offset + pools * sizeof(mq_pool) <= len &&
-           ctl->meta_offset + bufs * sizeof(mq_entry) <= len &&
+    /* in order, without overlaps (a table over the header made `% max_pools` divide by
+       zero), aligned for the atomics, and inside the mapping */
+    return ctl->procs_offset >= sizeof(mq_control) && ctl->procs_offset % 64 == 0 &&
+           ctl->pools_offset >= ctl->procs_offset + procs * sizeof(mq_process) && ctl->pools_offset % 64 == 0 &&
+           ctl->meta_offset >= ctl->pools_offset + pools * sizeof(mq_pool) && ctl->meta_offset % 64 == 0 &&
+           ctl->ledger_offset >= ctl->meta_offset + bufs * sizeof(mq_entry) && ctl->ledger_offset % 8 == 0 &&
            ctl->ledger_offset + procs * bufs * 8 <= len && ctl->slots_used <= bufs;
 }
 
@@ -493,7 +496,7 @@ static PyObject *Context_reclaim(Context *self, PyObject *arg) {
         if (held == 0) continue;
         STORE(&row[slot], 0);
         uint32_t gen = (uint32_t)(held >> 32), count = (uint32_t)held;
-        if (count == 0) continue;
+        if (count == 0 || gen == 0) continue; /* gen 0 is never a valid id: nothing to undo */
         int r = drop_refs(self, slot, gen, count);
         if (r >= 0) {
             released += count;
@@ -873,8 +876,15 @@ static int take_item(Queue *self, mq_reader *r, uint64_t cur, uint64_t *id) {
     return __atomic_compare_exchange_n(&r->cursor, &cur, cur + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
+/* Could `id` name a block at all?  Rings are shared memory any process of the user can
+   write: an id read from one is checked before it indexes the metadata or a ledger. */
+static int plausible_id(Context *ctx, uint64_t id) {
+    return (uint32_t)(id >> 32) != 0 && slot_in_range(ctx, (uint32_t)id);
+}
+
 /* Drop one queue-held reference (no ledger: the queue, not a process, held it). */
 static void drop_queue_ref(Queue *self, uint64_t id) {
+    if (!plausible_id(self->ctx, id)) return; /* garbage in the ring: it held nothing */
     if (drop_refs(self->ctx, (uint32_t)id, (uint32_t)(id >> 32), 1) == 1)
         RELAXED_ADD(&self->ctx->proc->stats.dealloc_count, 1);
 }
@@ -1042,7 +1052,9 @@ static int64_t pop_item(Queue *self, PyObject *arg) {
             if (cur >= LOAD(&q->head)) return -2; /* re-read: pushed before close */
             continue;
         }
-        if (take_item(self, r, cur, &id)) break; /* lost it to a drop: try the next one */
+        if (!take_item(self, r, cur, &id)) continue; /* lost it to a drop: try the next one */
+        if (plausible_id(self->ctx, id)) break;
+        RELAXED_ADD(&r->drops, 1); /* garbage written into the ring: skipped, counted as a drop */
     }
     uint32_t slot = (uint32_t)id, gen = (uint32_t)(id >> 32);
     uint64_t *ledger = &self->ctx->ledger[slot];

@@ -251,12 +251,12 @@ def diagnose(domain: str, name_prefix: str = DEFAULT_PREFIX) -> DoctorReport:
                     unreadable.append(Finding(
                         "unreadable-segment", f"queue segment {path} cannot be read: {e}",
                         f"if no process uses queue {name!r} any more, remove {path}"))
-        analysis = _analyze(_snapshot(control, queue_maps))
+        analysis = _analyze(_snapshot(control, queue_maps, control_path))
         persistent = set(analysis.anomalies)
         for _ in range(_SNAPSHOTS - 1):
             if not persistent:
                 break
-            analysis = _analyze(_snapshot(control, queue_maps))
+            analysis = _analyze(_snapshot(control, queue_maps, control_path))
             persistent &= set(analysis.anomalies)
         return _report(domain, name_prefix, control_path, analysis, persistent, unreadable)
     finally:
@@ -328,16 +328,12 @@ class _Snap:
     free: dict[int, list[int] | None]  # active pool id -> slots in its free list (None: busy)
 
 
-def _snapshot(control: mmap.mmap, queues: list[tuple[str, str, mmap.mmap]]) -> _Snap:
+def _snapshot(control: mmap.mmap, queues: list[tuple[str, str, mmap.mmap]], control_path: str) -> _Snap:
     ctl = L.Control.from_buffer_copy(control, 0)
     n_procs, n_pools, n_bufs, used = ctl.max_processes, ctl.max_pools, ctl.max_buffers, ctl.slots_used
-    size = len(control)
-    if not (0 < n_procs <= 4096 and 0 < n_pools <= 1024 and 0 < n_bufs < 2**31 and used <= n_bufs
-            and ctl.procs_offset + n_procs * C.sizeof(L.Process) <= size
-            and ctl.pools_offset + n_pools * C.sizeof(L.Pool) <= size
-            and ctl.meta_offset + n_bufs * C.sizeof(L.Entry) <= size
-            and ctl.ledger_offset + n_procs * n_bufs * 8 <= size):
-        raise SegmentError(errno.EINVAL, "the control segment's header is corrupt (its tables do not fit)")
+    problem = L.control_problem(ctl, len(control))
+    if problem is not None:
+        raise SegmentError(errno.EINVAL, f"the control segment {control_path} is corrupt: {problem}")
     procs = (L.Process * n_procs).from_buffer_copy(control, ctl.procs_offset)
     pools = (L.Pool * n_pools).from_buffer_copy(control, ctl.pools_offset)
     states = np.frombuffer(control, np.uint64, used * _ENTRY_WORDS, ctl.meta_offset)[::_ENTRY_WORDS].copy()

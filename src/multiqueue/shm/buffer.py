@@ -155,7 +155,10 @@ class Buffer(_native.BufferBase):
         ``numpy()`` without arguments then returns an array of that dtype and shape,
         in any process.  Plain dtypes and up to four dimensions can be recorded.
         """
-        words = _encoded_frames.get((dtype, shape)) if shape.__class__ is tuple else None
+        try:
+            words = _encoded_frames.get((dtype, shape)) if shape.__class__ is tuple else None
+        except TypeError:  # an unhashable dtype (a structured one as a list): _encode_frame says no
+            words = None
         if words is None:
             words = _encode_frame(dtype, shape)
         nbytes = words[-1]
@@ -193,7 +196,7 @@ class Buffer(_native.BufferBase):
                     f"{dtype.itemsize}; pass shape= or allocate a multiple"
                 )
             return block[: self._size].view(dtype)
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        shape = shape_tuple(shape)
         count = 1
         for n in shape:
             count *= n
@@ -294,11 +297,21 @@ def frame_nbytes(dtype, shape) -> int:
     return words[-1]
 
 
+def shape_tuple(shape) -> tuple[int, ...]:
+    """A shape as a tuple of ints: from an int or a sequence of ints, else TypeError."""
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        return (int(shape),)
+    if isinstance(shape, (tuple, list)) and all(isinstance(n, (int, np.integer)) and not isinstance(n, bool)
+                                                for n in shape):
+        return tuple(int(n) for n in shape)
+    raise TypeError(f"shape must be an int or a sequence of ints, not {shape!r:.60}")
+
+
 def _encode_frame(dtype, shape) -> array.array:
     """The metadata words of a frame (dtype code, ndim, dims), then its byte size."""
     key = (dtype, shape) if shape.__class__ is tuple else None
     dtype = np.dtype(dtype)
-    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
+    shape = shape_tuple(shape)
     code = dtype.str.encode()
     if dtype.fields is not None or len(code) > 8 or len(shape) > MAX_FRAME_DIMS:
         raise ValueError(f"cannot record frame {dtype} {shape}: plain dtypes, up to "

@@ -37,7 +37,8 @@ class PoolConfig:
         if self.block_size > 2**40:
             raise ValueError(f"pool {self.name!r}: block_size {self.block_size} is too large")
         if self.max_blocks is not None:
-            if not isinstance(self.max_blocks, int) or self.max_blocks < self.block_count:
+            if (isinstance(self.max_blocks, bool) or not isinstance(self.max_blocks, int)
+                    or self.max_blocks < self.block_count):
                 raise ValueError(
                     f"pool {self.name!r}: max_blocks {self.max_blocks!r} must be an int "
                     f">= block_count {self.block_count}"
@@ -76,6 +77,13 @@ class ShmConfig:
     def __post_init__(self):
         check_prefix(self.name_prefix)
         self.gid = None if self.group is None else resolve_group(self.group)
+        if not isinstance(self.pools, (list, tuple)) or not all(isinstance(p, PoolConfig)
+                                                                 for p in self.pools):
+            raise TypeError(f"pools must be a list of PoolConfig, not {self.pools!r:.80}")
+        for what in ("max_processes", "max_buffers", "max_pools"):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{what} must be an int, not {type(value).__name__}")
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique, got {names}")

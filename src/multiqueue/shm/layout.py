@@ -169,3 +169,23 @@ def control_layout(max_processes: int, max_pools: int, max_buffers: int) -> dict
     ledger = meta + max_buffers * C.sizeof(Entry)
     total = align(ledger + max_processes * max_buffers * 8, PAGE)
     return {"procs": procs, "pools": pools, "meta": meta, "ledger": ledger, "total": total}
+
+
+def control_problem(ctl: "Control", size: int) -> str | None:
+    """What is wrong with a control segment's header, or None.
+
+    Its table sizes must be in range and its offsets exactly those control_layout()
+    gives for them (every creator uses it): a corrupt header must never send anyone
+    reading or writing outside a table, or one table over another."""
+    counts = (ctl.max_processes, ctl.max_pools, ctl.max_buffers)
+    if not (1 <= counts[0] <= 4096 and 1 <= counts[1] <= 1024 and 1 <= counts[2] < 2**31):
+        return f"table sizes out of range (processes, pools, buffers = {counts})"
+    lay = control_layout(*counts)
+    offsets = (ctl.procs_offset, ctl.pools_offset, ctl.meta_offset, ctl.ledger_offset)
+    if offsets != (lay["procs"], lay["pools"], lay["meta"], lay["ledger"]):
+        return f"table offsets {offsets} are not those of its table sizes"
+    if lay["total"] > size:
+        return f"its tables need {lay['total']} bytes, the segment has {size}"
+    if ctl.slots_used > ctl.max_buffers:
+        return f"{ctl.slots_used} metadata slots used of {ctl.max_buffers}"
+    return None

@@ -2,6 +2,7 @@
 
 import atexit
 import ctypes
+import errno
 import logging
 import os
 import secrets
@@ -33,6 +34,7 @@ from .segment import (
     Access,
     DomainLock,
     check_domain,
+    check_prefix,
     create_segment,
     domain_segments,
     is_alive,
@@ -94,6 +96,7 @@ class ShmManager:
         self.domain = check_domain(domain)
         if config is not None and not isinstance(config, ShmConfig):
             raise TypeError(f"config must be a ShmConfig, not {type(config).__name__}")
+        _check_manager_args(name, reaper_interval)
         self._requested = config if config is not None else ShmConfig.default_config()
         self._name = (name or os.path.basename(sys.argv[0] or "python"))[: L.MAX_NAME]
         self._reaper_interval = reaper_interval
@@ -115,6 +118,13 @@ class ShmManager:
         self._lock = DomainLock(self._control.fd)
         self._access = Access.of(self._control.fd)  # segments this process creates get the same
         mm = self._control.mmap
+        problem = L.control_problem(L.Control.from_buffer_copy(mm), len(mm))
+        if problem is not None:
+            self._control.close()
+            raise SegmentError(errno.EINVAL, f"control segment {self._control.path} of domain "
+                               f"{self.domain!r} "
+                               f"is corrupt: {problem}; stop its processes and remove it (`mq clean "
+                               f"{self.domain}`)")
         self._ctl = L.Control.from_buffer(mm)
         c = self._ctl
         self._procs = (L.Process * c.max_processes).from_buffer(mm, c.procs_offset)
@@ -212,6 +222,7 @@ class ShmManager:
         Raises DomainInUseError if any process registered in it is still alive.
         """
         check_domain(domain)
+        check_prefix(name_prefix)
         paths = domain_segments(name_prefix, domain)
         control = segment_path(name_prefix, domain, "ctl")
         if control in paths:
@@ -249,6 +260,8 @@ class ShmManager:
         """
         if size.__class__ is not int or size <= 0:
             _bad_size(size)
+        if bad_timeout(timeout):
+            check_timeout(timeout)
         i = bisect_left(self._block_sizes, size)
         if i == len(self._block_sizes):
             return self._allocate_slow(size, None, timeout)
@@ -268,6 +281,8 @@ class ShmManager:
             _bad_size(size)
         elif size > block_size:
             raise ValueError(f"size {size} exceeds pool {name!r} block size {block_size}")
+        if bad_timeout(timeout):
+            check_timeout(timeout)
         buffer = self._alloc_buffer(self, pool.pool_id, size)
         if buffer.__class__ is Buffer:
             return buffer
@@ -771,6 +786,24 @@ class ShmManager:
 
 
 _POOLS_CHANGED = object()  # _try_pools: the pool view is stale
+
+
+def _check_manager_args(name, reaper_interval) -> None:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str (this process's name in the domain), not {type(name).__name__}")
+    if reaper_interval is None:
+        return
+    if isinstance(reaper_interval, bool) or not isinstance(reaper_interval, (int, float)):
+        raise TypeError(f"reaper_interval must be None or seconds, not {type(reaper_interval).__name__}")
+    if not reaper_interval > 0:
+        raise ValueError(f"reaper_interval must be None (no reaper thread) or > 0 s, not {reaper_interval}")
+
+
+def bad_timeout(timeout) -> bool:
+    """Cheap test for the hot paths: is ``timeout`` not None nor a number >= 0?  (Then
+    check_timeout says what is wrong.)  Two class checks, no call, for good values."""
+    return timeout is not None and ((timeout.__class__ is not float and timeout.__class__ is not int)
+                                    or not timeout >= 0)
 
 
 def check_timeout(timeout) -> float:

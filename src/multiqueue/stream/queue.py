@@ -8,6 +8,7 @@ reader still has to read it (or some process holds it).
 """
 
 import ctypes as C
+import errno
 import os
 import re
 import time
@@ -18,7 +19,7 @@ from .. import _native
 from ..errors import MultiQueueError, QueueClosedError, QueueFullError, SegmentError
 from ..shm import layout as L
 from ..shm.buffer import Buffer
-from ..shm.manager import ShmManager, check_timeout
+from ..shm.manager import ShmManager, bad_timeout, check_timeout
 from ..shm.segment import (
     create_segment,
     domain_segments,
@@ -33,6 +34,7 @@ MAGIC_QUEUE = int.from_bytes(b"MQQUEUE1", "little")
 KIND_QUEUE = 3
 POLICIES = {"block": 0, "drop_oldest": 1}
 CLOCKS = {"monotonic": 0, "wall": 1}
+_LOCK_STUCK_S = 5.0  # a live process holding a queue lock this long is stopped or corrupt
 _SPIN_S = 50e-6  # spin this long before sleeping: a kernel wake-up costs ~40 us here
 _LIVENESS_S = 0.2  # while waiting, look at the other side's liveness this often
 
@@ -122,9 +124,9 @@ class PortQueue:
             raise TypeError(f"manager must be a ShmManager, not {type(manager).__name__}")
         if not isinstance(capacity, int) or capacity < 1 or capacity & (capacity - 1) or capacity > 2**24:
             raise ValueError(f"capacity must be a power of two from 1 to 2**24, not {capacity!r}")
-        if not 1 <= max_readers <= 1024:
-            raise ValueError(f"max_readers must be 1..1024, not {max_readers!r}")
-        if clock not in CLOCKS:
+        if isinstance(max_readers, bool) or not isinstance(max_readers, int) or not 1 <= max_readers <= 1024:
+            raise ValueError(f"max_readers must be an int 1..1024, not {max_readers!r}")
+        if not isinstance(clock, str) or clock not in CLOCKS:
             raise ValueError(f"clock must be one of {sorted(CLOCKS)}, not {clock!r}")
         _check_name(name)
         manager._check()
@@ -132,7 +134,13 @@ class PortQueue:
         self.name = name
         self._segment = _open_or_create(manager, name, capacity, max_readers, CLOCKS[clock], create)
         self._path = self._segment.path
-        self._native = _native.Queue(manager._ctx, self._segment.mmap)
+        try:
+            self._native = _native.Queue(manager._ctx, self._segment.mmap)
+        except ValueError as e:  # the C checks of the header's sizes
+            self._segment.close()
+            raise SegmentError(errno.EINVAL, f"queue segment {self._path} is corrupt ({e}); remove it "
+                               "if no process uses it any more") from None
+        self._lock_stuck = (0, 0.0, 0.0)  # (holder, since, last seen): see _break_dead_lock
         self._header = QueueHeader.from_buffer(self._segment.mmap)
         self._readers = (ReaderRecord * self._header.max_readers).from_buffer(
             self._segment.mmap, C.sizeof(QueueHeader))
@@ -171,6 +179,8 @@ class PortQueue:
         if not self._producer_checked:
             self._check_pushable(buffer)  # before claiming: a wrong push claims nothing
             self._claim_producer()
+        if bad_timeout(timeout):
+            check_timeout(timeout)
         result = self._push_buffer(buffer)  # checks the handle again, in C
         if result != 1:
             self._push_slow(buffer, result, timeout)
@@ -203,6 +213,8 @@ class PortQueue:
             raise ValueError(f"policy must be 'block' or 'drop_oldest', not {policy!r}")
         if start not in ("latest", "oldest"):
             raise ValueError(f"start must be 'latest' or 'oldest', not {start!r}")
+        if isinstance(spin, bool) or not isinstance(spin, (int, float)) or not spin >= 0:
+            raise TypeError(f"spin must be a number of seconds >= 0, not {spin!r}")
         pid = os.getpid()
         while True:
             index = self._native.join(POLICIES[policy], start == "oldest", pid, _start_time())
@@ -219,6 +231,8 @@ class PortQueue:
     def wait_for_readers(self, count: int, timeout: float | None = None) -> None:
         """Wait until ``count`` readers are attached (items pushed before a reader joins
         are not delivered to it).  TimeoutError after ``timeout`` seconds."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise TypeError(f"count must be an int >= 0, not {count!r}")
         deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -316,6 +330,8 @@ class PortQueue:
                     f"buffer {buffer.id:#x} is not held by this process; cannot push it to "
                     f"queue {self.name!r}")
             if result == -2:
+                if deadline is not None and deadline - time.monotonic() <= 0:
+                    raise TimeoutError(f"queue {self.name!r}: its lock stayed busy for {timeout} s")
                 self._break_dead_lock()
             else:  # full: wait for room, looking after dead blocking readers meanwhile
                 left = None if deadline is None else deadline - time.monotonic()
@@ -351,13 +367,32 @@ class PortQueue:
         return producer == 0 or start == 0 or is_alive(producer >> 32, start)
 
     def _break_dead_lock(self) -> None:
-        """The queue lock is held for long: if its holder died, take it away."""
+        """The queue lock is held for long (milliseconds): if its holder died, or the
+        lock word names no process at all (a stray write), take it away; if one live
+        holder keeps it for _LOCK_STUCK_S while we keep asking, raise instead of
+        spinning forever (a stopped process, or a corrupt queue)."""
         holder = self._header.lock
         if holder == 0:
             return
-        proc = self.manager._procs[holder - 1]
-        if proc.state == L.PROC_FREE or not is_alive(proc.pid, proc.start_time):
+        procs = self.manager._procs
+        me = self.manager._proc_slot + 1  # our C calls never return holding it: a stray write too
+        if holder > len(procs) or holder == me or procs[holder - 1].state == L.PROC_FREE:
             self._native.steal_lock(holder)
+            return
+        proc = procs[holder - 1]
+        if not is_alive(proc.pid, proc.start_time):
+            self._native.steal_lock(holder)
+            return
+        now = time.monotonic()
+        last_holder, since, last_seen = self._lock_stuck
+        if holder != last_holder or now - last_seen > 1.0:  # not the same continuous wait
+            since = now
+        self._lock_stuck = (holder, since, now)
+        if now - since > _LOCK_STUCK_S:
+            raise MultiQueueError(
+                f"queue {self.name!r}: its lock has been held by live process {proc.pid} for over "
+                f"{_LOCK_STUCK_S:.0f} s (a stopped process, or a corrupt queue); resume or stop that "
+                "process, or remove the queue")
 
     def _detach(self, index: int) -> int:
         while True:
@@ -395,6 +430,8 @@ class QueueReader:
         Raises QueueClosedError when the queue is closed and this reader drained it."""
         if not self._attached:  # its slot may be someone else's now: never pop from it
             raise self._gone()
+        if bad_timeout(timeout):
+            check_timeout(timeout)
         try:
             buffer = self._pop_buffer(self.index, self._manager)
             if buffer.__class__ is Buffer:
