@@ -895,7 +895,7 @@ HEADER_CASES = {
     "pool truncated mid header": ("pool", _cut(32), "SegmentError", None),
     "pool truncated in its blocks": ("pool", _cut(4096 + 100), "SegmentError", None),
     "pool magic": ("pool", _put(_SEG.magic.offset, "<Q", 0), "SegmentError", None),
-    "pool version": ("pool", _put(_SEG.version.offset, "<I", 2), "SegmentVersionError", None),
+    "pool version": ("pool", _put(_SEG.version.offset, "<I", 99), "SegmentVersionError", None),
     "queue truncated to 0": ("queue", _cut(0), "SegmentError", None),
     "queue truncated in its header": ("queue", _cut(200), "SegmentError", None),
     "queue magic": ("queue", _put(_SEG.magic.offset, "<Q", 0), "SegmentError", None),

@@ -93,7 +93,12 @@ typedef struct {             /* one registered process */
     int64_t registered_ns;
     char name[32];
     mq_stats stats;
+    uint32_t incarnation;    /* bumped each time the slot is registered: see lock_id */
+    uint32_t reserved32;
+    uint64_t reserved[7];    /* to a multiple of 64 bytes: the pool records after stay line-aligned */
 } mq_process;
+
+_Static_assert(sizeof(mq_process) % 64 == 0, "process records keep the pool table cache-line aligned");
 
 typedef struct {
     uint32_t first_slot;
@@ -202,6 +207,7 @@ typedef struct {
     uint64_t *ledger;        /* this process's row */
     mq_process *proc;
     uint32_t proc_slot;
+    uint32_t lock_id;        /* what this process writes into a queue lock word */
     uint64_t epoch;          /* pools_epoch this process's pool view was built at */
     PyObject *block_views;   /* the manager's per-slot memoryview cache (a list), or NULL */
 } Context;
@@ -269,6 +275,9 @@ static int Context_init(Context *self, PyObject *args, PyObject *kwds) {
     self->ledger = self->ledger_base + (uint64_t)proc_slot * ctl->max_buffers;
     self->proc = (mq_process *)(base + ctl->procs_offset) + proc_slot;
     self->proc_slot = proc_slot;
+    /* slot + 1 in the low 13 bits (max_processes <= 4096), the slot's incarnation above:
+       a holder killed inside a queue lock is told apart from the next process of its slot */
+    self->lock_id = ((self->proc->incarnation & 0x7FFFF) << 13) | (proc_slot + 1);
     self->epoch = LOAD(&ctl->pools_epoch);
     return 0;
 }
@@ -954,7 +963,7 @@ static int push_id(Queue *self, uint64_t id) {
     if (gen == 0 || !slot_in_range(ctx, slot)) return -3;
     uint64_t held = ctx->ledger[slot];
     if ((uint32_t)(held >> 32) != gen || (uint32_t)held == 0) return -3;
-    if (!queue_lock(q, ctx->proc_slot + 1)) return -2;
+    if (!queue_lock(q, ctx->lock_id)) return -2;
     uint64_t head = q->head;
     uint32_t hw = LOAD(&q->readers_hw), readers = 0;
     for (uint32_t i = 0; i < hw; i++) { /* a full blocking reader refuses, before any drop */
@@ -1107,7 +1116,7 @@ static PyObject *Queue_join(Queue *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "IpIK", &policy, &oldest, &pid, &start_time)) return NULL;
     if (queue_check(self) < 0) return NULL;
     mq_queue *q = self->q;
-    if (!queue_lock(q, self->ctx->proc_slot + 1)) return PyLong_FromLong(-2);
+    if (!queue_lock(q, self->ctx->lock_id)) return PyLong_FromLong(-2);
     uint32_t index = 0;
     while (index < q->max_readers && LOAD(&self->readers[index].state) != MQ_READER_FREE) index++;
     if (index == q->max_readers) {
@@ -1146,7 +1155,7 @@ static PyObject *Queue_detach(Queue *self, PyObject *arg) {
     mq_reader *r = reader_arg(self, arg, &index);
     if (r == NULL) return NULL;
     mq_queue *q = self->q;
-    if (!queue_lock(q, self->ctx->proc_slot + 1)) return PyLong_FromLong(-2);
+    if (!queue_lock(q, self->ctx->lock_id)) return PyLong_FromLong(-2);
     long released = 0;
     if (LOAD(&r->state) == MQ_READER_ACTIVE) {
         for (;;) {
@@ -1451,7 +1460,8 @@ static PyObject *layout(PyObject *m, PyObject *Py_UNUSED(ignored)) {
               FIELD(mq_control, ledger_offset) | FIELD(mq_control, name_prefix) |
               FIELD(mq_control, free_event) | FIELD(mq_control, alloc_waiters) |
               FIELD(mq_control, retired) | SIZE(mq_process) | FIELD(mq_process, start_time) |
-              FIELD(mq_process, name) | FIELD(mq_process, stats) | SIZE(mq_chunk) | SIZE(mq_pool) |
+              FIELD(mq_process, name) | FIELD(mq_process, stats) |
+              FIELD(mq_process, incarnation) | SIZE(mq_chunk) | SIZE(mq_pool) |
               FIELD(mq_pool, used) | FIELD(mq_pool, high_water) | FIELD(mq_pool, state) |
               FIELD(mq_pool, block_size) | FIELD(mq_pool, name) | FIELD(mq_pool, chunks) |
               SIZE(mq_entry) | FIELD(mq_entry, next_free) | FIELD(mq_entry, pool_id) |

@@ -14,7 +14,7 @@ import ctypes as C
 
 MAGIC_CONTROL = int.from_bytes(b"MQDOMAIN", "little")
 MAGIC_POOL = int.from_bytes(b"MQPOOLSG", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: Process.incarnation
 
 KIND_CONTROL = 1
 KIND_POOL = 2
@@ -98,6 +98,9 @@ class Process(C.Structure):
         ("registered_ns", C.c_int64),
         ("name", C.c_char * 32),
         ("stats", Stats),
+        ("incarnation", C.c_uint32),  # bumped per registration of the slot (queue lock ids)
+        ("reserved32", C.c_uint32),
+        ("reserved", C.c_uint64 * 7),
     ]
 
 

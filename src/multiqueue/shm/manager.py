@@ -508,6 +508,7 @@ class ShmManager:
         p.start_time = process_start_time(self._pid) or 0
         p.name = self._name.encode()[: L.MAX_NAME]
         p.registered_ns = p.heartbeat_ns = time.monotonic_ns()
+        p.incarnation = (p.incarnation + 1) & 0xFFFFFFFF
         p.state = L.PROC_ALIVE
         return slot
 

@@ -34,6 +34,7 @@ MAGIC_QUEUE = int.from_bytes(b"MQQUEUE1", "little")
 KIND_QUEUE = 3
 POLICIES = {"block": 0, "drop_oldest": 1}
 CLOCKS = {"monotonic": 0, "wall": 1}
+LOCK_SLOT_MASK = 0x1FFF  # a lock word is incarnation << 13 | process slot + 1 (_native.c lock_id)
 _LOCK_STUCK_S = 5.0  # a live process holding a queue lock this long is stopped or corrupt
 _SPIN_S = 50e-6  # spin this long before sleeping: a kernel wake-up costs ~40 us here
 _LIVENESS_S = 0.2  # while waiting, look at the other side's liveness this often
@@ -374,13 +375,13 @@ class PortQueue:
         holder = self._header.lock
         if holder == 0:
             return
-        procs = self.manager._procs
-        me = self.manager._proc_slot + 1  # our C calls never return holding it: a stray write too
-        if holder > len(procs) or holder == me or procs[holder - 1].state == L.PROC_FREE:
-            self._native.steal_lock(holder)
+        procs, slot = self.manager._procs, (holder & LOCK_SLOT_MASK) - 1
+        if slot < 0 or slot >= len(procs) or slot == self.manager._proc_slot:  # our C calls never
+            self._native.steal_lock(holder)  # return holding it: names nobody, a stray write
             return
-        proc = procs[holder - 1]
-        if not is_alive(proc.pid, proc.start_time):
+        proc = procs[slot]
+        reused = proc.incarnation & 0x7FFFF != holder >> 13  # the holder died, its slot was reused
+        if reused or proc.state == L.PROC_FREE or not is_alive(proc.pid, proc.start_time):
             self._native.steal_lock(holder)
             return
         now = time.monotonic()
