@@ -1217,3 +1217,27 @@ def test_repr_shows_domain_and_state(domain, small_config):
     assert domain in repr(m) and "initialized" in repr(m)
     m.shutdown()
     assert "shut down" in repr(m)
+
+
+def test_cleanup_refuses_a_domain_of_another_layout_version_that_a_process_maps(domain):
+    """Its process table cannot be read, so whoever maps its files is taken as a user."""
+    from helpers import spawn_python
+    from multiqueue import DomainInUseError
+
+    with ShmManager(domain, ShmConfig(pools=[PoolConfig("p", 64, 2)]), reaper_interval=None) as m:
+        m.shutdown(unlink=False)
+    control = segment_path("mq.", domain, "ctl")
+    with open(control, "r+b") as f:  # as a multiqueue of another layout version wrote it
+        f.seek(L.SegmentHeader.version.offset)
+        f.write((99).to_bytes(4, "little"))
+    user = spawn_python("import mmap, sys\nf = open(sys.argv[1], 'rb')\n"
+                        "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\nprint('mapped', flush=True)\n"
+                        "sys.stdin.readline()\n", control)
+    try:
+        assert user.stdout.readline().strip() == "mapped"
+        with pytest.raises(DomainInUseError, match=rf"layout version 99.*processes {user.pid} map"):
+            ShmManager.cleanup(domain)
+        assert os.path.exists(control)
+    finally:
+        user.communicate("\n", timeout=30)
+    assert ShmManager.cleanup(domain) and not domain_segments("mq.", domain)

@@ -22,6 +22,7 @@ from .shm.segment import (
     check_domain,
     domain_segments,
     is_alive,
+    mapped_by,
     open_segment,
     segment_path,
 )
@@ -281,29 +282,6 @@ def _live_creators(paths: list[str]) -> list[int]:
     return sorted(pids)
 
 
-def _mapped_by(paths: list[str]) -> list[int]:
-    """Pids of the processes (that we may look at) with one of these files mapped.
-
-    By inode: a mapping shows the name the segment was built under (a deleted temporary)."""
-    wanted = set()
-    for path in paths:
-        try:
-            wanted.add(str(os.stat(path).st_ino))
-        except FileNotFoundError:
-            pass
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/maps") as f:
-                if any(line.split(maxsplit=5)[4] in wanted for line in f if SHM_DIR in line):
-                    pids.append(int(entry))
-        except (OSError, IndexError):
-            continue  # gone, or not ours to look at
-    return pids
-
-
 def _inspect(prefix: str, domain: str) -> dict:
     """What a domain is, read from its segments without attaching to it (no side effect).
 
@@ -334,7 +312,7 @@ def _inspect(prefix: str, domain: str) -> dict:
         info["reason"] = f"its segments belong to another user (uid {', '.join(map(str, sorted(owners)))})"
         return info
     if control not in paths:
-        creators = _live_creators(paths) or _mapped_by(paths)
+        creators = _live_creators(paths) or mapped_by(paths)
         if creators:
             info["state"] = "starting"
             info["reason"] = f"no control segment (yet); used by pid {', '.join(map(str, creators))}"
@@ -345,7 +323,7 @@ def _inspect(prefix: str, domain: str) -> dict:
     try:
         seg = open_segment(control, L.MAGIC_CONTROL, L.KIND_CONTROL)
     except SegmentError as e:  # another layout version, or not ours: its process table cannot be read,
-        users = _mapped_by(paths)  # so the processes that map its segments tell whether it is in use
+        users = mapped_by(paths)  # so the processes that map its segments tell whether it is in use
         info["state"] = "unreadable" if users else "stale"
         info["reason"] = _message(e) + (f" (mapped by pid {', '.join(map(str, users))})" if users
                                         else " (no process maps its segments)")

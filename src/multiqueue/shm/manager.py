@@ -38,6 +38,7 @@ from .segment import (
     create_segment,
     domain_segments,
     is_alive,
+    mapped_by,
     open_segment,
     process_start_time,
     segment_path,
@@ -228,8 +229,13 @@ class ShmManager:
         if control in paths:
             try:
                 seg = open_segment(control, L.MAGIC_CONTROL, L.KIND_CONTROL)
-            except SegmentError:
-                seg = None  # foreign or broken: nothing can be attached to it
+            except SegmentError as e:  # another layout version, foreign or broken: its process
+                users = mapped_by(paths)  # table cannot be read; whoever maps its files uses it
+                if users:
+                    raise DomainInUseError(
+                        f"domain {domain!r} cannot be read by this multiqueue ({e}) and processes "
+                        f"{', '.join(map(str, users))} map its segments; stop them first") from None
+                seg = None
             if seg is not None:
                 try:
                     with DomainLock(seg.fd):

@@ -323,6 +323,29 @@ def unlink_quietly(path: str) -> bool:
         return False
 
 
+def mapped_by(paths: list[str]) -> list[int]:
+    """Pids of the processes (that we may look at) with one of these files mapped.
+
+    By inode: a mapping shows the name the segment was built under (a deleted temporary)."""
+    wanted = set()
+    for path in paths:
+        try:
+            wanted.add(str(os.stat(path).st_ino))
+        except FileNotFoundError:
+            pass
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                if any(line.split(maxsplit=5)[4] in wanted for line in f if SHM_DIR in line):
+                    pids.append(int(entry))
+        except (OSError, IndexError):
+            continue  # gone, or not ours to look at
+    return pids
+
+
 class DomainLock:
     """Mutual exclusion for a domain's slow paths (registry, pool changes, reaping).
 
