@@ -292,7 +292,8 @@ def test_doctor_accounts_for_every_block_of_every_pool(manager, domain):
     report = diagnose(domain)
     assert report.ok
     pools = {p.name: p for p in report.pools}
-    assert (pools["tiny"].blocks, pools["tiny"].free, pools["tiny"].held, pools["tiny"].lost) == (16, 14, 2, 0)
+    tiny = pools["tiny"]
+    assert (tiny.blocks, tiny.free, tiny.held, tiny.lost) == (16, 14, 2, 0)
     assert (pools["small"].free, pools["small"].held) == (7, 1)
     assert "tiny: 16 blocks = 14 free + 2 held" in report.format()
     for b in held:

@@ -225,8 +225,6 @@ def test_graph_file_random_text_loads_or_raises_graph_file_error(raw):
     _loads_or_fails_cleanly("blocks:\n  src: {class: NullSource}\n" + raw.decode("latin-1"))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: load_graph() reads the file with path.read_text(): a file "
-                   "that is not UTF-8 raises UnicodeDecodeError, not GraphFileError naming the file")
 def test_graph_file_random_bytes_on_disk_load_or_raise_graph_file_error(tmp_path_factory):
     directory = tmp_path_factory.mktemp("fuzz-graphs")
     path = directory / "fuzz.yaml"
@@ -255,9 +253,7 @@ def _nested(depth: int) -> str:
 @pytest.mark.parametrize("where", ["blocks", "params", "connections"])
 @pytest.mark.parametrize("depth", [
     60,
-    pytest.param(5000, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: deeply nested YAML raises RecursionError from yaml.compose / construct_object "
-        "(graphfile.py _Loader.load and .value), not GraphFileError"))),
+    5000,
 ])
 def test_graph_file_deep_nesting_raises_graph_file_error(where, depth):
     text = {"blocks": f"blocks: {_nested(depth)}\n",
@@ -272,15 +268,12 @@ _HUGE_NUMBER_AT = {
     "params": "blocks: {{a: {{class: NullSource, params: {{count: {n}}}}}}}\n",
     "pools": "pools: [{{name: p, block_size: {n}, count: 1}}]\nblocks: {{a: {{class: NullSource}}}}\n",
 }
-_DIGITS_BUG = pytest.mark.xfail(strict=True, reason=(
-    "bug: an integer of more than 4300 digits makes PyYAML's int() raise ValueError (the int "
-    "max-str-digits limit) out of _Loader.value/typed (graphfile.py), not GraphFileError"))
 
 
 @pytest.mark.parametrize("where, digits", [
     *[(where, 400) for where in _HUGE_NUMBER_AT],
-    pytest.param("capacity", 5000, marks=_DIGITS_BUG),
-    pytest.param("params", 5000, marks=_DIGITS_BUG),
+    ("capacity", 5000),
+    ("params", 5000),
     ("pools", 5000),  # PoolConfig's ValueError is caught there: a GraphFileError
 ])
 def test_graph_file_huge_numbers_give_a_graph_or_graph_file_error(where, digits):
@@ -313,9 +306,6 @@ except BaseException as e:
 
 
 @pytest.mark.parametrize("block", ["Tee", "SyncMerge"])
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: Tee(n)/SyncMerge(n) accept any n and Runtime.add() builds their port dicts first: "
-    "n: 1000000000000 in a graph file exhausts memory (or hangs) instead of a GraphFileError"))
 def test_graph_file_huge_port_count_is_refused(block):
     text = f"blocks:\n  t: {{class: {block}, params: {{n: 1000000000000}}}}\n"
     result = run_python(HUGE_PORT_COUNT, text, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})

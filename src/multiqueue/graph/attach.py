@@ -84,6 +84,9 @@ class AttachedGraph:
     """A running graph seen from another process (see :func:`attach`)."""
 
     def __init__(self, domain: str, name: str = "attach"):
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str (this process's name in the domain), not "
+                            f"{type(name).__name__}")
         self.domain = domain
         self.manager = ShmManager(domain, create=False, name=name)
         try:
@@ -115,6 +118,8 @@ class AttachedGraph:
 
     def subscribe(self, port: str, *, policy: str = "drop_oldest", start: str = "latest") -> Tap:
         """A tap on an output port ("block.port")."""
+        if not isinstance(port, str):
+            raise TypeError(f"port must be a str such as 'block.out', not {type(port).__name__}")
         block, _, name = port.partition(".")
         for b in self.description["blocks"]:
             if b["name"] == block and name in b["outputs"]:
@@ -150,5 +155,6 @@ class AttachedGraph:
 
 
 def attach(domain: str, *, name: str = "attach") -> AttachedGraph:
-    """Attach to the graph running in ``domain`` (SegmentError if none runs)."""
+    """Attach to the graph running in ``domain`` (SegmentError if none runs; ValueError
+    for a bad domain name); ``name``: this process's name in the domain (a str)."""
     return AttachedGraph(domain, name)

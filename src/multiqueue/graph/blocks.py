@@ -12,10 +12,24 @@ import time
 
 import numpy as np
 
+from ..stream.sync import POLICIES as SYNC_POLICIES
 from ..stream.sync import SyncReader
-from .block import DONE, INSUFFICIENT_INPUT, OK, Block, Frame, Port
+from .block import (
+    DONE,
+    INSUFFICIENT_INPUT,
+    OK,
+    Block,
+    Frame,
+    Port,
+    check_int,
+    check_number,
+    check_path,
+    check_shape,
+    show,
+)
 
 F32 = Port(np.float32)
+MAX_BRANCHES = 64  # the most outputs of a Tee, or streams of a SyncMerge
 
 
 # -- sources ---------------------------------------------------------------------------
@@ -28,7 +42,8 @@ class NullSource(Block):
 
     def __init__(self, frame=(1024,), dtype=np.float32, count: int | None = None):
         super().__init__()
-        self.frame, self.dtype, self.count = frame, np.dtype(dtype), count
+        check_shape("frame", frame)
+        self.frame, self.dtype, self.count = frame, np.dtype(dtype), check_int("count", count, 0, none=True)
         self.sent = 0
 
     def work(self, inputs):
@@ -50,6 +65,9 @@ class SignalSource(Block):
     graph takes them).  ``count`` frames, or until stopped.  ``align_ns`` starts the
     clock at a multiple of that many nanoseconds, so that sources in different
     processes share a time grid (for timestamp sync).
+
+    ``rate``, ``frame`` and ``chirp_period`` are positive, ``frame`` an int; ``count``
+    None or an int >= 0; ``align_ns`` an int >= 0; the others finite numbers.
     """
 
     outputs = {"out": F32}
@@ -60,16 +78,25 @@ class SignalSource(Block):
                  chirp_period: float = 1.0, count: int | None = None, realtime: bool = False,
                  seed: int | None = None, align_ns: int = 0):
         super().__init__()
-        if waveform not in ("sine", "noise", "chirp"):
-            raise ValueError(f"waveform must be 'sine', 'noise' or 'chirp', not {waveform!r}")
+        if not isinstance(waveform, str) or waveform not in ("sine", "noise", "chirp"):
+            raise ValueError(f"waveform must be 'sine', 'noise' or 'chirp', not {show(waveform)}")
+        rate, frame = check_number("rate", rate), check_int("frame", frame)
         if rate <= 0 or frame <= 0:
             raise ValueError("rate and frame must be positive")
-        self.waveform, self.rate, self.frame = waveform, float(rate), int(frame)
-        self.frequency, self.amplitude = float(frequency), float(amplitude)
-        self.chirp_to = float(chirp_to if chirp_to is not None else rate / 4)
-        self.chirp_period, self.count, self.realtime, self.seed = chirp_period, count, realtime, seed
-        self.align_ns = int(align_ns)
+        self.waveform, self.rate, self.frame = waveform, rate, frame
+        self.frequency = check_number("frequency", frequency)
+        self.amplitude = check_number("amplitude", amplitude)
+        self.chirp_to = check_number("chirp_to", chirp_to if chirp_to is not None else rate / 4)
+        self.chirp_period = check_number("chirp_period", chirp_period, positive=True)
+        self.count = check_int("count", count, 0, none=True)
+        self.realtime, self.seed = realtime, seed
+        self.align_ns = check_int("align_ns", align_ns, 0)
         self.sent = 0
+
+    def parameter_changed(self, name, value):
+        if name in ("frequency", "amplitude"):
+            value = check_number(name, value)
+        setattr(self, name, value)
 
     def start(self):
         self._rng = np.random.default_rng(self.seed)
@@ -114,7 +141,8 @@ class FileSource(Block):
 
     def __init__(self, path: str, dtype=np.float32, frame: int = 1024, loop: bool = False):
         super().__init__()
-        self.path, self.dtype, self.frame, self.loop = str(path), np.dtype(dtype), int(frame), loop
+        self.path, self.dtype = check_path("path", path), np.dtype(dtype)
+        self.frame, self.loop = check_int("frame", frame, 1), loop
 
     def initialize(self):
         import os
@@ -156,7 +184,13 @@ class Multiply(Block):
 
     def __init__(self, factor: float = 1.0):
         super().__init__()
+        check_number("factor", factor)
         self.factor = factor
+
+    def parameter_changed(self, name, value):
+        if name in ("factor", "gain"):  # checked here, not in the worker's next work()
+            check_number(name, value)
+        setattr(self, name, value)
 
     def work(self, inputs):
         for frame in inputs["in"]:
@@ -171,6 +205,7 @@ class Amplifier(Multiply):
     parameters = ("gain",)
 
     def __init__(self, gain: float = 1.0):
+        check_number("gain", gain)
         super().__init__(gain)
 
     @property
@@ -213,9 +248,9 @@ class Spectrum(Block):
 
     def __init__(self, fft_size: int | None = None, window: str = "hann"):
         super().__init__()
-        if window not in ("hann", "none"):
-            raise ValueError(f"window must be 'hann' or 'none', not {window!r}")
-        self.fft_size, self.window = fft_size, window
+        if not isinstance(window, str) or window not in ("hann", "none"):
+            raise ValueError(f"window must be 'hann' or 'none', not {show(window)}")
+        self.fft_size, self.window = check_int("fft_size", fft_size, 1, none=True), window
         self._windows = {}
 
     def work(self, inputs):
@@ -244,9 +279,7 @@ class Decimate(Block):
 
     def __init__(self, factor: int = 2, average: bool = False):
         super().__init__()
-        if int(factor) < 1:
-            raise ValueError(f"factor must be >= 1, not {factor!r}")
-        self.factor, self.average = int(factor), average
+        self.factor, self.average = check_int("factor", factor, 1), average
 
     def work(self, inputs):
         for frame in inputs["in"]:
@@ -274,10 +307,11 @@ class Throttle(Block):
 
     def __init__(self, rate: float = 10.0):
         super().__init__()
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, not {rate!r}")
-        self.rate = float(rate)
+        self.rate = check_number("rate", rate, positive=True)
         self._next_ns = None
+
+    def parameter_changed(self, name, value):
+        setattr(self, name, check_number(name, value, positive=True) if name == "rate" else value)
 
     def work(self, inputs):
         now = time.monotonic_ns()
@@ -291,14 +325,15 @@ class Throttle(Block):
 
 
 class Tee(Block):
-    """Forward each frame (no copy) to ``out0`` ... ``out<n-1>``.  Connecting one
-    output to several inputs does the same; a Tee names the branches."""
+    """Forward each frame (no copy) to ``out0`` ... ``out<n-1>`` (1 <= n <=
+    MAX_BRANCHES).  Connecting one output to several inputs does the same; a Tee
+    names the branches."""
 
     inputs = {"in": Port()}
 
     def __init__(self, n: int = 2):
         super().__init__()
-        self.n = int(n)
+        self.n = check_int("n", n, 1, MAX_BRANCHES)
 
     def output_ports(self) -> dict:
         return {f"out{i}": Port() for i in range(self.n)}
@@ -312,14 +347,19 @@ class Tee(Block):
 class SyncMerge(Block):
     """Align ``n`` streams by timestamp (``multiqueue.stream.SyncReader``) and send
     the k-th stream's frame of each aligned tuple on ``out<k>``: downstream blocks
-    see the same number of frames on every branch, in step.  Policies ``exact``,
-    ``nearest`` (to stream 0) and ``overlap``, within ``tolerance_ns``."""
+    see the same number of frames on every branch, in step (1 <= n <= MAX_BRANCHES).
+    Policies ``exact``, ``nearest`` (to stream 0) and ``overlap``, within
+    ``tolerance_ns`` (an int >= 0)."""
 
     takes_readers = True
 
     def __init__(self, n: int = 2, policy: str = "exact", tolerance_ns: int = 0):
         super().__init__()
-        self.n, self.policy, self.tolerance_ns = int(n), policy, int(tolerance_ns)
+        if not isinstance(policy, str) or policy not in SYNC_POLICIES:
+            choices = ", ".join(map(repr, SYNC_POLICIES[:-1])) + f" or {SYNC_POLICIES[-1]!r}"
+            raise ValueError(f"policy must be {choices}, not {show(policy)}")
+        self.n, self.policy = check_int("n", n, 1, MAX_BRANCHES), policy
+        self.tolerance_ns = check_int("tolerance_ns", tolerance_ns, 0)
         self.tuples = 0
 
     def input_ports(self) -> dict:
@@ -378,13 +418,14 @@ class FileSink(Block):
     """Writes frames to ``path``: ``.npy`` (one array of all frames, header written
     at stop) or raw bytes.  At most ``max_frames`` are written (None: all); later
     frames are consumed and counted in ``skipped``, so a bounded recorder never
-    stalls the graph."""
+    stalls the graph (``max_frames``: None or an int >= 0)."""
 
     inputs = {"in": Port()}
 
     def __init__(self, path: str, max_frames: int | None = None):
         super().__init__()
-        self.path, self.max_frames = str(path), max_frames
+        self.path = check_path("path", path)
+        self.max_frames = check_int("max_frames", max_frames, 0, none=True)
         self.written = self.skipped = 0
 
     def initialize(self):

@@ -37,7 +37,9 @@ blocks made with ``@block`` are classes too).  ``load_graph`` appends the file's
 directory to ``sys.path``, so modules next to the graph file are found, by the
 worker processes too (spawn hands them the parent's ``sys.path``).
 
-Every problem raises GraphFileError, ``<file>:<line>: <key path>: <what is wrong>``.
+Every problem raises GraphFileError, ``<file>:<line>: <key path>: <what is wrong>``,
+and nothing else does: a file that is not UTF-8, nesting deeper than MAX_DEPTH
+levels, an integer too long for ``int()`` are errors of the file like any other.
 The file is *composed* (``yaml.compose``), not loaded: the node tree keeps the
 position of every key and value, and values are turned into Python objects one
 node at a time, so each check can point at its own line.
@@ -57,7 +59,7 @@ from ..shm.segment import check_domain
 from ..stream.queue import POLICIES
 from . import blocks as builtin_blocks
 from .block import Block, GraphError
-from .runtime import Runtime
+from .runtime import MAX_CAPACITY, Runtime
 
 TOP_KEYS = ("domain", "capacity", "pools", "hosts", "blocks", "connections")
 BLOCK_KEYS = ("class", "params", "placement", "restart", "max_restarts", "host")
@@ -69,6 +71,7 @@ BUILTINS = {name: obj for name, obj in vars(builtin_blocks).items()
             if isinstance(obj, type) and issubclass(obj, Block) and obj is not Block}
 _EDGE_RE = re.compile(r"^\s*(\S+)\s*->\s*(\S+)\s*$")  # "src.out -> amp.in"
 _PORT_REF_RE = re.compile(r"^(\w+)\.(\w+)$")
+MAX_DEPTH = 100  # nesting of lists and mappings in a graph file (a graph needs fewer than 10)
 
 
 class GraphFileError(GraphError):
@@ -87,7 +90,14 @@ def load_graph(path, domain: str | None = None, host: str | None = None) -> Runt
     overrides the file's ``domain:`` (default: the file name's stem); ``host``: only
     that host's part of the graph, with its bridges (see the module doc)."""
     path = Path(path)
-    text = path.read_text()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise GraphFileError(str(path), line, None, f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column "
+                             f"{column} (a graph file is UTF-8 YAML)") from None
     directory = str(path.resolve().parent)
     if directory not in sys.path:
         sys.path.append(directory)
@@ -98,7 +108,30 @@ def load_graph_text(text: str, source: str = "<string>", domain: str | None = No
                     host: str | None = None) -> Runtime:
     """Like :func:`load_graph` for YAML text; ``source`` names it in errors
     (default domain: ``graph``)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str of YAML, not {type(text).__name__}")
     return _Loader(source).load(text, domain, fallback_domain="graph", host=host)
+
+
+class _TooDeepError(yaml.composer.ComposerError):
+    """A document nested deeper than MAX_DEPTH."""
+
+
+class _DepthLimitedLoader(yaml.SafeLoader):
+    """The safe loader, refusing nesting deeper than MAX_DEPTH (composing recurses:
+    a deeper document would end in RecursionError) at the line where it happens."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        if self._depth >= MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise _TooDeepError(None, None, f"lists and mappings nested deeper than {MAX_DEPTH} levels", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _is_null(node) -> bool:
@@ -145,6 +178,8 @@ class _Loader:
             self.constructor.flatten_mapping(node)  # "<<: *anchor" merges: its keys first, ours win
         except yaml.YAMLError as e:
             self.fail(node, key, str(getattr(e, "problem", None) or e))
+        except RecursionError:  # merges of merges through aliases
+            self.fail(node, key, "merge keys nested too deeply")
         items = {}
         for k, v in node.value:
             path = f"{key}.{k.value}" if key else k.value
@@ -159,6 +194,12 @@ class _Loader:
             return self.constructor.construct_object(node, deep=True)
         except yaml.YAMLError as e:
             self.fail(node, key, str(getattr(e, "problem", None) or e))
+        except RecursionError:  # aliases can nest deeper than the file's own text
+            self.fail(node, key, "the value is nested too deeply (through aliases)")
+        except ValueError as e:  # int() of too many digits, a timestamp such as 2024-13-45
+            if "integer string conversion" in str(e):
+                self.fail(node, key, f"an integer of more than {sys.get_int_max_str_digits()} digits")
+            self.fail(node, key, f"cannot read the value: {e}")
 
     def typed(self, node, key: str, kind, what: str):
         value = self.value(node, key)
@@ -176,19 +217,28 @@ class _Loader:
         value = self.typed(node, key, int, "a power of two")
         if value < 1 or value & (value - 1):
             self.fail(node, key, f"expected a power of two, not {value}")
+        if value > MAX_CAPACITY:
+            self.fail(node, key, f"expected a power of two up to 2**24, not {value}")
         return value
 
     # -- the file ------------------------------------------------------------------------
 
     def load(self, text: str, domain: str | None, fallback_domain: str, host: str | None = None) -> Runtime:
+        if domain is not None:  # the caller's, not the file's: a plain ValueError
+            check_domain(domain)
+        if host is not None and not isinstance(host, str):
+            raise TypeError(f"host must be None or a host name, not {type(host).__name__}")
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = yaml.compose(text, Loader=_DepthLimitedLoader)
+        except RecursionError:  # MAX_DEPTH keeps well below the limit; this is a safety net
+            raise GraphFileError(self.source, 1, None, "the document is nested too deeply") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = mark.line + 1 if mark else 1
             problem = getattr(e, "problem", None) or str(e)
             context = getattr(e, "context", None)
-            reason = f"YAML syntax error: {problem}" + (f" (column {mark.column + 1})" if mark else "")
+            reason = ("" if isinstance(e, _TooDeepError) else "YAML syntax error: ") + str(problem)
+            reason += f" (column {mark.column + 1})" if mark else ""
             reason += f", {context}" if context else ""
             raise GraphFileError(self.source, line, None, reason) from None
         if root is None:
@@ -211,10 +261,13 @@ class _Loader:
                 check_domain(fallback_domain)
             except ValueError as e:
                 self.fail(root, "domain", f"{e}; add 'domain:' (the default is the file's name)")
-        domain = domain or file_domain or fallback_domain  # an explicit one is checked at start()
+        domain = domain or file_domain or fallback_domain  # each checked above
         capacity = self.power_of_two(top["capacity"][1], "capacity") if "capacity" in top else 16
         pools = self.pools(top["pools"][1]) if "pools" in top else None
-        self.rt = Runtime(domain, pools=pools, capacity=capacity)
+        try:
+            self.rt = Runtime(domain, pools=pools, capacity=capacity)
+        except (TypeError, ValueError) as e:  # checked above: not expected
+            self.fail(root, None, str(e))
         self.domain = domain
         if "hosts" in top:
             self.host_specs(top["hosts"][1])
@@ -310,6 +363,9 @@ class _Loader:
         if "max_restarts" in fields:
             options["max_restarts"] = self.typed(fields["max_restarts"][1], f"{key}.max_restarts", int,
                                                  "a number of restarts")
+            if options["max_restarts"] < 0:
+                self.fail(fields["max_restarts"][1], f"{key}.max_restarts",
+                          f"expected a number of restarts >= 0, not {options['max_restarts']}")
         if "host" in fields:
             if not self.hosts:
                 self.fail(fields["host"][1], f"{key}.host", "no 'hosts:' section names the hosts")
@@ -318,7 +374,7 @@ class _Loader:
             self.block_hosts[name] = next(iter(self.hosts))  # the first host is the default
         try:
             self.rt.add(block, name, **options)
-        except (GraphError, ValueError) as e:
+        except (GraphError, TypeError, ValueError) as e:
             self.fail(key_node, key, str(e))
 
     def block_class(self, node, key: str) -> type:

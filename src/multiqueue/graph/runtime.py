@@ -40,16 +40,19 @@ from dataclasses import dataclass, field
 
 from ..log import domain_logger, remove_domain_handlers
 from ..shm import ShmConfig, ShmManager
+from ..shm.segment import check_domain
 from ..stream.bus import Bus
 from ..stream.queue import POLICIES, PortQueue, reap_dead_readers_everywhere
 from . import registry as R
-from .block import Block, BlockError, GraphError, Port
+from .block import Block, BlockError, GraphError, Port, check_int, check_number, show
 from .runner import BlockSpec, Host, InputEdge, control_topic, host_main
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,23}$")
 _PORT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,5}$")
-_ABORT_GRACE_S = 2.0
-_log = logging.getLogger("mq.runtime")  # after an abort, processes get this long before SIGKILL
+_ABORT_GRACE_S = 2.0  # after an abort, processes get this long before SIGKILL
+_log = logging.getLogger("mq.runtime")
+MAX_CAPACITY = 2**24  # the largest PortQueue ring
+MAX_SECONDS = 10**9  # the longest drain_timeout / start_timeout (threading's waits have a limit)
 
 
 @dataclass(frozen=True)
@@ -186,10 +189,23 @@ class _HostHandle:
 
 
 class Runtime:
-    """A graph of blocks in a domain; see the module docstring."""
+    """A graph of blocks in a domain; see the module docstring.
+
+    ``domain``: a domain name (checked here: ValueError); ``pools``: None (the default
+    pools) or a ShmConfig; ``capacity``: the default edge capacity, a power of two from
+    1 to 2**24; ``drain_timeout``: seconds (>= 0) a stop waits for the blocks to drain
+    before aborting them; ``start_timeout``: seconds (>= 0, None: no limit) start()
+    waits for every block to get ready.
+    """
 
     def __init__(self, domain: str, *, pools: ShmConfig | None = None, capacity: int = 16,
-                 drain_timeout: float = 10.0, start_timeout: float = 60.0):
+                 drain_timeout: float = 10.0, start_timeout: float | None = 60.0):
+        check_domain(domain)  # first: the domain names files (segments, the log)
+        if pools is not None and not isinstance(pools, ShmConfig):
+            raise TypeError(f"pools must be None or a ShmConfig, not {type(pools).__name__}")
+        check_capacity(capacity)
+        check_seconds("drain_timeout", drain_timeout)
+        check_seconds("start_timeout", start_timeout, none=True)
         self.domain = domain
         self.pools = pools
         self.capacity = capacity
@@ -224,15 +240,22 @@ class Runtime:
         self._check_building("add blocks")
         if not isinstance(block, Block):
             raise TypeError(f"add() takes a Block instance, not {type(block).__name__}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"block name must be None or a str, not {type(name).__name__}")
         name = name or self._default_name(block)
         if not _NAME_RE.match(name):
             raise GraphError(f"block name {name!r}: use 1-24 letters, digits and _ (not first a digit)")
         if name in self.blocks:
             raise GraphError(f"the graph already has a block named {name!r}")
-        if restart not in ("stop", "restart"):
-            raise ValueError(f"restart must be 'stop' or 'restart', not {restart!r}")
-        if not isinstance(placement, str) or not placement:
-            raise ValueError("placement must be 'process', 'thread' or a process name")
+        if not isinstance(restart, str) or restart not in ("stop", "restart"):
+            raise ValueError(f"restart must be 'stop' or 'restart', not {show(restart)}")
+        if not isinstance(placement, str):
+            raise TypeError(f"placement must be 'process', 'thread' or a process name, not "
+                            f"{type(placement).__name__}")
+        if not placement:
+            raise ValueError("placement must be 'process', 'thread' or a process name, not ''")
+        check_int("max_restarts", max_restarts, 0)
+        check_int(f"block {name!r}: batch", block.batch, 1)
         for port in (*block.input_ports(), *block.output_ports()):
             if not _PORT_RE.match(port):
                 raise GraphError(f"block {name!r}: port name {port!r} must be 1-6 letters, digits or _")
@@ -254,11 +277,9 @@ class Runtime:
             raise GraphError(f"{src} is an input port; connect(output, input)")
         if dst.direction != "in":
             raise GraphError(f"{dst} is an output port; connect(output, input)")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be 'block' or 'drop_oldest', not {policy!r}")
-        capacity = self.capacity if capacity is None else capacity
-        if not isinstance(capacity, int) or capacity < 1 or capacity & (capacity - 1):
-            raise ValueError(f"capacity must be a power of two, not {capacity!r}")
+        if not isinstance(policy, str) or policy not in POLICIES:
+            raise ValueError(f"policy must be 'block' or 'drop_oldest', not {show(policy)}")
+        capacity = self.capacity if capacity is None else check_capacity(capacity)
         mismatch = src.spec.mismatch(dst.spec)
         if mismatch:
             raise GraphError(f"cannot connect {src} to {dst}: {mismatch}")
@@ -284,6 +305,7 @@ class Runtime:
     def start(self) -> None:
         """Validate, create the queues, start every worker and let the sources go."""
         self._check_building("start")
+        check_domain(self.domain)  # before its log file is opened
         specs = self._validate_and_pickle()
         self._state = "starting"
         try:
@@ -780,6 +802,8 @@ class Runtime:
                 from ..shm.segment import unlink_quietly
                 unlink_quietly(path)  # the graph is over, even if a tap keeps the domain
             self.manager.shutdown()
+        else:  # start() failed before the manager: its log handler goes all the same
+            remove_domain_handlers(self.domain)
 
     def _raise_fatal(self) -> None:
         if self._fatal is not None:
@@ -816,6 +840,22 @@ def _with_bus_room(pools: ShmConfig | None) -> ShmConfig | None:
     if pools is None:
         return None  # the default config leaves plenty
     return dataclasses.replace(pools, max_buffers=pools.max_buffers + BUS_ROOM)
+
+
+def check_capacity(capacity) -> int:
+    """An edge capacity: a power of two from 1 to MAX_CAPACITY (2**24)."""
+    check_int("capacity", capacity)
+    if capacity < 1 or capacity & (capacity - 1) or capacity > MAX_CAPACITY:
+        raise ValueError(f"capacity must be a power of two from 1 to 2**24, not {show(capacity)}")
+    return int(capacity)
+
+
+def check_seconds(name: str, seconds, *, none: bool = False) -> float | None:
+    """A timeout: a number of seconds from 0 to MAX_SECONDS (or None if ``none``)."""
+    value = check_number(name, seconds, minimum=0, none=none)
+    if value is not None and value > MAX_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_SECONDS} seconds, not {show(seconds)}")
+    return value
 
 
 def _check_counters(block: str, counters) -> None:
