@@ -12,21 +12,10 @@ import time
 
 import numpy as np
 
+from ..checks import check_int, check_number, check_path, check_shape, show
 from ..stream.sync import POLICIES as SYNC_POLICIES
 from ..stream.sync import SyncReader
-from .block import (
-    DONE,
-    INSUFFICIENT_INPUT,
-    OK,
-    Block,
-    Frame,
-    Port,
-    check_int,
-    check_number,
-    check_path,
-    check_shape,
-    show,
-)
+from .block import DONE, INSUFFICIENT_INPUT, OK, Block, Frame, Port
 
 F32 = Port(np.float32)
 MAX_BRANCHES = 64  # the most outputs of a Tee, or streams of a SyncMerge

@@ -38,13 +38,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..checks import check_int, check_number, show
 from ..log import domain_logger, remove_domain_handlers
 from ..shm import ShmConfig, ShmManager
 from ..shm.segment import check_domain
 from ..stream.bus import Bus
 from ..stream.queue import POLICIES, PortQueue, reap_dead_readers_everywhere
 from . import registry as R
-from .block import Block, BlockError, GraphError, Port, check_int, check_number, show
+from .block import Block, BlockError, GraphError, Port
 from .runner import BlockSpec, Host, InputEdge, control_topic, host_main
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,23}$")

@@ -5,6 +5,7 @@ import array
 import numpy as np
 
 from .. import _native
+from ..checks import check_shape
 from ..errors import BufferReleasedError, InvalidBufferError
 
 # Word indexes into a metadata entry seen as 16 uint64 / int64 (layout.Entry).
@@ -196,7 +197,7 @@ class Buffer(_native.BufferBase):
                     f"{dtype.itemsize}; pass shape= or allocate a multiple"
                 )
             return block[: self._size].view(dtype)
-        shape = shape_tuple(shape)
+        shape = check_shape("shape", shape)
         count = 1
         for n in shape:
             count *= n
@@ -297,21 +298,11 @@ def frame_nbytes(dtype, shape) -> int:
     return words[-1]
 
 
-def shape_tuple(shape) -> tuple[int, ...]:
-    """A shape as a tuple of ints: from an int or a sequence of ints, else TypeError."""
-    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
-        return (int(shape),)
-    if isinstance(shape, (tuple, list)) and all(isinstance(n, (int, np.integer)) and not isinstance(n, bool)
-                                                for n in shape):
-        return tuple(int(n) for n in shape)
-    raise TypeError(f"shape must be an int or a sequence of ints, not {shape!r:.60}")
-
-
 def _encode_frame(dtype, shape) -> array.array:
     """The metadata words of a frame (dtype code, ndim, dims), then its byte size."""
     key = (dtype, shape) if shape.__class__ is tuple else None
     dtype = np.dtype(dtype)
-    shape = shape_tuple(shape)
+    shape = check_shape("shape", shape)
     code = dtype.str.encode()
     if dtype.fields is not None or len(code) > 8 or len(shape) > MAX_FRAME_DIMS:
         raise ValueError(f"cannot record frame {dtype} {shape}: plain dtypes, up to "

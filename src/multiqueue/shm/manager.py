@@ -16,6 +16,7 @@ from bisect import bisect_left
 import numpy as np
 
 from .. import _native
+from ..checks import bad_timeout, check_timeout
 from ..errors import (
     DomainFullError,
     DomainInUseError,
@@ -804,21 +805,6 @@ def _check_manager_args(name, reaper_interval) -> None:
         raise TypeError(f"reaper_interval must be None or seconds, not {type(reaper_interval).__name__}")
     if not reaper_interval > 0:
         raise ValueError(f"reaper_interval must be None (no reaper thread) or > 0 s, not {reaper_interval}")
-
-
-def bad_timeout(timeout) -> bool:
-    """Cheap test for the hot paths: is ``timeout`` not None nor a number >= 0?  (Then
-    check_timeout says what is wrong.)  Two class checks, no call, for good values."""
-    return timeout is not None and ((timeout.__class__ is not float and timeout.__class__ is not int)
-                                    or not timeout >= 0)
-
-
-def check_timeout(timeout) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be None or a number of seconds, not {type(timeout).__name__}")
-    if not timeout >= 0:  # also catches NaN
-        raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout}")
-    return float(timeout)
 
 
 def _bad_size(size) -> None:

@@ -16,10 +16,11 @@ import weakref
 from dataclasses import dataclass
 
 from .. import _native
+from ..checks import bad_timeout, check_timeout
 from ..errors import MultiQueueError, QueueClosedError, QueueFullError, SegmentError
 from ..shm import layout as L
 from ..shm.buffer import Buffer
-from ..shm.manager import ShmManager, bad_timeout, check_timeout
+from ..shm.manager import ShmManager
 from ..shm.segment import (
     create_segment,
     domain_segments,
