@@ -267,7 +267,7 @@ class ShmManager:
         """
         if size.__class__ is not int or size <= 0:
             _bad_size(size)
-        if bad_timeout(timeout):
+        if timeout is not None and bad_timeout(timeout):  # no call for the usual None
             check_timeout(timeout)
         i = bisect_left(self._block_sizes, size)
         if i == len(self._block_sizes):
@@ -288,7 +288,7 @@ class ShmManager:
             _bad_size(size)
         elif size > block_size:
             raise ValueError(f"size {size} exceeds pool {name!r} block size {block_size}")
-        if bad_timeout(timeout):
+        if timeout is not None and bad_timeout(timeout):  # no call for the usual None
             check_timeout(timeout)
         buffer = self._alloc_buffer(self, pool.pool_id, size)
         if buffer.__class__ is Buffer:

@@ -181,7 +181,7 @@ class PortQueue:
         if not self._producer_checked:
             self._check_pushable(buffer)  # before claiming: a wrong push claims nothing
             self._claim_producer()
-        if bad_timeout(timeout):
+        if timeout is not None and bad_timeout(timeout):  # no call for the usual None
             check_timeout(timeout)
         result = self._push_buffer(buffer)  # checks the handle again, in C
         if result != 1:
@@ -432,7 +432,7 @@ class QueueReader:
         Raises QueueClosedError when the queue is closed and this reader drained it."""
         if not self._attached:  # its slot may be someone else's now: never pop from it
             raise self._gone()
-        if bad_timeout(timeout):
+        if timeout is not None and bad_timeout(timeout):  # no call for the usual None
             check_timeout(timeout)
         try:
             buffer = self._pop_buffer(self.index, self._manager)
