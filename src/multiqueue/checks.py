@@ -41,6 +41,19 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None,
     return value
 
 
+MAX_CAPACITY = 2**24  # the largest PortQueue ring
+
+
+def check_capacity(value, maximum: int = MAX_CAPACITY, name: str = "capacity") -> int:
+    """A ring capacity: a power of two from 1 to ``maximum``.  ValueError for anything
+    else, a wrong type included (a capacity is one of a list of allowed values)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= maximum \
+            or value & (value - 1):
+        top = str(maximum) if maximum <= 4096 else f"2**{maximum.bit_length() - 1}"
+        raise ValueError(f"{name} must be a power of two from 1 to {top}, not {show(value)}")
+    return int(value)
+
+
 def check_number(name: str, value, *, positive: bool = False, minimum: float | None = None,
                  none: bool = False) -> float | None:
     """``value`` as a finite float (None if ``none`` allows it); ``positive``: > 0;

@@ -24,6 +24,9 @@ import tempfile
 import threading
 import time
 
+from .checks import check_int
+from .shm.segment import check_domain
+
 MAX_BYTES = 10 * 2**20
 BACKUPS = 3
 _block = threading.local()  # the block a thread runs, for the "block=" field
@@ -34,7 +37,9 @@ def log_dir() -> str:
 
 
 def log_path(domain: str) -> str:
-    return os.path.join(log_dir(), f"{domain}.log")
+    """``<log dir>/<domain>.log``; ValueError for an invalid domain name (check_domain: so
+    that no name can make a path outside the log directory)."""
+    return os.path.join(log_dir(), f"{check_domain(domain)}.log")
 
 
 def set_block(name: str | None) -> None:
@@ -43,13 +48,23 @@ def set_block(name: str | None) -> None:
 
 
 class DomainLogHandler(logging.Handler):
-    """A logging handler appending to the domain's log (any number of processes)."""
+    """A logging handler appending to the domain's log (any number of processes).
+
+    ``domain``: a valid domain name (ValueError otherwise); ``max_bytes`` (>= 1): the
+    size past which the file rotates; ``backups`` (>= 0): the rotated files kept,
+    ``.1`` ... ``.<backups>`` (``.1`` at least); ``process_name``: the ``process=``
+    field (default: the program name).
+    """
 
     def __init__(self, domain: str, *, max_bytes: int = MAX_BYTES, backups: int = BACKUPS,
                  process_name: str | None = None, level=logging.NOTSET):
+        path = log_path(domain)  # checks the name before anything is made from it
+        self.max_bytes = check_int("max_bytes", max_bytes, 1)
+        self.backups = check_int("backups", backups, 0)
+        if process_name is not None and not isinstance(process_name, str):
+            raise TypeError(f"process_name must be None or a str, not {type(process_name).__name__}")
         super().__init__(level)
-        self.domain, self.path = domain, log_path(domain)
-        self.max_bytes, self.backups = max_bytes, backups
+        self.domain, self.path = domain, path
         self.process_name = process_name or os.path.basename(sys.argv[0] or "python")
         self._fd = -1
         self._ino = None

@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 
+from ..checks import check_int, check_number
 from ..graph.block import DONE, OK, Block, Port
 from . import wire
 from .settings import BridgeError, ZenohSettings, close_session, import_zenoh, json_replies, open_session
@@ -70,10 +71,11 @@ def receiver_key(key: str, receiver: str = "*") -> str:
 class BridgeSink(Block):
     """Publishes every frame of its input on the Zenoh key ``key`` (see the module doc).
 
-    Counters: ``sent`` frames put on the wire, ``unmatched`` frames sent while no
-    receiver listened (policy drop), ``wait_ms`` time spent waiting for a receiver,
-    ``seq`` the next sequence number, ``stream`` this stream's id (a restarted
-    sender goes on with the same stream and numbers).
+    ``linger`` (seconds, a number >= 0): how long the end of the stream waits for the
+    receivers to report every frame.  Counters: ``sent`` frames put on the wire,
+    ``unmatched`` frames sent while no receiver listened (policy drop), ``wait_ms`` time
+    spent waiting for a receiver, ``seq`` the next sequence number, ``stream`` this
+    stream's id (a restarted sender goes on with the same stream and numbers).
     """
 
     inputs = {"in": Port()}
@@ -83,7 +85,8 @@ class BridgeSink(Block):
                  express: bool = False):
         super().__init__()
         self.key, self.policy = _check_key(key), _check_policy(policy)
-        self.zenoh, self.linger, self.express = ZenohSettings.of(zenoh), float(linger), bool(express)
+        self.zenoh, self.express = ZenohSettings.of(zenoh), bool(express)
+        self.linger = check_number("linger", linger, minimum=0)
         self._session = self._publisher = None
 
     def initialize(self) -> None:
@@ -168,8 +171,8 @@ class BridgeSource(Block):
     same bytes, dtype, shape, timestamp and time range (see the module doc).
 
     ``dtype`` / ``shape`` declare the output port (checked when connecting; a
-    frame that does not match fails the block with a clear error).  ``buffer``
-    frames wait between Zenoh and the block.  Counters: ``received`` frames,
+    frame that does not match fails the block with a clear error).  ``buffer`` (an
+    int >= 1) frames wait between Zenoh and the block.  Counters: ``received`` frames,
     ``lost`` gaps in the sequence (the stream's frames this receiver never got,
     counted from its first frame on, over restarts of this block), ``dropped``
     (policy drop: no room), ``invalid`` samples that were not bridged frames (logged),
@@ -183,7 +186,7 @@ class BridgeSource(Block):
         super().__init__()
         self.key, self.policy = _check_key(key), _check_policy(policy)
         self.port = Port(dtype, shape)
-        self.zenoh, self.buffer, self.end = ZenohSettings.of(zenoh), int(buffer), bool(end)
+        self.zenoh, self.buffer, self.end = ZenohSettings.of(zenoh), check_int("buffer", buffer), bool(end)
         if self.buffer < 1:
             raise ValueError(f"buffer must be at least 1 frame, not {buffer}")
         self._session = None

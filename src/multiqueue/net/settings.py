@@ -16,8 +16,10 @@ Graph files and ``mq bridge`` take the same fields as a mapping / options.
 import atexit
 import json
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 
+from ..checks import check_path
 from ..errors import MultiQueueError
 
 MODES = ("peer", "client", "router")
@@ -30,6 +32,10 @@ class BridgeError(MultiQueueError):
 
 @dataclass(frozen=True)
 class ZenohSettings:
+    """``mode``: one of MODES; ``connect`` / ``listen``: an endpoint or a list of them
+    (str like ``"tcp/10.0.0.5:7447"``); ``scouting``: None, True or False;
+    ``config_file``: None or the path of a Zenoh json5 config (a str or os.PathLike)."""
+
     mode: str = "peer"
     connect: tuple[str, ...] = ()
     listen: tuple[str, ...] = ()
@@ -43,12 +49,18 @@ class ZenohSettings:
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
+            elif isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+                raise TypeError(f"zenoh {name}: a list of endpoints like 'tcp/127.0.0.1:7447', not "
+                                f"{type(value).__name__}")
+            value = tuple(value)
             if not all(isinstance(e, str) and "/" in e for e in value):
                 raise ValueError(f"zenoh {name}: a list of endpoints like 'tcp/127.0.0.1:7447', "
                                  f"not {value!r}")
-            object.__setattr__(self, name, tuple(value))
+            object.__setattr__(self, name, value)
         if self.scouting not in (None, True, False):
             raise ValueError(f"zenoh scouting must be true or false, not {self.scouting!r}")
+        if self.config_file is not None:
+            object.__setattr__(self, "config_file", check_path("config_file", self.config_file))
 
     @classmethod
     def of(cls, value) -> "ZenohSettings":

@@ -17,18 +17,27 @@ loses its oldest messages (counted in ``drops``) and never blocks a publisher.
 Messages of one publisher arrive in the order it published them.  Payloads above
 MAX_MESSAGE bytes are refused with MessageTooLargeError: put bulk data in a pool
 buffer and send its id.  Point-to-point messages go to an inbox topic, ``to-<name>``.
+
+A message a subscriber cannot decode (a block written by something other than
+Bus.publish: shorter than the header, an unknown kind, a length beyond its block, a
+JSON body that is not JSON) is skipped: its block is released, it is counted in
+``Subscription.invalid``, logged on ``mq.bus`` (the 1st, 2nd, 4th, 8th, ... of a
+subscription), and get() / iteration / the callback thread go on with the next one.
 """
 
 import itertools
 import json
+import logging
 import os
 import re
 import struct
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..checks import bad_timeout, check_capacity, check_int, check_timeout
 from ..errors import DomainFullError, MultiQueueError, QueueClosedError
 from ..shm import PoolConfig, ShmManager
 from ..shm.layout import MAX_CHUNKS
@@ -38,6 +47,7 @@ BUS_POOL = "mq-bus"
 BLOCK = 4096
 HEADER = struct.Struct("<BBHIQQ")  # kind, reserved, payload length, sender pid, sequence, request id
 MAX_MESSAGE = BLOCK - HEADER.size
+_BODY = HEADER.size
 KIND_BYTES, KIND_JSON = 0, 1
 _CLOSE_TICK_S = 0.05
 _REPLY_TOPICS_KEPT = 32
@@ -45,7 +55,8 @@ MIN_POOL_BLOCKS = 64
 _bus_ids = itertools.count()  # tells apart the reply topics of two Bus objects of a process
 DEFAULT_CAPACITY = 64
 MAX_CAPACITY = 4096  # so that a few stuck subscribers cannot drain the bus pool
-_TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,29}$")  # the queue name is "b-" + topic (31 at most)
+_TOPIC_RE = re.compile(r"[A-Za-z0-9_-]{1,29}")  # the queue name is "b-" + topic (31 at most)
+_log = logging.getLogger("mq.bus")
 
 
 class MessageTooLargeError(MultiQueueError, ValueError):
@@ -66,12 +77,20 @@ class Message:
         return self.data.get("reply_to") if isinstance(self.data, dict) else None
 
 
+class _InvalidMessage(Exception):
+    """A bus block that is not a message Bus.publish wrote (skipped by subscribers)."""
+
+
 class Subscription:
     """A subscriber's bounded queue on one topic (see Bus.subscribe)."""
 
     def __init__(self, bus: "Bus", topic: str, capacity: int | None, callback=None):
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be None or a callable taking a Message, not "
+                            f"{type(callback).__name__}")
         self.bus, self.topic = bus, topic
-        self._queue = bus._topic(topic, capacity or DEFAULT_CAPACITY)
+        self._invalid = 0
+        self._queue = bus._topic(topic, DEFAULT_CAPACITY if capacity is None else capacity)
         if capacity is not None and capacity != self._queue.capacity:
             self._queue = None
             raise ValueError(
@@ -87,18 +106,30 @@ class Subscription:
 
     def get(self, timeout: float | None = None) -> Message | None:
         """The next message, or None after ``timeout`` seconds (None: wait forever), or
-        None at once once the subscription is closed."""
+        None at once once the subscription is closed.  Invalid messages on the way are
+        skipped (counted in ``invalid``; see the module docstring)."""
         if self._closed.is_set():
             return None
-        try:
-            buffer = self._reader.pop(timeout)
-        except TimeoutError:
-            return None
-        except QueueClosedError:  # its queue was released (manager shut down) or closed: over
-            self._closed.set()
-            return None
-        with buffer:
-            return _decode(self.topic, buffer)
+        deadline = None  # for what is left of a waiting timeout after a skip (pop checks the timeout)
+        if timeout:
+            if timeout.__class__ is not float and bad_timeout(timeout):
+                check_timeout(timeout)
+            deadline = time.monotonic() + timeout
+        while True:
+            try:
+                buffer = self._reader.pop(timeout)
+            except TimeoutError:
+                return None
+            except QueueClosedError:  # its queue was released (manager shut down) or closed: over
+                self._closed.set()
+                return None
+            try:
+                with buffer:
+                    return _decode(self.topic, buffer)
+            except _InvalidMessage as e:
+                self._skipped(str(e))
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
 
     def __iter__(self):
         while not self._closed.is_set():
@@ -110,6 +141,12 @@ class Subscription:
     def drops(self) -> int:
         """Messages this subscriber lost because it read too slowly."""
         return self._reader.drops
+
+    @property
+    def invalid(self) -> int:
+        """Messages this subscriber skipped because they could not be read (not written
+        by Bus.publish; see the module docstring)."""
+        return self._invalid
 
     @property
     def pending(self) -> int:
@@ -126,13 +163,24 @@ class Subscription:
         # the timeout bounds how long close() waits for this thread (a detach from another
         # thread could free the reader slot for someone else while we still pop from it)
         while not self._closed.is_set():
-            message = self.get(timeout=_CLOSE_TICK_S)
+            try:
+                message = self.get(timeout=_CLOSE_TICK_S)
+            except MultiQueueError as e:  # an item of the ring that is no buffer (InvalidBufferError)
+                self._skipped(f"{type(e).__name__}: {e}")
+                continue
             if message is None:
                 continue
             try:
                 callback(message)
             except Exception:  # noqa: BLE001 - a failing callback must not end the subscription
                 traceback.print_exc()
+
+    def _skipped(self, reason: str) -> None:
+        self._invalid += 1
+        n = self._invalid
+        if not n & (n - 1):  # the 1st, 2nd, 4th, ...: a flood of garbage cannot flood the log
+            _log.warning("bus topic %r: skipped an invalid message (%s); %d skipped by this subscriber",
+                         self.topic, reason, n)
 
     def __enter__(self) -> "Subscription":
         return self
@@ -141,15 +189,24 @@ class Subscription:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Subscription {self.topic!r} pending={self.pending} drops={self.drops}>"
+        return (f"<Subscription {self.topic!r} pending={self.pending} drops={self.drops} "
+                f"invalid={self.invalid}>")
 
 
 class Bus:
-    """A process's access to the message bus of a domain (thread-safe)."""
+    """A process's access to the message bus of a domain (thread-safe).
+
+    ``pool_blocks`` (>= 1) and ``max_pool_blocks`` (>= MIN_POOL_BLOCKS) size the
+    domain's ``mq-bus`` pool when this Bus is the first to need it: its first and
+    its largest number of 4 KiB blocks (fewer if the domain has no room for them).
+    """
 
     def __init__(self, manager: ShmManager, *, pool_blocks: int = 256, max_pool_blocks: int = 8192):
+        if not isinstance(manager, ShmManager):
+            raise TypeError(f"manager must be a ShmManager of the domain, not {type(manager).__name__}")
         self.manager = manager
-        self._pool_blocks, self._max_pool_blocks = pool_blocks, max_pool_blocks
+        self._pool_blocks = check_int("pool_blocks", pool_blocks, 1)
+        self._max_pool_blocks = check_int("max_pool_blocks", max_pool_blocks, MIN_POOL_BLOCKS)
         self._topics: dict[str, PortQueue] = {}
         self._subscriptions: list[Subscription] = []
         self._lock = threading.Lock()
@@ -162,9 +219,13 @@ class Bus:
 
     def publish(self, topic: str, data, *, timeout: float | None = 1.0, keep: bool = True) -> None:
         """Send ``data`` (bytes-like or JSON-able) to every subscriber of ``topic``;
-        nobody listening costs nothing.  Waits up to ``timeout`` for a free bus block.
+        nobody listening costs nothing.  Waits up to ``timeout`` seconds (None or a
+        number >= 0; None: forever) for a free bus block.
         ``keep=False`` unmaps the topic afterwards (for one-off topics)."""
         self._check_open()
+        # checked here, as only a full pool waits; no call for the usual float (default 1.0)
+        if (timeout.__class__ is not float or not timeout >= 0) and bad_timeout(timeout):
+            check_timeout(timeout)
         queue = self._topic(topic) if keep else self._one_off(topic)
         try:
             self._publish_to(queue, data, timeout)
@@ -186,11 +247,12 @@ class Bus:
             raise
 
     def subscribe(self, topic: str, callback=None, *, capacity: int | None = None) -> Subscription:
-        """A subscription to ``topic``: ``get()`` / iterate it, or pass ``callback`` to
-        have each message handed to it on a thread of its own.  Only messages published
-        after this call are seen.  ``capacity`` (a power of two up to MAX_CAPACITY) is
-        the topic's, set by its first user (default DEFAULT_CAPACITY): each subscriber
-        holds at most that many unread messages, then loses its oldest."""
+        """A subscription to ``topic``: ``get()`` / iterate it, or pass ``callback`` (a
+        callable taking a Message) to have each message handed to it on a thread of its
+        own.  Only messages published after this call are seen.  ``capacity`` (None, or
+        a power of two from 1 to MAX_CAPACITY) is the topic's, set by its first user
+        (None: DEFAULT_CAPACITY for a new topic, any for an existing one): each
+        subscriber holds at most that many unread messages, then loses its oldest."""
         self._check_open()
         sub = Subscription(self, topic, capacity, callback)
         with self._lock:
@@ -198,24 +260,33 @@ class Bus:
         return sub
 
     def send(self, target: str, data) -> None:
-        """A point-to-point message to a block or process's inbox (``inbox(target)``)."""
+        """A point-to-point message to a block or process's inbox (``inbox(target)``;
+        ``target``: 1-26 letters, digits, '_' or '-')."""
         self.publish(inbox_topic(target), data)
 
     def inbox(self, name: str, callback=None) -> Subscription:
         """This process's (or block's) inbox: what ``send(name, ...)`` delivers."""
         return self.subscribe(inbox_topic(name), callback)
 
-    def request(self, topic: str, data: dict, timeout: float = 5.0) -> Message:
-        """Publish ``data`` with a ``reply_to`` topic and wait for the one answer.
-        TimeoutError if none comes (nobody serves ``topic``).  The answers come back on
-        this Bus's own reply topic, matched by a request id (one request at a time)."""
+    def request(self, topic: str, data: dict, timeout: float | None = 5.0) -> Message:
+        """Publish ``data`` (a dict; it gets the keys ``reply_to`` and ``rid``) with a
+        ``reply_to`` topic and wait up to ``timeout`` seconds (None or a number >= 0;
+        None: forever) for the one answer.  TimeoutError if none comes (nobody serves
+        ``topic``).  The answers come back on this Bus's own reply topic, matched by a
+        request id (one request at a time)."""
         _check_topic(topic)
-        deadline = time.monotonic() + timeout
+        if not isinstance(data, Mapping):
+            raise TypeError(f"request data must be a dict (it gets 'reply_to' and 'rid' keys), not "
+                            f"{type(data).__name__}")
+        deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
         with self._request_lock:
             replies = self._reply_subscription()
             rid = next(self._seq)
             self.publish(topic, {**data, "reply_to": replies.topic, "rid": rid})
-            while (left := deadline - time.monotonic()) > 0:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
                 answer = replies.get(left)
                 if answer is None:
                     break
@@ -226,6 +297,8 @@ class Bus:
 
     def reply(self, request: Message, data) -> None:
         """Answer a request (no-op if it asked for no answer or no longer waits)."""
+        if not isinstance(request, Message):
+            raise TypeError(f"reply() answers a request Message, not {type(request).__name__}")
         topic = request.reply_to()
         if not topic:
             return
@@ -284,8 +357,7 @@ class Bus:
 
     def _topic(self, topic: str, capacity: int = 64) -> PortQueue:
         _check_topic(topic)
-        if not isinstance(capacity, int) or not 1 <= capacity <= MAX_CAPACITY or capacity & (capacity - 1):
-            raise ValueError(f"capacity must be a power of two from 1 to {MAX_CAPACITY}, not {capacity!r}")
+        check_capacity(capacity, MAX_CAPACITY)
         with self._lock:
             q = self._topics.get(topic)
             if q is None:
@@ -350,11 +422,15 @@ def _has_reader(queue: PortQueue) -> bool:
 
 
 def _check_topic(topic) -> None:
-    if not isinstance(topic, str) or not _TOPIC_RE.match(topic):
+    if not isinstance(topic, str) or not _TOPIC_RE.fullmatch(topic):
         raise ValueError(f"invalid topic {topic!r}: 1-29 letters, digits, '_' or '-'")
 
 
 def inbox_topic(name: str) -> str:
+    """The topic of ``name``'s inbox, ``to-<name>`` (the topic check then refuses a name
+    that is not 1-26 letters, digits, '_' or '-'); ValueError for a name that is no str."""
+    if not isinstance(name, str):  # ValueError, as for any invalid topic
+        raise ValueError(f"invalid inbox name {name!r}: a str of 1-26 letters, digits, '_' or '-'")
     return f"to-{name}"
 
 
@@ -364,7 +440,7 @@ def _encode(data) -> tuple[int, bytes]:
     else:
         try:
             kind, body = KIND_JSON, json.dumps(data, separators=(",", ":")).encode()
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
             raise TypeError(f"a bus message is bytes or a JSON-able object: {e}") from None
     if len(body) > MAX_MESSAGE:
         raise MessageTooLargeError(
@@ -374,7 +450,23 @@ def _encode(data) -> tuple[int, bytes]:
 
 
 def _decode(topic: str, buffer) -> Message:
+    """The message in a bus block; _InvalidMessage if it is not one Bus.publish wrote."""
     view = buffer.memoryview()
-    kind, _, length, pid, seq, rid = HEADER.unpack_from(view, 0)
-    body = bytes(view[HEADER.size : HEADER.size + length])
-    return Message(topic, json.loads(body) if kind == KIND_JSON else body, pid, seq, buffer.timestamp, rid)
+    try:
+        kind, _, length, pid, seq, rid = HEADER.unpack_from(view, 0)
+    except struct.error:
+        raise _InvalidMessage(f"a block of {len(view)} bytes, shorter than the {HEADER.size}-byte header") \
+            from None
+    body = bytes(view[_BODY : _BODY + length])
+    if len(body) != length:
+        raise _InvalidMessage(f"a payload of {length} bytes claimed in a block of {len(view)}")
+    if kind == KIND_JSON:
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError too
+            raise _InvalidMessage(f"a JSON message whose body is not JSON: {e}") from None
+    elif kind == KIND_BYTES:
+        data = body
+    else:
+        raise _InvalidMessage(f"unknown kind {kind}")
+    return Message(topic, data, pid, seq, buffer.timestamp, rid)

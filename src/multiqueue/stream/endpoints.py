@@ -24,9 +24,42 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..checks import check_capacity, check_int, check_number, check_shape
 from ..errors import InvalidBufferError
 from ..shm import Buffer, ShmConfig, ShmManager
-from .queue import PortQueue
+from ..shm.segment import check_domain
+from .queue import POLICIES, PortQueue, _check_name
+
+_STARTS = ("latest", "oldest")
+
+
+def _check_queue_args(domain, queue, capacity, config, *, domain_used: bool = True) -> None:
+    """The queue a Producer, Consumer or stage opens: checked before any domain is joined
+    or created, and by @producer / @consumer when they decorate (not when the stage runs).
+    ``domain_used``: False when a manager is given (the domain name is then not used)."""
+    if domain_used:
+        check_domain(domain)
+    _check_name(queue)
+    check_capacity(capacity)
+    if config is not None and not isinstance(config, ShmConfig):
+        raise TypeError(f"config must be None or a ShmConfig, not {type(config).__name__}")
+
+
+def _check_reader_args(policy, start, dtype, shape) -> None:
+    """A Consumer's (or @consumer's) reader and frame arguments."""
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise ValueError(f"policy must be 'block' or 'drop_oldest', not {policy!r}")
+    if not isinstance(start, str) or start not in _STARTS:
+        raise ValueError(f"start must be 'latest' or 'oldest', not {start!r}")
+    if dtype is not None:
+        np.dtype(dtype)  # TypeError naming the dtype it does not understand
+    if shape is not None:
+        check_shape("shape", shape)
+
+
+def _check_producer_args(readers, readers_timeout) -> None:
+    check_int("readers", readers, 0)
+    check_number("readers_timeout", readers_timeout, minimum=0, none=True)
 
 
 class _Endpoint:
@@ -34,6 +67,7 @@ class _Endpoint:
 
     def __init__(self, domain: str, queue: str, manager: ShmManager | None, config: ShmConfig | None,
                  capacity: int, name: str):
+        _check_queue_args(domain, queue, capacity, config, domain_used=manager is None)
         self._owns_manager = manager is None
         self.manager = manager if manager is not None else ShmManager(domain, config, name=name)
         try:
@@ -58,11 +92,15 @@ class Producer(_Endpoint):
 
     For zero copies, fill a block in place: ``buf = producer.loan(shape, dtype)``,
     write ``buf.numpy()``, then ``producer.push(buf)``.
+
+    ``readers`` (an int >= 0): wait until that many readers are attached (up to
+    ``readers_timeout`` seconds, None or a number >= 0; None: forever) before returning.
     """
 
     def __init__(self, domain: str, queue: str, *, capacity: int = 64, manager: ShmManager | None = None,
                  config: ShmConfig | None = None, close_on_exit: bool = True, readers: int = 0,
                  readers_timeout: float | None = None):
+        _check_producer_args(readers, readers_timeout)
         super().__init__(domain, queue, manager, config, capacity, "producer")
         self._close_queue = close_on_exit
         if readers:  # readers see only what is pushed after they attach: wait for them
@@ -126,6 +164,7 @@ class Consumer(_Endpoint):
     def __init__(self, domain: str, queue: str, *, policy: str = "block", start: str = "latest",
                  capacity: int = 64, manager: ShmManager | None = None, config: ShmConfig | None = None,
                  dtype=None, shape=None, busy_poll: bool = False):
+        _check_reader_args(policy, start, dtype, shape)
         super().__init__(domain, queue, manager, config, capacity, "consumer")
         try:
             self.reader = self.queue.reader(policy, start, busy_poll=busy_poll)
@@ -265,7 +304,10 @@ def _stage(fn) -> Stage:
 def producer(domain: str, queue: str, *, capacity: int = 64, config: ShmConfig | None = None,
              readers: int = 0):
     """Decorator: what the function returns or yields is pushed to ``queue`` (after
-    ``readers`` readers attached, if given)."""
+    ``readers`` readers attached, if given).  The arguments are checked here, as by
+    Producer, not when the stage runs."""
+    _check_queue_args(domain, queue, capacity, config)
+    _check_producer_args(readers, None)
 
     def wrap(fn):
         stage = _stage(fn)
@@ -278,7 +320,10 @@ def producer(domain: str, queue: str, *, capacity: int = 64, config: ShmConfig |
 
 def consumer(domain: str, queue: str, *, policy: str = "block", start: str = "latest",
              capacity: int = 64, config: ShmConfig | None = None, dtype=None, shape=None):
-    """Decorator: the function is called with each frame of ``queue`` (a numpy view)."""
+    """Decorator: the function is called with each frame of ``queue`` (a numpy view).
+    The arguments are checked here, as by Consumer, not when the stage runs."""
+    _check_queue_args(domain, queue, capacity, config)
+    _check_reader_args(policy, start, dtype, shape)
 
     def wrap(fn):
         stage = _stage(fn)

@@ -77,7 +77,7 @@ Async mode needs nothing from this module: read each reader on its own.
 
 import bisect
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from operator import attrgetter
@@ -175,9 +175,15 @@ class SyncReader:
             if names is not None:
                 raise ValueError("names come from the keys when readers is a dict; don't pass names")
             names, readers = list(readers), list(readers.values())
+        elif isinstance(readers, (str, bytes)) or not isinstance(readers, Iterable):
+            raise TypeError(f"readers must be a list or a dict (name -> reader) of readers, not "
+                            f"{type(readers).__name__}")
         readers = list(readers)
         if not readers:
             raise ValueError("SyncReader needs at least one reader")
+        for i, reader in enumerate(readers):
+            if not callable(getattr(reader, "pop", None)):
+                raise TypeError(f"readers[{i}] is a {type(reader).__name__}: a reader needs pop(timeout)")
         n = len(readers)
         names = [f"port{i}" for i in range(n)] if names is None else [str(x) for x in names]
         if len(names) != n or len(set(names)) != n:
