@@ -427,6 +427,21 @@ def test_an_unknown_domain_is_one_clear_line_and_exit_1(domain):
     assert not domain_segments("mq.", domain)
 
 
+def test_a_negative_or_non_finite_number_option_is_a_usage_error(domain):
+    commands = [("param", "amp", "gain", "--timeout", "-1"), ("block", "amp", "stop", "--timeout", "nan"),
+                ("sub", "news", "--timeout", "-0.5"), ("sub", "news", "--count", "-3"),
+                ("top", "--interval", "inf"), ("top", "--iterations", "-1"), ("logs", "-n", "-2"),
+                ("tap", "src.out", "--duration", "-1")]
+    procs = [(c, subprocess.Popen([*MQ, c[0], domain, *c[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)) for c in commands]
+    for command, proc in procs:
+        out, err = proc.communicate(timeout=60)
+        proc.stdout.close()
+        proc.stderr.close()
+        assert proc.returncode == 2, (command, out, err)  # argparse's usage error, no traceback
+        assert "Traceback" not in err and "expected" in err and command[-1] in err, (command, err)
+
+
 def test_doctor_names_a_sigkilled_holder_and_is_clean_after_a_reap(domain):
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, domain], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+from .checks import check_int, check_number
 from .errors import DomainInUseError, MultiQueueError, SegmentError
 from .shm import ShmManager
 from .shm import layout as L
@@ -1114,6 +1115,22 @@ def _domain_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _seconds(text: str) -> float:
+    """A --timeout / --duration / --interval: a finite number of seconds >= 0."""
+    try:
+        return check_number("seconds", float(text), minimum=0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, not {text!r}") from None
+
+
+def _count(text: str) -> int:
+    """A --count / --iterations / --lines: an int >= 0."""
+    try:
+        return check_int("count", int(text), 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, not {text!r}") from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="mq", description="multiqueue command line: demos, graph files, and tools to look into and "
@@ -1124,7 +1141,7 @@ def main(argv=None) -> int:
     sub.add_parser("stream-demo", help="two processes sharing buffers through a port queue", add_help=False)
     p = sub.add_parser("run", help="run a graph file (YAML): live progress, then a summary")
     p.add_argument("graph", help="the graph file, e.g. examples/graphs/sine.yaml")
-    p.add_argument("--duration", type=float, default=None,
+    p.add_argument("--duration", type=_seconds, default=None,
                    help="stop after this many seconds (default: when the sources are done, or Ctrl-C)")
     p.add_argument("--domain", type=_domain_name, default=None,
                    help="the domain to run in (default: the file's 'domain:', else its name)")
@@ -1150,7 +1167,7 @@ def main(argv=None) -> int:
     p.add_argument("domain", type=_domain_name)
     p.add_argument("block")
     p.add_argument("action", choices=("pause", "resume", "stop"))
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the block's answer")
+    p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for the block's answer")
     p.set_defaults(func=_block)
 
     p = sub.add_parser("ls", help="the domains on this machine: processes (alive or dead), graph, pools")
@@ -1163,8 +1180,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=_stats)
     p = sub.add_parser("top", help="a live view of a domain: rates, fill, drops, CPU per process, pools")
     p.add_argument("domain", type=_domain_name)
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between two views (default 1)")
-    p.add_argument("--iterations", type=int, default=None, help="stop after this many views")
+    p.add_argument("--interval", type=_seconds, default=1.0, help="seconds between two views (default 1)")
+    p.add_argument("--iterations", type=_count, default=None, help="stop after this many views")
     p.add_argument("--json", action="store_true", help="one JSON object per view, one a line")
     p.set_defaults(func=_top)
     p = sub.add_parser("param", help="get (no VALUE) or set a run-time parameter of a running block")
@@ -1176,7 +1193,7 @@ def main(argv=None) -> int:
     p.add_argument("--at-ns", type=int, default=None,
                    help="apply at the first input frame stamped at or after this time (ns)")
     p.add_argument("--text", action="store_true", help="VALUE is a string, even if it parses as JSON")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the block's answer")
+    p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for the block's answer")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_param)
     for name, target, what in (("pub", "topic", "publish a message on a bus topic"),
@@ -1192,22 +1209,22 @@ def main(argv=None) -> int:
     p.add_argument("domain", type=_domain_name)
     p.add_argument("topic", help="the topic (with --inbox: the name whose inbox to read)")
     p.add_argument("--inbox", action="store_true", help="read the inbox of TOPIC (what `mq send` delivers)")
-    p.add_argument("--count", type=int, default=None, help="stop after this many messages")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--count", type=_count, default=None, help="stop after this many messages")
+    p.add_argument("--timeout", type=_seconds, default=None,
                    help="stop after this many seconds (exit 1 if --count messages did not come)")
     p.add_argument("--json", action="store_true", help="one JSON object per message, one a line")
     p.set_defaults(func=_sub)
     p = sub.add_parser("logs", help="the domain's log (every process's lines)")
     p.add_argument("domain", type=_domain_name)
-    p.add_argument("-n", "--lines", type=int, default=10, help="the last N lines (default 10)")
+    p.add_argument("-n", "--lines", type=_count, default=10, help="the last N lines (default 10)")
     p.add_argument("-f", "--follow", action="store_true", help="then print lines as they are appended")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=_logs)
     p = sub.add_parser("tap", help="print the frames of a running graph's output port")
     p.add_argument("domain", type=_domain_name)
     p.add_argument("port", help="BLOCK.PORT, e.g. source.out")
-    p.add_argument("--count", type=int, default=None, help="stop after this many frames")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--count", type=_count, default=None, help="stop after this many frames")
+    p.add_argument("--duration", type=_seconds, default=None, help="stop after this many seconds")
     p.set_defaults(func=_tap)
     for name, what in (("clean", "remove the segments of dead domains (all, or DOMAIN); never a live one"),
                        ("cleanup", "remove a stale domain (refused while it has live processes)")):

@@ -54,12 +54,13 @@ from pathlib import Path
 
 import yaml
 
+from ..checks import MAX_CAPACITY
 from ..shm import PoolConfig, ShmConfig
 from ..shm.segment import check_domain
 from ..stream.queue import POLICIES
 from . import blocks as builtin_blocks
 from .block import Block, GraphError
-from .runtime import MAX_CAPACITY, Runtime
+from .runtime import Runtime
 
 TOP_KEYS = ("domain", "capacity", "pools", "hosts", "blocks", "connections")
 BLOCK_KEYS = ("class", "params", "placement", "restart", "max_restarts", "host")
@@ -495,7 +496,7 @@ class _Loader:
         self.remote[edge.index] = RemoteEdge(edge.index, data)
 
     def port(self, node, key: str, text: str, direction: str):
-        match = _PORT_REF_RE.match(text)
+        match = _PORT_REF_RE.fullmatch(text)
         if not match:
             self.fail(node, key, f"{text!r} is not 'block.port'")
         block, port = match.groups()

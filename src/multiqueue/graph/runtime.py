@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..checks import check_int, check_number, show
+from ..checks import check_capacity, check_int, check_number, show
 from ..log import domain_logger, remove_domain_handlers
 from ..shm import ShmConfig, ShmManager
 from ..shm.segment import check_domain
@@ -52,7 +52,6 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,23}$")
 _PORT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,5}$")
 _ABORT_GRACE_S = 2.0  # after an abort, processes get this long before SIGKILL
 _log = logging.getLogger("mq.runtime")
-MAX_CAPACITY = 2**24  # the largest PortQueue ring
 MAX_SECONDS = 10**9  # the longest drain_timeout / start_timeout (threading's waits have a limit)
 
 
@@ -244,7 +243,7 @@ class Runtime:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"block name must be None or a str, not {type(name).__name__}")
         name = name or self._default_name(block)
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise GraphError(f"block name {name!r}: use 1-24 letters, digits and _ (not first a digit)")
         if name in self.blocks:
             raise GraphError(f"the graph already has a block named {name!r}")
@@ -258,7 +257,7 @@ class Runtime:
         check_int("max_restarts", max_restarts, 0)
         check_int(f"block {name!r}: batch", block.batch, 1)
         for port in (*block.input_ports(), *block.output_ports()):
-            if not _PORT_RE.match(port):
+            if not _PORT_RE.fullmatch(port):
                 raise GraphError(f"block {name!r}: port name {port!r} must be 1-6 letters, digits or _")
         _check_counters(name, block.counters)
         handle = BlockHandle(name, block, placement, restart, max_restarts)
@@ -841,14 +840,6 @@ def _with_bus_room(pools: ShmConfig | None) -> ShmConfig | None:
     if pools is None:
         return None  # the default config leaves plenty
     return dataclasses.replace(pools, max_buffers=pools.max_buffers + BUS_ROOM)
-
-
-def check_capacity(capacity) -> int:
-    """An edge capacity: a power of two from 1 to MAX_CAPACITY (2**24)."""
-    check_int("capacity", capacity)
-    if capacity < 1 or capacity & (capacity - 1) or capacity > MAX_CAPACITY:
-        raise ValueError(f"capacity must be a power of two from 1 to 2**24, not {show(capacity)}")
-    return int(capacity)
 
 
 def check_seconds(name: str, seconds, *, none: bool = False) -> float | None:

@@ -26,7 +26,7 @@ class PoolConfig:
     max_blocks: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not _POOL_NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not _POOL_NAME_RE.fullmatch(self.name):
             raise ValueError(
                 f"invalid pool name {self.name!r}: 1-{MAX_NAME} letters, digits, '_' or '-'"
             )

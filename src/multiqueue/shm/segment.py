@@ -30,7 +30,7 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{0,24}\.?$")
 
 
 def check_domain(domain: str) -> str:
-    if not isinstance(domain, str) or not _DOMAIN_RE.match(domain):
+    if not isinstance(domain, str) or not _DOMAIN_RE.fullmatch(domain):
         raise ValueError(
             f"invalid domain name {domain!r}: use 1-64 letters, digits, '_' or '-' "
             "(it becomes part of file names under /dev/shm)"
@@ -39,7 +39,7 @@ def check_domain(domain: str) -> str:
 
 
 def check_prefix(prefix: str) -> str:
-    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+    if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
         raise ValueError(f"invalid name_prefix {prefix!r}: up to 24 letters, digits, '_' or '-'")
     return prefix
 

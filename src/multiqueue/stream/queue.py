@@ -16,7 +16,7 @@ import weakref
 from dataclasses import dataclass
 
 from .. import _native
-from ..checks import bad_timeout, check_timeout
+from ..checks import bad_timeout, check_capacity, check_timeout
 from ..errors import MultiQueueError, QueueClosedError, QueueFullError, SegmentError
 from ..shm import layout as L
 from ..shm.buffer import Buffer
@@ -124,8 +124,7 @@ class PortQueue:
                  clock: str = "monotonic", create: bool = True, multi_producer: bool = False):
         if not isinstance(manager, ShmManager):
             raise TypeError(f"manager must be a ShmManager, not {type(manager).__name__}")
-        if not isinstance(capacity, int) or capacity < 1 or capacity & (capacity - 1) or capacity > 2**24:
-            raise ValueError(f"capacity must be a power of two from 1 to 2**24, not {capacity!r}")
+        check_capacity(capacity)
         if isinstance(max_readers, bool) or not isinstance(max_readers, int) or not 1 <= max_readers <= 1024:
             raise ValueError(f"max_readers must be an int 1..1024, not {max_readers!r}")
         if not isinstance(clock, str) or clock not in CLOCKS:
@@ -584,7 +583,7 @@ _NAME_RE = re.compile(rf"^[A-Za-z0-9_-]{{1,{L.MAX_NAME}}}$")
 
 
 def _check_name(name) -> None:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"invalid queue name {name!r}: 1-{L.MAX_NAME} letters, digits, '_' or '-'")
 
 
