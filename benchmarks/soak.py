@@ -16,8 +16,9 @@ domain (so the watcher changes nothing it measures):
   open fds (/proc/PID/fd) and mappings (/proc/PID/maps lines); per block its frames in and
   out (the graph segment's rows), per edge its drops and fill, and the pool blocks in use
   (from multiqueue.doctor.diagnose, which maps the domain read-only);
-* at the end: `diagnose` once more while it streams (it must find nothing), then SIGINT
-  (the demo's Ctrl-C: an orderly stop), the demo's exit code (non-zero if pool blocks
+* at the end: `diagnose` once more while it streams (it must find nothing), then SIGTERM
+  (which the demo takes as Ctrl-C: an orderly stop; SIGINT would be ignored when this
+  script runs in the background of a shell), the demo's exit code (non-zero if pool blocks
   were still in use after its stop), the blocks' final rows, and /dev/shm (nothing of
   the domain may be left).
 
@@ -79,7 +80,7 @@ JUDGED = "private_dirty"
 
 
 def start_demo(domain: str, args, workdir: str) -> subprocess.Popen:
-    """`mq demo` in a domain of its own, until SIGINT; its output and log in ``workdir``."""
+    """`mq demo` in a domain of its own, until SIGTERM; its output and log in ``workdir``."""
     command = [sys.executable, "-m", "multiqueue.spectrum_demo", "--domain", domain, "--duration", "0",
                "--bins", str(args.bins), "--record", os.path.join(workdir, "spectra.npy")]
     env = {**os.environ, "MQ_LOG_DIR": workdir}
@@ -112,10 +113,10 @@ def set_rate(domain: str, rate: float) -> None:
 
 
 def stop_demo(demo_process: subprocess.Popen) -> int | None:
-    """SIGINT (the demo's Ctrl-C: an orderly stop) and its exit code; None if it had to be
+    """SIGTERM (taken as Ctrl-C: an orderly stop) and its exit code; None if it had to be
     killed (its process group: the workers too)."""
     if demo_process.poll() is None:
-        demo_process.send_signal(signal.SIGINT)
+        demo_process.send_signal(signal.SIGTERM)
         try:
             return demo_process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:

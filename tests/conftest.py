@@ -1,6 +1,7 @@
 """Shared fixtures: a unique domain per test, removed afterwards, and a leak check."""
 
 import os
+import signal
 import uuid
 
 import pytest
@@ -9,6 +10,13 @@ from hypothesis import settings
 from helpers import run_python, spawn_python  # noqa: F401  (re-exported for tests)
 from multiqueue import PoolConfig, ShmConfig, ShmManager
 from multiqueue.shm.segment import domain_segments, unlink_quietly
+
+
+def pytest_configure(config):
+    """Tests stop child processes with SIGINT (Ctrl-C); a child inherits an ignored SIGINT
+    (a suite started in the background of a non-interactive shell): undo that first."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser):

@@ -72,14 +72,15 @@ def test_mq_demo_runs_the_spectrum_monitor_and_stops_clean(domain, tmp_path):
     assert not domain_segments("mq.", domain)
 
 
-def test_mq_demo_stops_in_order_on_ctrl_c(domain, tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_mq_demo_stops_in_order_on_ctrl_c_or_sigterm(domain, tmp_path, stop_signal):
     proc = subprocess.Popen([sys.executable, "-m", "multiqueue.cli", "demo", "--domain", domain,
                              "--duration", "0", "--record", str(tmp_path / "r.npy"), "--bins", "20000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # wait for the first progress line: the graph runs
         if line.startswith("spectra"):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop_signal)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "stopping..." in out and "pool blocks still in use after the stop: 0" in out

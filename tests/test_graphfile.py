@@ -228,13 +228,14 @@ def test_mq_run_stops_after_the_duration(domain, tmp_path):
     assert "pool blocks still in use after the stop: 0" in result.stdout
 
 
-def test_mq_run_stops_in_order_on_ctrl_c(domain):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_mq_run_stops_in_order_on_ctrl_c_or_sigterm(domain, stop_signal):
     proc = subprocess.Popen([sys.executable, "-m", "multiqueue.cli", "run", str(EXAMPLE), "--domain", domain],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     for line in proc.stdout:  # the first progress line: the graph runs
         if line.startswith("["):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop_signal)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "stopping..." in out and "(interrupted)" in out

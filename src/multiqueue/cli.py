@@ -1249,7 +1249,7 @@ def main(argv=None) -> int:
         return stream_demo_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    long_running = args.command in ("top", "sub", "logs", "tap")
+    long_running = args.command in ("run", "top", "sub", "logs", "tap")
     if long_running and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # they run until stopped: SIGTERM ends them as Ctrl-C
     try:

@@ -15,6 +15,7 @@ it in order.  While it runs, ``mq tap spectrum source.out`` (or
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -135,6 +136,7 @@ def main(argv=None) -> int:
     rt, probe = build(args.domain, record, args.record_frames, bins=args.bins)
     print(f"spectrum monitor in domain {args.domain!r}: {args.bins:,} bins at {RATE_HZ:g} frames/s; "
           f"Ctrl-C stops it. Watch it with: mq tap {args.domain} source.out")
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # `kill PID` (service managers): the same orderly stop
     rt.start()
     deadline = None if not args.duration else time.monotonic() + args.duration
     try:
@@ -152,6 +154,10 @@ def main(argv=None) -> int:
     print(f"recorded {min(args.record_frames, stats.blocks['recorder'].items_in)} spectra to {record}; "
           f"pool blocks still in use after the stop: {rt.blocks_in_use_at_end}")
     return 0 if rt.blocks_in_use_at_end == 0 else 1
+
+
+def _stop_like_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _print_progress(rt: Runtime, probe: Probe) -> None:
