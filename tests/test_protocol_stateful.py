@@ -254,23 +254,23 @@ class BuffersAndQueues(RuleBasedStateMachine):
 
     @rule(pool=pools)
     def allocate_from_pool(self, pool):
+        self._allocate_from(pool)
+
+    def _allocate_from(self, pool) -> bool:
+        """True if it got a block; a full pool must be one the model says may be full."""
         try:
             buffer = self.m.allocate_from_pool(pool, timeout=0)
         except PoolExhaustedError:
             assert None in allowed_outcomes([pool], self.live_pools(), Counter())
-            return
+            return False
         self.took(buffer, [pool])
+        return True
 
     @rule(pool=pools)
     def push_a_new_buffer(self, pool):
         """Allocate and push at once (queues see more traffic than single steps would give)."""
-        try:
-            buffer = self.m.allocate_from_pool(pool, timeout=0)
-        except PoolExhaustedError:
-            assert None in allowed_outcomes([pool], self.live_pools(), Counter())
-            return
-        self.took(buffer, [pool])
-        self.push(len(self.handles) - 1)
+        if self._allocate_from(pool):
+            self.push(len(self.handles) - 1)
 
     @precondition(lambda self: self.handles)
     @rule(pick=picks)
