@@ -5,9 +5,11 @@
                                  [--drain-timeout S]
     python tests/bridge_roles.py rx DOMAIN KEY (--listen EP | --connect EP) --record PATH [--n 256]
                                  [--delay S] [--policy block|drop] [--buffer B] [--restart]
+                                 [--kill-after-send K]
 
 ``tx`` runs StampedRamp -> BridgeSink, ``rx`` runs BridgeSource -> Recorder (each block in a
-worker process of its own).  A role reports on stdout, one JSON object per line with an
+worker process of its own; with ``--kill-after-send K`` the BridgeSource SIGKILLs itself
+once, right after delivering its K-th frame).  A role reports on stdout, one JSON object per line with an
 "event" key: {"event": "ready", "pid": ..., "pids": {block: worker pid}} once its graph has
 started, then {"event": "done", "counters": {block: {...}}, "error": None or why, ...} when it
 ends.
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -47,6 +50,23 @@ def payload(k: int, n: int) -> np.ndarray:
 
 def checksum(k: int, n: int) -> int:
     return zlib.crc32(payload(k, n).tobytes())
+
+
+class DiesAfterSend(BridgeSource):
+    """A BridgeSource that SIGKILLs itself once, right after delivering its ``at``-th
+    frame and before its own code can count it: the window a random kill rarely hits.
+    A marker file (``marker``) keeps its restarted successor alive."""
+
+    def __init__(self, *args, at: int, marker: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.marker = at, marker
+
+    def send(self, port, frame, **kwargs):
+        super().send(port, frame, **kwargs)
+        if self.pushed(port) == self.at and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(10)
 
 
 class StampedRamp(Block):
@@ -140,8 +160,10 @@ def build(args) -> Runtime:
         tx = rt.add(BridgeSink(args.key, policy=args.policy, zenoh=z, linger=args.linger), "tx")
         rt.connect(src["out"], tx["in"])
     else:
-        rx = rt.add(BridgeSource(args.key, dtype=np.float32, policy=args.policy, zenoh=z, buffer=args.buffer),
-                    "rx", restart="restart" if args.restart else "stop")
+        options = dict(dtype=np.float32, policy=args.policy, zenoh=z, buffer=args.buffer)
+        source = (BridgeSource(args.key, **options) if args.kill_after_send is None else
+                  DiesAfterSend(args.key, **options, at=args.kill_after_send, marker=f"{args.record}.killed"))
+        rx = rt.add(source, "rx", restart="restart" if args.restart else "stop")
         rec = rt.add(Recorder(args.record, args.n, args.delay), "rec")
         rt.connect(rx["out"], rec["in"])
     return rt
@@ -171,6 +193,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--buffer", type=int, default=64)
     parser.add_argument("--restart", action="store_true")
+    parser.add_argument("--kill-after-send", type=int, default=None)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--drain-timeout", type=float, default=3.0)
     parser.add_argument("--linger", type=float, default=10.0)

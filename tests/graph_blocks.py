@@ -204,3 +204,30 @@ class CountingCrash(Block):
                 open(self.marker, "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(10)
+
+
+class SendThenCrash(Block):
+    """Forwards its input; SIGKILLs itself once right after the ``at``-th send (a
+    marker file says it did), before any Python code could note that send.  Counters:
+    ``lives``, and ``pushed_at_start``: what Block.pushed("out") said at its last start."""
+
+    inputs = {"in": Port(np.float32)}
+    outputs = {"out": Port(np.float32)}
+    counters = ("pushed_at_start", "lives")
+
+    def __init__(self, at, marker):
+        super().__init__()
+        self.at, self.marker = at, marker
+
+    def start(self):
+        self.count("lives")
+        self.set_counter("pushed_at_start", self.pushed("out"))
+
+    def work(self, inputs):
+        for frame in inputs["in"]:
+            self.send("out", frame)
+            if self.pushed("out") == self.at and not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(10)
+        return OK

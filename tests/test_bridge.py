@@ -299,6 +299,23 @@ def test_a_killed_receiver_worker_restarts_and_the_stream_resumes(roles, key, tm
     assert sent["counters"]["tx"]["sent"] == 10_000
 
 
+def test_a_receiver_killed_between_delivering_a_frame_and_counting_it_counts_exactly(roles, key, tmp_path):
+    """The window a random kill rarely hits, hit on purpose: the frame delivered just
+    before the kill is received (not lost, not counted twice)."""
+    port, rec = free_port(), tmp_path / "rec.txt"
+    tx = roles("tx", key, "--listen", endpoint(port), "--count", 10_000, "--pace", 0.0001).ready()
+    rx = roles("rx", key, "--connect", endpoint(port), "--record", rec, "--restart",
+               "--kill-after-send", 3000).ready()
+    sent, got = tx.done(), rx.done()
+
+    indices = check_frames(read_record(rec))
+    assert 2999 in indices and indices[-1] == 9999  # the 3000th frame (number 2999) was delivered
+    c = got["counters"]["rx"]
+    assert (c["received"], c["lost"]) == (len(indices), 10_000 - len(indices)), c
+    assert got["blocks"]["rx"]["restarts"] == 1
+    assert sent["counters"]["tx"]["sent"] == 10_000
+
+
 def test_a_killed_receiving_runtime_is_replaced_and_the_stream_resumes(roles, key, tmp_path):
     port, old_rec, new_rec = free_port(), tmp_path / "old.txt", tmp_path / "new.txt"
     tx = roles("tx", key, "--listen", endpoint(port), "--count", 10_000, "--pace", 0.0001).ready()

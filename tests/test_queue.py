@@ -126,6 +126,17 @@ def test_create_then_open_by_name_shares_the_ring(manager):
     assert drain(r) == [1, 2]
 
 
+def test_pushed_counts_every_push_seen_by_every_handle(manager):
+    q = PortQueue(manager, "q", capacity=8)
+    same = PortQueue(manager, "q", create=False)
+    assert q.pushed == 0
+    push_values(q, manager, [1, 2])  # nobody reads: released at once, but pushed
+    r = same.reader()
+    push_values(same, manager, [3])
+    assert q.pushed == same.pushed == 3
+    assert drain(r) == [3]
+
+
 def test_queue_is_a_segment_of_its_domain(domain, manager):
     PortQueue(manager, "frames")
     assert os.path.exists(segment_path("mq.", domain, "q.frames"))

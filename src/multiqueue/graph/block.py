@@ -144,7 +144,7 @@ class Block:
     inputs: dict = {}
     outputs: dict = {}
     parameters: tuple = ()  # names settable at run time by set_parameter()
-    counters: tuple = ()  # names of the block's own counters (at most 6): see count()
+    counters: tuple = ()  # names of the block's own counters (at most 14): see count()
     batch: int = 16  # most frames handed to work() per input port per call
 
     def __init__(self):
@@ -243,6 +243,12 @@ class Block:
         call takes the timestamp (and time range) of the k-th input frame of the first
         input port; a source's frames are stamped when pushed."""
         self._running().send(port, frame, timestamp, time_range)
+
+    def pushed(self, port: str) -> int:
+        """Frames sent on the output ``port`` since the graph started, by this block and
+        the ones it replaced: a block restarted after a SIGKILL learns exactly what its
+        predecessor delivered, even a frame sent just before it died."""
+        return self._running().pushed(port)
 
     def sleep(self, seconds: float) -> bool:
         """Sleep up to ``seconds``, waking early when the block should stop; returns

@@ -27,11 +27,11 @@ from ..shm.segment import (
 
 MAGIC_GRAPH = int.from_bytes(b"MQGRAPH1", "little")
 KIND_GRAPH = 4
-ROW_WORDS = 16
+ROW_WORDS = 24
 
 # block row words
 STATE, PID, ITEMS_IN, ITEMS_OUT, WORK_CALLS, WORK_NS, START_NS, UPDATED_NS, RESTARTS, FAILURES = range(10)
-COUNTERS = 10  # words 10..15: the block's own counters (Block.counters), kept over restarts
+COUNTERS = 10  # words 10..23: the block's own counters (Block.counters), kept over restarts
 MAX_COUNTERS = ROW_WORDS - COUNTERS
 # edge row words
 EDGE_READER = 0  # reader index of the edge's consumer in the producer's queue, -1 none

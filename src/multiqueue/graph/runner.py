@@ -311,6 +311,9 @@ class BlockIO:
             raise KeyError(f"block {self.name!r} has no output {port!r}; it has "
                            f"{list(self.out_ports)}") from None
 
+    def pushed(self, port: str) -> int:
+        return self._out_queue(port).pushed
+
     def _out_queue(self, port: str) -> PortQueue:
         self._out_port(port)
         return self.queues[port]

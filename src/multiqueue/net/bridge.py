@@ -176,10 +176,16 @@ class BridgeSource(Block):
     ``lost`` gaps in the sequence (the stream's frames this receiver never got,
     counted from its first frame on, over restarts of this block), ``dropped``
     (policy drop: no room), ``invalid`` samples that were not bridged frames (logged),
-    ``next_seq`` and ``stream`` (where a restarted receiver goes on from).
+    ``next_seq`` and ``stream`` (where a restarted receiver goes on from), ``seq_base``.
+
+    Exact over a SIGKILL: the frames delivered are the output queue's push count (kept
+    in C with each push, see Block.pushed), and the next expected sequence number is
+    ``seq_base + delivered + lost``, each term changed by one write.  So a receiver
+    killed between delivering a frame and counting it neither counts it twice nor as
+    lost: ``received + lost`` is the stream's length.
     """
 
-    counters = ("received", "lost", "dropped", "invalid", "next_seq", "stream")
+    counters = ("received", "lost", "dropped", "invalid", "next_seq", "stream", "seq_base")
 
     def __init__(self, key: str, *, dtype=None, shape=None, policy: str = "block", zenoh=None,
                  buffer: int = 64, end: bool = True):
@@ -208,6 +214,10 @@ class BridgeSource(Block):
 
     def start(self) -> None:
         self._dropped_before = self.counter("dropped")
+        # a restarted block: the shown counters as of the last frame its predecessor delivered
+        self.set_counter("received", self.pushed("out"))
+        if self.counter("stream"):
+            self.set_counter("next_seq", self._expected())
         self._progress.update(next_seq=self.counter("next_seq"), stream=self.counter("stream"))
 
     # -- Zenoh's threads ----------------------------------------------------------------
@@ -266,9 +276,14 @@ class BridgeSource(Block):
         out = self.allocate("out", header.shape, header.dtype)
         out.array[...] = np.frombuffer(payload, header.dtype).reshape(header.shape)  # the copy in
         self.send("out", out, timestamp=header.timestamp, time_range=header.time_range)
-        self.count("received")
-        self._progress["next_seq"] = self.count("next_seq")
+        self.set_counter("received", self.pushed("out"))  # shown; the push count itself is the truth
+        self.set_counter("next_seq", header.seq + 1)
+        self._progress["next_seq"] = header.seq + 1
         return OK
+
+    def _expected(self) -> int:
+        """The next sequence number: one word per term (see the class doc)."""
+        return self.counter("seq_base") + self.pushed("out") + self.counter("lost")
 
     def _in_sequence(self, header: wire.FrameHeader) -> bool:
         """Counts gaps; False for a frame already had (a duplicate or a reordering)."""
@@ -280,10 +295,12 @@ class BridgeSource(Block):
                 first = self._first
                 start = first[1] if first is not None and first[0] == header.stream else header.seq
                 _log.info("%s: joined the stream at frame %d", self.key, start)
+            # the base first: a kill before the stream word is written redoes all of this
+            self.set_counter("seq_base", start - self.pushed("out") - self.counter("lost"))
             self.set_counter("stream", header.stream)
             self.set_counter("next_seq", start)
             self._progress.update(stream=header.stream, next_seq=start, ended=False)
-        expected = self.counter("next_seq")
+        expected = self._expected()
         if header.seq < expected:
             _log.warning("%s: frame %d came again or late (expected %d); ignored", self.key, header.seq,
                          expected)

@@ -14,7 +14,7 @@ import ctypes as C
 
 MAGIC_CONTROL = int.from_bytes(b"MQDOMAIN", "little")
 MAGIC_POOL = int.from_bytes(b"MQPOOLSG", "little")
-LAYOUT_VERSION = 2  # 2: Process.incarnation
+LAYOUT_VERSION = 3  # 2: Process.incarnation; 3: graph rows of 24 words (14 block counters)
 
 KIND_CONTROL = 1
 KIND_POOL = 2

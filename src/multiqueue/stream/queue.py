@@ -163,6 +163,14 @@ class PortQueue:
         return bool(self._header.closed)
 
     @property
+    def pushed(self) -> int:
+        """Items pushed since the queue was made, by every producer.  Counted in the C
+        call of the push, so a producer killed after a push returned is never off by
+        one (only a kill inside those instructions can split them, as docs/shm.md says
+        of the other windows)."""
+        return self._header.pushed
+
+    @property
     def size(self) -> int:
         """Unread items of the slowest reader (0 with no reader)."""
         head = self._header.head
