@@ -16,7 +16,7 @@ import weakref
 from dataclasses import dataclass
 
 from .. import _native
-from ..checks import bad_timeout, check_capacity, check_timeout
+from ..checks import bad_timeout, check_capacity, check_int, check_number, check_timeout
 from ..errors import MultiQueueError, QueueClosedError, QueueFullError, SegmentError
 from ..shm import layout as L
 from ..shm.buffer import Buffer
@@ -222,8 +222,7 @@ class PortQueue:
             raise ValueError(f"policy must be 'block' or 'drop_oldest', not {policy!r}")
         if start not in ("latest", "oldest"):
             raise ValueError(f"start must be 'latest' or 'oldest', not {start!r}")
-        if isinstance(spin, bool) or not isinstance(spin, (int, float)) or not spin >= 0:
-            raise TypeError(f"spin must be a number of seconds >= 0, not {spin!r}")
+        check_number("spin", spin, minimum=0)
         pid = os.getpid()
         while True:
             index = self._native.join(POLICIES[policy], start == "oldest", pid, _start_time())
@@ -240,8 +239,7 @@ class PortQueue:
     def wait_for_readers(self, count: int, timeout: float | None = None) -> None:
         """Wait until ``count`` readers are attached (items pushed before a reader joins
         are not delivered to it).  TimeoutError after ``timeout`` seconds."""
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise TypeError(f"count must be an int >= 0, not {count!r}")
+        check_int("count", count, 0)
         deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
