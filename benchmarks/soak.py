@@ -349,17 +349,23 @@ def flow_verdicts(final_blocks: dict, final_edges: list[dict]) -> list[tuple[boo
     return out
 
 
-def log_levels(workdir: str, domain: str) -> collections.Counter:
-    """Lines per level in the domain's log (``<time> LEVEL pid=...``), rotated files too."""
-    levels = collections.Counter()
-    for name in os.listdir(workdir):
+NOTABLE_KEPT = 20  # WARNING / ERROR lines of the domain's log shown in the report
+
+
+def log_levels(workdir: str, domain: str) -> tuple[collections.Counter, list[str]]:
+    """Lines per level in the domain's log (``<time> LEVEL pid=...``), rotated files too,
+    and the first NOTABLE_KEPT WARNING / ERROR lines (to be read, not only counted)."""
+    levels, notable = collections.Counter(), []
+    for name in sorted(os.listdir(workdir)):
         if name.startswith(f"{domain}.log"):
             with open(os.path.join(workdir, name), errors="replace") as f:
                 for line in f:
                     parts = line.split(maxsplit=2)
                     if len(parts) > 1:
                         levels[parts[1]] += 1
-    return levels
+                        if parts[1] in ("WARNING", "ERROR") and len(notable) < NOTABLE_KEPT:
+                            notable.append(line.rstrip())
+    return levels, notable
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -484,28 +490,29 @@ def main() -> None:
     except RuntimeError as e:
         error = str(e)
     finally:
-        leftovers, levels, demo_output = collect_and_clean(domain, workdir)
+        leftovers, log, demo_output = collect_and_clean(domain, workdir)
     if error:
         print(f"\nERROR: {error}; the demo was stopped. Its output:\n{demo_output}")
         sys.exit(130 if error == "interrupted" else 1)
-    report(args, info, result, leftovers, levels, demo_output, time.monotonic() - started)
+    report(args, info, result, leftovers, log, demo_output, time.monotonic() - started)
 
 
-def collect_and_clean(domain: str, workdir: str) -> tuple[list[str], collections.Counter, str]:
+def collect_and_clean(domain: str, workdir: str) -> tuple[list[str], tuple, str]:
     """What the stopped demo left in /dev/shm (a leak: listed, then removed), its log's
-    lines per level and its output; then remove all of it."""
+    lines per level and its warnings (log_levels), and its output; then remove all of it."""
     leftovers = [n for n in os.listdir("/dev/shm") if n.startswith(f"{DEFAULT_PREFIX}{domain}.")]
-    levels = log_levels(workdir, domain)
+    log = log_levels(workdir, domain)
     try:
         with open(os.path.join(workdir, "demo.out"), errors="replace") as f:
             demo_output = f.read()
     except OSError:
         demo_output = ""
     remove_leftovers(f"{DEFAULT_PREFIX}{domain}.", workdir)
-    return leftovers, levels, demo_output
+    return leftovers, log, demo_output
 
 
-def report(args, info, result, leftovers, levels, demo_output, elapsed) -> None:
+def report(args, info, result, leftovers, log, demo_output, elapsed) -> None:
+    levels, notable = log
     samples = result["samples"]
     seconds = samples[-1]["t"]
     summary = {pid: summarize_process(s, args.warmup, seconds) for pid, s in process_series(samples).items()}
@@ -527,6 +534,9 @@ def report(args, info, result, leftovers, levels, demo_output, elapsed) -> None:
     print_flow_table(result["final_blocks"], result["final_edges"], samples)
     print("\nThe demo's final report:\n" + demo_output[demo_output.find("final:"):].rstrip())
     print_verdicts(verdicts)
+    if notable:
+        print("\nThe domain log's WARNING / ERROR lines" + (f" (the first {NOTABLE_KEPT})" if
+              len(notable) == NOTABLE_KEPT else "") + ":\n" + "\n".join(f"  {line}" for line in notable))
     failed = [text for ok, text in verdicts if ok is False]
     print(f"\n{'FAIL' if failed else 'PASS'}: {len(failed)} failed verdict(s); elapsed {elapsed:.0f} s")
     if args.json:
@@ -545,6 +555,7 @@ def report(args, info, result, leftovers, levels, demo_output, elapsed) -> None:
             "demo_exit_code": result["exit_code"],
             "leftovers_in_dev_shm": leftovers,
             "log_levels": dict(levels),
+            "log_warnings": notable,
             "verdicts": [{"ok": ok, "text": text} for ok, text in verdicts],
             "passed": not failed,
             "samples": samples,

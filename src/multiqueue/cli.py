@@ -16,6 +16,7 @@ from .checks import check_int, check_number
 from .errors import DomainInUseError, MultiQueueError, SegmentError
 from .shm import ShmManager
 from .shm import layout as L
+from .shm.resources import human_bytes
 from .shm.segment import (
     DEFAULT_PREFIX,
     SHM_DIR,
@@ -376,14 +377,6 @@ def _inspect(prefix: str, domain: str) -> dict:
     return info
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _inspect_safely(prefix: str, domain: str) -> dict:
     """_inspect, but a domain that changes under our feet (or anything odd) is reported, not fatal."""
     try:
@@ -410,7 +403,7 @@ def _ls(args) -> int:
             g = d["graph"]
             graph = f"graph {g['state']} ({', '.join(g['blocks'])})"
         print(f"{d['domain']}: {d['state']}, {alive}/{len(d['processes'])} process(es) alive, {graph}, "
-              f"{len(d['segments'])} segment(s), {_human(d['bytes'])}")
+              f"{len(d['segments'])} segment(s), {human_bytes(d['bytes'])}")
         if d["state"] not in ("live", "dead"):
             print(f"  {d['reason']}")
         if d["pools"]:
@@ -599,7 +592,7 @@ def _format_top(snap: dict, interval: float) -> str:
     lines.append(f"{'pid':>8}  {'process':<24}{'cpu %':>7}{'rss':>12}")
     for p in snap["processes"]:
         cpu = "DEAD" if not p["alive"] else "-" if p["cpu_percent"] is None else f"{p['cpu_percent']:.1f}"
-        rss = "" if p["rss_bytes"] is None else _human(p["rss_bytes"])
+        rss = "" if p["rss_bytes"] is None else human_bytes(p["rss_bytes"])
         lines.append(f"{p['pid']:>8}  {p['name']:<24}{cpu:>7}{rss:>12}")
     lines.append("")
     lines.append(f"{'pool':<16}{'used':>14}{'util':>8}{'high':>8}")

@@ -9,7 +9,6 @@ once with what to change, instead of later in the middle of a stream:
   and keep a descriptor for each (RLIMIT_NOFILE).
 """
 
-
 import errno
 import os
 import resource
@@ -57,10 +56,11 @@ def preflight(config: ShmConfig, domain: str, shm_dir: str = SHM_DIR) -> Preflig
     free, size = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
     report = Preflight(needed, free)
     if needed > free:
-        parts = ", ".join(f"{p.name} {_human(pool_bytes(p, p.block_count))}" for p in config.pools)
+        parts = ", ".join(f"{p.name} {human_bytes(pool_bytes(p, p.block_count))}" for p in config.pools)
         report.errors.append((errno.ENOSPC, (
-            f"domain {domain!r} needs {_human(needed)} in {shm_dir} (control {_human(lay['total'])}"
-            f"{', pools ' + parts if parts else ''}) but only {_human(free)} of {_human(size)} is free; "
+            f"domain {domain!r} needs {human_bytes(needed)} in {shm_dir} "
+            f"(control {human_bytes(lay['total'])}{', pools ' + parts if parts else ''}) "
+            f"but only {human_bytes(free)} of {human_bytes(size)} is free; "
             f"free space there (`df -h {shm_dir}`; `mq ls` and `mq clean` find stale domains), configure "
             f"smaller pools, or enlarge it (`mount -o remount,size=8G {shm_dir}`; Docker: --shm-size)")))
     spare = free - needed
@@ -68,9 +68,9 @@ def preflight(config: ShmConfig, domain: str, shm_dir: str = SHM_DIR) -> Preflig
         growth = pool_bytes(p, p.block_limit) - pool_bytes(p, p.block_count)
         if p.expandable and growth > spare:
             report.warnings.append(
-                f"pool {p.name!r} may grow to {p.block_limit} blocks ({_human(growth)} more) but {shm_dir} "
-                f"would have {_human(max(spare, 0))} left: growth stops early (allocations then wait for "
-                "free blocks and time out with PoolExhaustedError saying why)")
+                f"pool {p.name!r} may grow to {p.block_limit} blocks ({human_bytes(growth)} more) but "
+                f"{shm_dir} would have {human_bytes(max(spare, 0))} left: growth stops early (allocations "
+                "then wait for free blocks and time out with PoolExhaustedError saying why)")
     _check_maps_and_fds(config, domain, report)
     return report
 
@@ -92,12 +92,10 @@ def _check_maps_and_fds(config: ShmConfig, domain: str, report: Preflight) -> No
             "resource.setrlimit) or use fewer pools with more blocks each")))
 
 
-def _human(n: int) -> str:
+def human_bytes(n: float) -> str:
+    """``n`` bytes as B / KiB / MiB / GiB for a message (one decimal above bytes)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n} B"
-
-
-
+    return f"{n} B"  # not reached: GiB takes any size
