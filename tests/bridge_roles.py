@@ -24,13 +24,13 @@ import argparse
 import json
 import os
 import queue
-import signal
 import sys
 import threading
 import time
 import zlib
 
 import numpy as np
+from graph_blocks import die_once
 
 from multiqueue.graph import DONE, OK, Block, BlockError, Port, Runtime
 from multiqueue.net import BridgeSink, BridgeSource
@@ -63,10 +63,8 @@ class DiesAfterSend(BridgeSource):
 
     def send(self, port, frame, **kwargs):
         super().send(port, frame, **kwargs)
-        if self.pushed(port) == self.at and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(10)
+        if self.pushed(port) == self.at:
+            die_once(self.marker)
 
 
 class StampedRamp(Block):

@@ -184,6 +184,16 @@ class Inbox(Block):
         self.bus.send(message.data["reply"], {"got": message.data, "from": "box"})
 
 
+def die_once(marker: str) -> None:
+    """SIGKILL this process unless ``marker`` exists; it is made first, so the process's
+    restarted successor lives on."""
+    if os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)  # the signal is asynchronous: never run on meanwhile
+
+
 class CountingCrash(Block):
     """Counts frames in its counters ("frames", "lives"); SIGKILLs itself once at frame
     ``at`` (a marker file says it did), after counting that frame."""
@@ -200,10 +210,8 @@ class CountingCrash(Block):
 
     def work(self, inputs):
         for _ in inputs["in"]:
-            if self.count("frames") == self.at and not os.path.exists(self.marker):
-                open(self.marker, "w").close()
-                os.kill(os.getpid(), signal.SIGKILL)
-                time.sleep(10)
+            if self.count("frames") == self.at:
+                die_once(self.marker)
 
 
 class SendThenCrash(Block):
@@ -226,8 +234,6 @@ class SendThenCrash(Block):
     def work(self, inputs):
         for frame in inputs["in"]:
             self.send("out", frame)
-            if self.pushed("out") == self.at and not os.path.exists(self.marker):
-                open(self.marker, "w").close()
-                os.kill(os.getpid(), signal.SIGKILL)
-                time.sleep(10)
+            if self.pushed("out") == self.at:
+                die_once(self.marker)
         return OK

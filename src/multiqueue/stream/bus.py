@@ -112,7 +112,7 @@ class Subscription:
             return None
         deadline = None  # for what is left of a waiting timeout after a skip (pop checks the timeout)
         if timeout:
-            if timeout.__class__ is not float and bad_timeout(timeout):
+            if bad_timeout(timeout):
                 check_timeout(timeout)
             deadline = time.monotonic() + timeout
         while True:
@@ -223,8 +223,7 @@ class Bus:
         number >= 0; None: forever) for a free bus block.
         ``keep=False`` unmaps the topic afterwards (for one-off topics)."""
         self._check_open()
-        # checked here, as only a full pool waits; no call for the usual float (default 1.0)
-        if (timeout.__class__ is not float or not timeout >= 0) and bad_timeout(timeout):
+        if bad_timeout(timeout):  # checked here: only a full pool waits, and says nothing before
             check_timeout(timeout)
         queue = self._topic(topic) if keep else self._one_off(topic)
         try:
