@@ -420,6 +420,33 @@ def test_try_push_returns_false_and_keeps_the_handle(manager):
     assert drain(r) == [1, 2]
 
 
+def test_a_push_without_waiting_waits_out_another_live_process_holding_the_lock(manager, observer):
+    """timeout=0 means "do not wait for room", not "fail if another pusher holds the lock
+    for a moment" (a holder preempted on a busy machine holds it for a time slice)."""
+    q = PortQueue(manager, "q", capacity=4)
+    r = q.reader()
+    slot = observer._proc_slot
+    q._header.lock = (observer._procs[slot].incarnation & 0x7FFFF) << 13 | (slot + 1)  # live holder
+    saw_it_busy = threading.Event()
+    ask = q._break_dead_lock
+
+    def break_dead_lock():
+        saw_it_busy.set()
+        return ask()
+
+    q._break_dead_lock = break_dead_lock
+    result = []
+    pusher = threading.Thread(target=lambda: result.append(q.try_push(item(manager, 7))))
+    pusher.start()
+    try:
+        assert saw_it_busy.wait(5)
+        assert not result  # still waiting for the lock, not failed
+    finally:
+        q._header.lock = 0  # the holder lets go
+        pusher.join()
+    assert result == [True] and drain(r) == [7]
+
+
 def test_pop_makes_room_for_a_producer_blocked_in_push(manager):
     q = PortQueue(manager, "q", capacity=2)
     r = q.reader()

@@ -183,7 +183,9 @@ class PortQueue:
         The handle is released by the push (like iceoryx2's ``send``): share() it first
         to keep writing or to push it elsewhere too.  A blocking reader without room
         makes this wait: forever for ``timeout=None``, else up to ``timeout`` seconds,
-        then TimeoutError.  Raises QueueClosedError once the queue is closed.
+        then TimeoutError.  The lock another pusher holds for a moment is waited out
+        whatever the timeout (a dead holder's is taken back, a stuck live one's raises
+        MultiQueueError).  Raises QueueClosedError once the queue is closed.
         """
         if not self._producer_checked:
             self._check_pushable(buffer)  # before claiming: a wrong push claims nothing
@@ -336,10 +338,8 @@ class PortQueue:
                 raise MultiQueueError(
                     f"buffer {buffer.id:#x} is not held by this process; cannot push it to "
                     f"queue {self.name!r}")
-            if result == -2:
-                if deadline is not None and deadline - time.monotonic() <= 0:
-                    raise TimeoutError(f"queue {self.name!r}: its lock stayed busy for {timeout} s")
-                self._break_dead_lock()
+            if result == -2:  # another pusher holds the lock (preempted, say): not "full", so
+                self._break_dead_lock()  # the timeout does not apply; a dead or stuck holder is handled
             else:  # full: wait for room, looking after dead blocking readers meanwhile
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
