@@ -5,9 +5,10 @@ the reference counts in the metadata entries' ``state`` words, the per-process h
 and its crash reclaim, the port queues' ring, cursors and lock) are modelled here as
 *operations*, each a small table of steps.  One atomic step is ONE memory action of the C
 code (one load, one store, one compare-and-swap, one fetch-add), in the C code's order; the
-``where`` text of each step names the line it mirrors.  Local computation (comparisons,
-branches, arithmetic on values already loaded) runs between atomic steps as *pure* steps,
-which get no memory at all (``m`` is None there), so a pure step cannot cheat.
+``where`` text of each step names the C function and the statement it mirrors (names, not
+line numbers, which drift).  Local computation (comparisons, branches, arithmetic on values
+already loaded) runs between atomic steps as *pure* steps, which get no memory at all
+(``m`` is None there), so a pure step cannot cheat.
 
 Words the model keeps constant are not loaded (pool state and epoch, ``slots_used``, an
 entry's ``pool_id``, a reader's ``policy`` is read under the queue lock that its writer
@@ -153,17 +154,17 @@ def build_ops(v: Variant) -> dict[str, Op]:
     # ---------------------------------------------------------- free list (Treiber)
     o = op("freelist_pop")
 
-    @o.atomic("load_head", "_native.c:166 head = LOAD(&pool->head)")
+    @o.atomic("load_head", "_native.c freelist_pop: head = LOAD(&pool->head)")
     def pop_load_head(m, L, x):
         L["h"] = m["pool.head"]
         return "load_next" if lo(L["h"]) else Ret(-1)  # :168 top == 0 -> -1
 
-    @o.atomic("load_next", "_native.c:170 next = entries[top - 1].next_free")
+    @o.atomic("load_next", "_native.c freelist_pop: next = entries[top - 1].next_free")
     def pop_load_next(m, L, x):
         L["next"] = m[f"nx{lo(L['h']) - 1}"]
         return "cas"
 
-    @o.atomic("cas", "_native.c:172 CAS(&pool->head, &head, (tag + 1) << 32 | next)")
+    @o.atomic("cas", "_native.c freelist_pop: CAS(&pool->head, &head, (tag + 1) << 32 | next)")
     def pop_cas(m, L, x):
         if m["pool.head"] != L["h"]:
             if lo(m["pool.head"]) == lo(L["h"]):
@@ -180,17 +181,17 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("freelist_push")  # args: slot
 
-    @o.atomic("load_head", "_native.c:177 head = LOAD(&pool->head)")
+    @o.atomic("load_head", "_native.c freelist_push: head = LOAD(&pool->head)")
     def push_load_head(m, L, x):
         L["h"] = m["pool.head"]
         return "store_next"
 
-    @o.atomic("store_next", "_native.c:179 entries[slot].next_free = (uint32_t)head")
+    @o.atomic("store_next", "_native.c freelist_push: entries[slot].next_free = (uint32_t)head")
     def push_store_next(m, L, x):
         m[f"nx{L['slot']}"] = lo(L["h"])
         return "cas"
 
-    @o.atomic("cas", "_native.c:181 CAS(&pool->head, &head, (tag + 1) << 32 | slot + 1)")
+    @o.atomic("cas", "_native.c freelist_push: CAS(&pool->head, &head, (tag + 1) << 32 | slot + 1)")
     def push_cas(m, L, x):
         if m["pool.head"] != L["h"]:
             L["h"] = m["pool.head"]
@@ -204,11 +205,11 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("free_block")  # args: slot
 
-    @o.pure("push", "_native.c:302 freelist_push(pool, entries, slot)")
+    @o.pure("push", "_native.c free_block: freelist_push(pool, entries, slot)")
     def fb_push(m, L, x):
         return Call("freelist_push", {"slot": L["slot"]}, "used_sub")
 
-    @o.atomic("used_sub", "_native.c:303 fetch_sub(&pool->used, 1)")
+    @o.atomic("used_sub", "_native.c free_block: fetch_sub(&pool->used, 1)")
     def fb_used_sub(m, L, x):
         m["pool.used"] -= 1
         return Ret(None)  # :303 wake(): futex words only, not modelled
@@ -219,12 +220,12 @@ def build_ops(v: Variant) -> dict[str, Op]:
         st = L["st"]
         return Ret(-1) if hi(st) != L["gen"] or lo(st) < L["count"] else "cas"  # :313
 
-    @o.atomic("load", "_native.c:311 state = LOAD(&e->state)")
+    @o.atomic("load", "_native.c drop_refs: state = LOAD(&e->state)")
     def dr_load(m, L, x):
         L["st"] = m[f"st{L['slot']}"]
         return drop_check(L)
 
-    @o.atomic("cas", "_native.c:315 CAS(&e->state, &state, state - count)")
+    @o.atomic("cas", "_native.c drop_refs: CAS(&e->state, &state, state - count)")
     def dr_cas(m, L, x):
         key = f"st{L['slot']}"
         if m[key] != L["st"]:
@@ -243,7 +244,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
     # ---------------------------------------------------------------- buffers
     o = op("alloc_block")  # -> id, or -1 pool empty
 
-    @o.pure("pop", "_native.c:345 freelist_pop(pool, entries)")
+    @o.pure("pop", "_native.c alloc_block: freelist_pop(pool, entries)")
     def al_pop(m, L, x):
         return Call("freelist_pop", {}, "popped")
 
@@ -254,24 +255,24 @@ def build_ops(v: Variant) -> dict[str, Op]:
         L["slot"] = L["_r"]
         return "used_add"
 
-    @o.atomic("used_add", "_native.c:348 add_fetch(&pool->used, 1)")
+    @o.atomic("used_add", "_native.c alloc_block: add_fetch(&pool->used, 1)")
     def al_used_add(m, L, x):
         m["pool.used"] += 1
         return "load_gen"  # :348 pool state (constant here), :358-362 high_water (statistics)
 
-    @o.atomic("load_gen", "_native.c:365 gen = (state >> 32) + 1")
+    @o.atomic("load_gen", "_native.c alloc_block: gen = (state >> 32) + 1")
     def al_load_gen(m, L, x):
         L["st"] = m[f"st{L['slot']}"]
         gen = (hi(L["st"]) + 1) & M32
         L["gen"] = gen or 1  # :365
         return "ledger_store"
 
-    @o.atomic("ledger_store", "_native.c:367 STORE(&ledger[slot], gen << 32 | 1)")
+    @o.atomic("ledger_store", "_native.c alloc_block: STORE(&ledger[slot], gen << 32 | 1)")
     def al_ledger_store(m, L, x):
         m[ledger_key(x.me, L["slot"])] = L["gen"] << 32 | 1
         return "publish"
 
-    @o.atomic("publish", "_native.c:375 STORE(&e->state, gen << 32 | 1)")
+    @o.atomic("publish", "_native.c alloc_block: STORE(&e->state, gen << 32 | 1)")
     def al_publish(m, L, x):
         key, slot = f"st{L['slot']}", L["slot"]
         if m[key] != L["st"] or lo(m[key]) != 0:
@@ -290,13 +291,13 @@ def build_ops(v: Variant) -> dict[str, Op]:
             x.events.add("acquire of a stale id refused on a reused slot")
         return Ret(-1) if stale else "cas"  # :418
 
-    @o.atomic("load", "_native.c:417 state = LOAD(&e->state)")
+    @o.atomic("load", "_native.c Context_acquire: state = LOAD(&e->state)")
     def acq_load(m, L, x):
         L["slot"], L["gen"] = lo(L["id"]), hi(L["id"])  # :412-414 parse, gen 0 / range checks
         L["st"] = m[f"st{L['slot']}"]
         return acq_check(L, x)
 
-    @o.atomic("cas", "_native.c:424 CAS(&e->state, &state, state + 1)")
+    @o.atomic("cas", "_native.c Context_acquire: CAS(&e->state, &state, state + 1)")
     def acq_cas(m, L, x):
         key = f"st{L['slot']}"
         if m[key] != L["st"]:
@@ -308,12 +309,12 @@ def build_ops(v: Variant) -> dict[str, Op]:
         m[key] = L["st"] + 1
         return "ledger_load"
 
-    @o.atomic("ledger_load", "_native.c:426 held = ledger[slot]")
+    @o.atomic("ledger_load", "_native.c Context_acquire: held = ledger[slot]")
     def acq_ledger_load(m, L, x):
         L["held"] = m[ledger_key(x.me, L["slot"])]
         return "ledger_store"
 
-    @o.atomic("ledger_store", "_native.c:428 STORE(&ledger[slot], gen << 32 | count)")
+    @o.atomic("ledger_store", "_native.c Context_acquire: STORE(&ledger[slot], gen << 32 | count)")
     def acq_ledger_store(m, L, x):
         held = L["held"]
         count = lo(held) + 1 if hi(held) == L["gen"] else 1
@@ -322,7 +323,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("release_ref")  # args: id -> 1 freed, 0 still held, -1 not held
 
-    @o.atomic("ledger_load", "_native.c:437 held = ledger[slot]")
+    @o.atomic("ledger_load", "_native.c release_ref: held = ledger[slot]")
     def rel_ledger_load(m, L, x):
         L["slot"], L["gen"] = lo(L["id"]), hi(L["id"])
         L["held"] = m[ledger_key(x.me, L["slot"])]
@@ -332,7 +333,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
             return Call("drop_refs", {"slot": L["slot"], "gen": L["gen"], "count": 1}, "ledger_store")
         return "ledger_store"
 
-    @o.atomic("ledger_store", "_native.c:439 STORE(&ledger[slot], held - 1)")
+    @o.atomic("ledger_store", "_native.c release_ref: STORE(&ledger[slot], held - 1)")
     def rel_ledger_store(m, L, x):
         m[ledger_key(x.me, L["slot"])] = L["held"] - 1
         if v.release_count_first:
@@ -345,13 +346,13 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("reclaim")  # args: dead -> None; the caller holds the domain lock
 
-    @o.atomic("row_load", "_native.c:492 held = row[slot]")
+    @o.atomic("row_load", "_native.c Context_reclaim: held = row[slot]")
     def rc_row_load(m, L, x):
         L.setdefault("slot", 0)
         L["held"] = m[ledger_key(L["dead"], L["slot"])]
         return "next" if L["held"] == 0 else "row_clear"  # :492
 
-    @o.atomic("row_clear", "_native.c:494 STORE(&row[slot], 0)")
+    @o.atomic("row_clear", "_native.c Context_reclaim: STORE(&row[slot], 0)")
     def rc_row_clear(m, L, x):
         m[ledger_key(L["dead"], L["slot"])] = 0
         if lo(L["held"]) == 0:
@@ -365,7 +366,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
             return "next"  # :497-501
         return "prev_load"
 
-    @o.atomic("prev_load", "_native.c:506 state = LOAD(&entries[slot].state)")
+    @o.atomic("prev_load", "_native.c Context_reclaim: state = LOAD(&entries[slot].state)")
     def rc_prev_load(m, L, x):
         gen = hi(L["held"])
         previous = UINT32_MAX if gen == 1 else gen - 1  # :504
@@ -384,7 +385,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
     # ---------------------------------------------------------------- port queues
     o = op("queue_lock")  # -> 1; a dead holder's lock is stolen (PortQueue._break_dead_lock)
 
-    @o.atomic("cas", "_native.c:859 CAS(&q->lock, 0, me) (spins while a live holder keeps it)")
+    @o.atomic("cas", "_native.c queue_lock: CAS(&q->lock, 0, me) (spins while a live holder keeps it)")
     def ql_cas(m, L, x):
         holder = m["q.lock"]
         if holder == 0:
@@ -394,7 +395,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
             return BLOCK  # spinning (push/join/detach return -2 after 65536 tries; Python retries)
         return "py_holder"
 
-    @o.atomic("py_holder", "queue.py:354 holder = header.lock; :357 proc dead or not alive")
+    @o.atomic("py_holder", "queue.py _break_dead_lock: holder = header.lock; proc dead or not alive")
     def ql_py_holder(m, L, x):
         L["holder"] = m["q.lock"]
         if L["holder"] != 0 and not alive(m, L["holder"] - 1):
@@ -410,7 +411,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("queue_unlock")
 
-    @o.atomic("store", "_native.c:867 STORE(&q->lock, 0)")
+    @o.atomic("store", "_native.c queue_unlock: STORE(&q->lock, 0)")
     def qu_store(m, L, x):
         if m["q.lock"] != x.me + 1:
             raise Violation(f"P{x.me} unlocks a queue lock held by {m['q.lock']} (stolen from a live holder)")
@@ -419,12 +420,12 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("take_item")  # args: r, cur -> (won, id)
 
-    @o.atomic("ring_load", "_native.c:872 id = LOAD(&ring[cur & mask].id)")
+    @o.atomic("ring_load", "_native.c take_item: id = LOAD(&ring[cur & mask].id)")
     def ti_ring_load(m, L, x):
         L["id"] = m[f"ring{L['cur'] & (x.cfg.capacity - 1)}"]
         return "cas"
 
-    @o.atomic("cas", "_native.c:873 CAS(&r->cursor, &cur, cur + 1)")
+    @o.atomic("cas", "_native.c take_item: CAS(&r->cursor, &cur, cur + 1)")
     def ti_cas(m, L, x):
         key = f"cur{L['r']}"
         if m[key] != L["cur"]:
@@ -439,7 +440,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
         st = L["st"]
         return Ret(0) if hi(st) != L["gen"] or lo(st) == 0 or lo(st) == UINT32_MAX else "cas"  # :888
 
-    @o.atomic("load", "_native.c:887 state = LOAD(&e->state)")
+    @o.atomic("load", "_native.c add_queue_ref: state = LOAD(&e->state)")
     def aq_load(m, L, x):
         L["slot"], L["gen"] = lo(L["id"]), hi(L["id"])
         if L["gen"] == 0:
@@ -447,7 +448,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
         L["st"] = m[f"st{L['slot']}"]
         return aq_check(L)
 
-    @o.atomic("cas", "_native.c:890 CAS(&e->state, &state, state + 1)")
+    @o.atomic("cas", "_native.c add_queue_ref: CAS(&e->state, &state, state + 1)")
     def aq_cas(m, L, x):
         key = f"st{L['slot']}"
         if m[key] != L["st"]:
@@ -460,11 +461,11 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("push_id")  # args: id -> 1 pushed, 0 full, -1 closed, -3 not held
 
-    @o.atomic("closed_load", "_native.c:942 LOAD(&q->closed)")
+    @o.atomic("closed_load", "_native.c push_id: LOAD(&q->closed)")
     def pu_closed(m, L, x):
         return Ret(-1) if m["q.closed"] else "ledger_load"
 
-    @o.atomic("ledger_load", "_native.c:945 held = ledger[slot]")
+    @o.atomic("ledger_load", "_native.c push_id: held = ledger[slot]")
     def pu_ledger_load(m, L, x):
         L["slot"], L["gen"] = lo(L["id"]), hi(L["id"])
         L["held"] = m[ledger_key(x.me, L["slot"])]
@@ -472,24 +473,24 @@ def build_ops(v: Variant) -> dict[str, Op]:
             return Ret(-3)  # :945
         return Call("queue_lock", {}, "head_load")  # :946
 
-    @o.atomic("head_load", "_native.c:948 head = q->head")
+    @o.atomic("head_load", "_native.c push_id: head = q->head")
     def pu_head_load(m, L, x):
         L["head"] = m["q.head"]
         return "hw_load"
 
-    @o.atomic("hw_load", "_native.c:949 hw = LOAD(&q->readers_hw)")
+    @o.atomic("hw_load", "_native.c push_id: hw = LOAD(&q->readers_hw)")
     def pu_hw_load(m, L, x):
         L["hw"], L["i"] = m["q.hw"], 0
         return "b_next"
 
-    @o.pure("b_next", "_native.c:950 for each reader: a full blocking one refuses")
+    @o.pure("b_next", "_native.c push_id: for each reader: a full blocking one refuses")
     def pu_b_next(m, L, x):
         if L["i"] == L["hw"]:
             L["i"], L["readers"] = 0, 0
             return "d_next"
         return "b_state"
 
-    @o.atomic("b_state", "_native.c:952 LOAD(&r->state), r->policy")
+    @o.atomic("b_state", "_native.c push_id: LOAD(&r->state), r->policy")
     def pu_b_state(m, L, x):
         i = L["i"]
         if m[f"rst{i}"] == ACTIVE and m[f"rpol{i}"] == POLICY_BLOCK:
@@ -497,7 +498,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
         L["i"] += 1
         return "b_next"
 
-    @o.atomic("b_cursor", "_native.c:953 head - LOAD(&r->cursor) >= capacity")
+    @o.atomic("b_cursor", "_native.c push_id: head - LOAD(&r->cursor) >= capacity")
     def pu_b_cursor(m, L, x):
         if L["head"] - m[f"cur{L['i']}"] >= x.cfg.capacity:
             return Call("queue_unlock", {}, "full")  # :953
@@ -508,18 +509,18 @@ def build_ops(v: Variant) -> dict[str, Op]:
     def pu_full(m, L, x):
         return Ret(0)
 
-    @o.pure("d_next", "_native.c:958 for each reader: drop the oldest of a full drop_oldest one")
+    @o.pure("d_next", "_native.c push_id: for each reader: drop the oldest of a full drop_oldest one")
     def pu_d_next(m, L, x):
         return "ledger_store" if L["i"] == L["hw"] else "d_state"
 
-    @o.atomic("d_state", "_native.c:960 LOAD(&r->state)")
+    @o.atomic("d_state", "_native.c push_id: LOAD(&r->state)")
     def pu_d_state(m, L, x):
         if m[f"rst{L['i']}"] != ACTIVE:
             L["i"] += 1
             return "d_next"
         return "d_cursor"
 
-    @o.atomic("d_cursor", "_native.c:961 cur = LOAD(&r->cursor); r->policy")
+    @o.atomic("d_cursor", "_native.c push_id: cur = LOAD(&r->cursor); r->policy")
     def pu_d_cursor(m, L, x):
         i = L["i"]
         cur = m[f"cur{i}"]
@@ -540,14 +541,14 @@ def build_ops(v: Variant) -> dict[str, Op]:
         L["i"] += 1
         return "d_next"
 
-    @o.atomic("ledger_store", "_native.c:978 STORE(&ledger[slot], held - 1)")
+    @o.atomic("ledger_store", "_native.c push_id: STORE(&ledger[slot], held - 1)")
     def pu_ledger_store(m, L, x):
         m[ledger_key(x.me, L["slot"])] = L["held"] - 1
         if L["readers"] == 0:  # :979 nobody listens
             return Call("drop_refs", {"slot": L["slot"], "gen": L["gen"], "count": 1}, "unlock")
         return "fetch_add" if L["readers"] > 1 else "ring_store"
 
-    @o.atomic("fetch_add", "_native.c:982 fetch_add(&e->state, readers - 1)")
+    @o.atomic("fetch_add", "_native.c push_id: fetch_add(&e->state, readers - 1)")
     def pu_fetch_add(m, L, x):
         key = f"st{L['slot']}"
         if hi(m[key]) != L["gen"] or lo(m[key]) == 0:
@@ -555,12 +556,12 @@ def build_ops(v: Variant) -> dict[str, Op]:
         m[key] += L["readers"] - 1
         return "ring_store"
 
-    @o.atomic("ring_store", "_native.c:987 store(&ring[head & mask].id, id)")
+    @o.atomic("ring_store", "_native.c push_id: store(&ring[head & mask].id, id)")
     def pu_ring_store(m, L, x):
         m[f"ring{L['head'] & (x.cfg.capacity - 1)}"] = L["id"]
         return "head_store"
 
-    @o.atomic("head_store", "_native.c:988 STORE(&q->head, head + 1)")
+    @o.atomic("head_store", "_native.c push_id: STORE(&q->head, head + 1)")
     def pu_head_store(m, L, x):
         m["q.head"] = L["head"] + 1
         return Call("queue_unlock", {}, "done")
@@ -575,26 +576,26 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("pop_item")  # args: r -> id, or -1 empty, -2 closed and drained, -4 detached
 
-    @o.atomic("state_load", "_native.c:1038 LOAD(&r->state)")
+    @o.atomic("state_load", "_native.c pop_item: LOAD(&r->state)")
     def po_state(m, L, x):
         return "cursor_load" if m[f"rst{L['r']}"] == ACTIVE else Ret(-4)
 
-    @o.atomic("cursor_load", "_native.c:1039 cur = LOAD(&r->cursor)")
+    @o.atomic("cursor_load", "_native.c pop_item: cur = LOAD(&r->cursor)")
     def po_cursor(m, L, x):
         L["cur"] = m[f"cur{L['r']}"]
         return "head_load"
 
-    @o.atomic("head_load", "_native.c:1040 cur >= LOAD(&q->head)")
+    @o.atomic("head_load", "_native.c pop_item: cur >= LOAD(&q->head)")
     def po_head(m, L, x):
         if L["cur"] >= m["q.head"]:
             return "closed_load"
         return Call("take_item", {"r": L["r"], "cur": L["cur"]}, "took")  # :1044
 
-    @o.atomic("closed_load", "_native.c:1041 LOAD(&q->closed)")
+    @o.atomic("closed_load", "_native.c pop_item: LOAD(&q->closed)")
     def po_closed(m, L, x):
         return "head_reload" if m["q.closed"] else Ret(-1)
 
-    @o.atomic("head_reload", "_native.c:1042 cur >= LOAD(&q->head)")
+    @o.atomic("head_reload", "_native.c pop_item: cur >= LOAD(&q->head)")
     def po_head_reload(m, L, x):
         return Ret(-2) if L["cur"] >= m["q.head"] else "state_load"
 
@@ -603,12 +604,12 @@ def build_ops(v: Variant) -> dict[str, Op]:
         won, L["id"] = L["_r"]
         return "ledger_load" if won else "state_load"
 
-    @o.atomic("ledger_load", "_native.c:1049 *ledger")
+    @o.atomic("ledger_load", "_native.c pop_item: *ledger")
     def po_ledger_load(m, L, x):
         L["held"] = m[ledger_key(x.me, lo(L["id"]))]
         return "ledger_store"
 
-    @o.atomic("ledger_store", "_native.c:1050 STORE(ledger, gen << 32 | count)")
+    @o.atomic("ledger_store", "_native.c pop_item: STORE(ledger, gen << 32 | count)")
     def po_ledger_store(m, L, x):
         gen, held = hi(L["id"]), L["held"]
         count = lo(held) + 1 if hi(held) == gen else 1
@@ -617,12 +618,12 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("queue_join")  # args: policy, oldest -> reader index, -1 no free reader
 
-    @o.pure("lock", "_native.c:1098 queue_lock")
+    @o.pure("lock", "_native.c Queue_join: queue_lock")
     def jo_lock(m, L, x):
         L["idx"] = 0
         return Call("queue_lock", {}, "scan")
 
-    @o.atomic("scan", "_native.c:1100 LOAD(&readers[index].state) != FREE")
+    @o.atomic("scan", "_native.c Queue_join: LOAD(&readers[index].state) != FREE")
     def jo_scan(m, L, x):
         if m[f"rst{L['idx']}"] == FREE_READER:
             return "head_load"
@@ -632,17 +633,17 @@ def build_ops(v: Variant) -> dict[str, Op]:
             return Call("queue_unlock", {}, "done")  # :1100-1102
         return "scan"
 
-    @o.atomic("head_load", "_native.c:1106 head = q->head")
+    @o.atomic("head_load", "_native.c Queue_join: head = q->head")
     def jo_head(m, L, x):
         L["head"] = L["cursor"] = m["q.head"]
         L["low"] = L["head"] - x.cfg.capacity if L["head"] > x.cfg.capacity else 0
         return "walk" if L["oldest"] else "fields"
 
-    @o.pure("walk", "_native.c:1109 while cursor > low && add_queue_ref(ring[cursor - 1])")
+    @o.pure("walk", "_native.c Queue_join: while cursor > low && add_queue_ref(ring[cursor - 1])")
     def jo_walk(m, L, x):
         return "ring_load" if L["cursor"] > L["low"] else "fields"
 
-    @o.atomic("ring_load", "_native.c:1109 ring[(cursor - 1) & mask].id")
+    @o.atomic("ring_load", "_native.c Queue_join: ring[(cursor - 1) & mask].id")
     def jo_ring_load(m, L, x):
         item = m[f"ring{(L['cursor'] - 1) & (x.cfg.capacity - 1)}"]
         return Call("add_queue_ref", {"id": item}, "walked")
@@ -654,25 +655,25 @@ def build_ops(v: Variant) -> dict[str, Op]:
         L["cursor"] -= 1
         return "walk"
 
-    @o.atomic("fields", "_native.c:1111-1116 r->policy, proc, pid, start_time, popped, joined_seq")
+    @o.atomic("fields", "_native.c Queue_join: r->policy, proc, pid, start_time, popped, joined_seq")
     def jo_fields(m, L, x):
         m[f"rpol{L['idx']}"] = POLICY_DROP if L["policy"] else POLICY_BLOCK
         m[f"rown{L['idx']}"] = x.me
         return "cursor_store"
 
-    @o.atomic("cursor_store", "_native.c:1117 STORE(&r->cursor, cursor)")
+    @o.atomic("cursor_store", "_native.c Queue_join: STORE(&r->cursor, cursor)")
     def jo_cursor(m, L, x):
         m[f"cur{L['idx']}"] = L["cursor"]
         if v.join_state_first:
             return "state_store"
         return "hw_store" if L["idx"] + 1 > m["q.hw"] else "state_store"  # the test reads readers_hw
 
-    @o.atomic("hw_store", "_native.c:1121 STORE(&q->readers_hw, index + 1)")
+    @o.atomic("hw_store", "_native.c Queue_join: STORE(&q->readers_hw, index + 1)")
     def jo_hw(m, L, x):
         m["q.hw"] = L["idx"] + 1
         return Call("queue_unlock", {}, "done") if v.join_state_first else "state_store"
 
-    @o.atomic("state_store", "_native.c:1122 STORE(&r->state, ACTIVE)")
+    @o.atomic("state_store", "_native.c Queue_join: STORE(&r->state, ACTIVE)")
     def jo_state(m, L, x):
         m[f"rst{L['idx']}"] = ACTIVE
         L["result"] = L["idx"]
@@ -686,21 +687,21 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("queue_detach")  # args: r -> references released
 
-    @o.pure("lock", "_native.c:1137 queue_lock")
+    @o.pure("lock", "_native.c Queue_detach: queue_lock")
     def de_lock(m, L, x):
         L["released"] = 0
         return Call("queue_lock", {}, "state_load")
 
-    @o.atomic("state_load", "_native.c:1139 LOAD(&r->state) == ACTIVE")
+    @o.atomic("state_load", "_native.c Queue_detach: LOAD(&r->state) == ACTIVE")
     def de_state(m, L, x):
         return "cursor_load" if m[f"rst{L['r']}"] == ACTIVE else Call("queue_unlock", {}, "done")
 
-    @o.atomic("cursor_load", "_native.c:1141 cur = LOAD(&r->cursor)")
+    @o.atomic("cursor_load", "_native.c Queue_detach: cur = LOAD(&r->cursor)")
     def de_cursor(m, L, x):
         L["cur"] = m[f"cur{L['r']}"]
         return "head_load"
 
-    @o.atomic("head_load", "_native.c:1142 cur >= q->head")
+    @o.atomic("head_load", "_native.c Queue_detach: cur >= q->head")
     def de_head(m, L, x):
         if L["cur"] >= m["q.head"]:
             return "state_store"
@@ -714,7 +715,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
         L["released"] += 1  # :1140 drop_queue_ref
         return Call("drop_refs", {"slot": lo(item), "gen": hi(item), "count": 1}, "cursor_load")
 
-    @o.atomic("state_store", "_native.c:1148 STORE(&r->state, FREE)")
+    @o.atomic("state_store", "_native.c Queue_detach: STORE(&r->state, FREE)")
     def de_state_store(m, L, x):
         m[f"rst{L['r']}"] = FREE_READER
         return Call("queue_unlock", {}, "done")
@@ -837,7 +838,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
 
     o = op("REAP_READERS")  # PortQueue.reap_dead_readers
 
-    @o.atomic("hw_load", "queue.py:236 readers[: header.readers_hw]")
+    @o.atomic("hw_load", "queue.py reap_dead_readers: readers[: header.readers_hw]")
     def api_rr_hw(m, L, x):
         L["hw"], L["i"] = m["q.hw"], 0
         return "next"
@@ -846,7 +847,7 @@ def build_ops(v: Variant) -> dict[str, Op]:
     def api_rr_next(m, L, x):
         return Ret(None) if L["i"] == L["hw"] else "check"
 
-    @o.atomic("check", "queue.py:237 r.state == 1 and not is_alive(r.pid, r.start_time)")
+    @o.atomic("check", "queue.py reap_dead_readers: r.state == 1 and not is_alive(r.pid, r.start_time)")
     def api_rr_check(m, L, x):
         i = L["i"]
         L["i"] += 1

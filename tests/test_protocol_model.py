@@ -187,7 +187,7 @@ JOIN_WINDOWS = {
 
 
 def test_a_joiner_killed_anywhere_leaks_only_the_references_it_walked():
-    """Join raises readers_hw, then marks the reader ACTIVE (_native.c:1121-1122): a death
+    """Join raises readers_hw, then marks the reader ACTIVE (_native.c Queue_join): a death
     anywhere in it is safe; its only windows leak the start="oldest" walk's references."""
     result = pm.explore(pm.CONFIGS["join"], deaths=True)
     found = windows([result])
