@@ -17,7 +17,7 @@ def spawn_python(code: str, *args, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, **kwargs)
 
 
-def wait_until(condition, what: str, timeout: float = 30.0, interval: float = 0.005):
+def wait_until(condition, what: str, timeout: float = 60.0, interval: float = 0.005):
     """Poll ``condition`` until it returns something true, and return that (for states
     of other processes that no event announces, such as a block's counters)."""
     deadline = time.monotonic() + timeout

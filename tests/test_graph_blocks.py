@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from graph_blocks import Ramp
 
+from helpers import wait_until
 from multiqueue import PoolConfig, ShmConfig
 from multiqueue.graph import (
     DONE,
@@ -87,14 +88,6 @@ class GatedRamp(Block):
         self.send("out", np.arange(self.k, self.k + self.n, dtype=np.float32), timestamp=1000 + self.k)
         self.k += 1
         return OK
-
-
-def wait_for(condition, timeout=30.0):
-    """Wait until ``condition()`` holds (a condition, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.002)
 
 
 def run(rt, duration=60):
@@ -468,7 +461,7 @@ def test_probe_keeps_the_latest_frame_for_the_runtime_process(domain):
     assert probe.latest() is None  # nothing yet
     with rt:
         rt.start()
-        wait_for(lambda: probe.received >= 5)
+        wait_until(lambda: probe.received >= 5, "the probe has 5 frames")
         array, ts = probe.latest()
         np.testing.assert_array_equal(array, np.arange(4, 12, dtype=np.float32))
         assert ts == 1004

@@ -66,6 +66,7 @@ from pathlib import Path
 import pytest
 from chaos_blocks import Copy, Forward, SeqSink, SeqSource, unpack
 
+from helpers import wait_until
 from multiqueue import PoolConfig, ShmConfig, ShmManager
 from multiqueue.doctor import diagnose
 from multiqueue.graph import BlockError, Runtime
@@ -106,21 +107,6 @@ SINKS = {"a": "a_sink", "b": "b_sink", "c": "c_sink"}
 CONSUMERS = {"tap_src": ("src.out", "block"), "tap_b": ("b_copy.out", "drop_oldest")}
 TAP_FEEDER = {"tap_src": "src", "tap_b": "b_copy"}  # the block whose output a consumer reads
 VICTIM_KINDS = [("restartable worker", 5), ("consumer", 3), ("stop-policy worker", 2)]
-
-
-# -- waiting ---------------------------------------------------------------------------------
-
-
-def wait_until(condition, what: str, timeout: float = WAIT_S, interval: float = 0.01):
-    """Poll ``condition`` until it returns something true (there is no event to wait on)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting until {what}")
-        time.sleep(interval)
 
 
 # -- external consumers ----------------------------------------------------------------------
