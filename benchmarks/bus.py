@@ -46,7 +46,7 @@ import numpy as np
 from _common import Session, machine_info, print_machine, remove_leftovers, write_json
 
 from multiqueue import ShmManager
-from multiqueue.stream import Bus
+from multiqueue.control import Bus
 
 KINDS = ["json", "bytes"]
 SIZES = [64, 1024]

@@ -3,9 +3,9 @@
     python benchmarks/soak.py [--minutes 10] [--interval S] [--warmup S] [--bins N] [--rate HZ]
                               [--json PATH]
 
-It runs the main demo (`mq demo`, the spectrum monitor of multiqueue.spectrum_demo:
+It runs the main demo (`mq demo`, the spectrum monitor of multiqueue.demos.spectrum:
 source, detector and recorder each in a worker process of its own, the probe a thread
-of the runtime's process) as a user would, `python -m multiqueue.spectrum_demo` in a
+of the runtime's process) as a user would, `python -m multiqueue.demos.spectrum` in a
 domain of its own until stopped, and watches it from outside without joining the
 domain (so the watcher changes nothing it measures):
 
@@ -15,7 +15,7 @@ domain (so the watcher changes nothing it measures):
   and Private_Dirty, anonymous and shared-memory RSS and threads (/proc/PID/status),
   open fds (/proc/PID/fd) and mappings (/proc/PID/maps lines); per block its frames in and
   out (the graph segment's rows), per edge its drops and fill, and the pool blocks in use
-  (from multiqueue.doctor.diagnose, which maps the domain read-only);
+  (from multiqueue.tools.doctor.diagnose, which maps the domain read-only);
 * at the end: `diagnose` once more while it streams (it must find nothing), then SIGTERM
   (which the demo takes as Ctrl-C: an orderly stop; SIGINT would be ignored when this
   script runs in the background of a shell), the demo's exit code (non-zero if pool blocks
@@ -81,7 +81,7 @@ JUDGED = "private_dirty"
 
 def start_demo(domain: str, args, workdir: str) -> subprocess.Popen:
     """`mq demo` in a domain of its own, until SIGTERM; its output and log in ``workdir``."""
-    command = [sys.executable, "-m", "multiqueue.spectrum_demo", "--domain", domain, "--duration", "0",
+    command = [sys.executable, "-m", "multiqueue.demos.spectrum", "--domain", domain, "--duration", "0",
                "--bins", str(args.bins), "--record", os.path.join(workdir, "spectra.npy")]
     env = {**os.environ, "MQ_LOG_DIR": workdir}
     with open(os.path.join(workdir, "demo.out"), "wb") as out:

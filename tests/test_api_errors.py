@@ -35,13 +35,15 @@ from multiqueue import (
     ShmConfig,
     ShmManager,
 )
-from multiqueue.doctor import diagnose
+from multiqueue.control import Bus, Subscription
+from multiqueue.control.log import DomainLogHandler, domain_logger, remove_domain_handlers
+from multiqueue.errors import BridgeError, GraphError, MessageTooLargeError
 from multiqueue.graph import (
     Amplifier,
     Decimate,
     FileSink,
     FileSource,
-    GraphError,
+    GraphSpec,
     Multiply,
     NullSink,
     NullSource,
@@ -55,22 +57,20 @@ from multiqueue.graph import (
     attach,
     block,
 )
-from multiqueue.graph.graphfile import GraphFileError, load_graph, load_graph_text
-from multiqueue.log import DomainLogHandler, domain_logger, remove_domain_handlers
-from multiqueue.net import BridgeError, BridgeSink, BridgeSource, ZenohSettings
+from multiqueue.graph.graphfile import load_graph, load_graph_text
+from multiqueue.net import BridgeSink, BridgeSource, ZenohSettings
+from multiqueue.net.hosts import host_graph
 from multiqueue.shm.segment import domain_segments, unlink_quietly
 from multiqueue.stream import (
-    Bus,
     Consumer,
-    MessageTooLargeError,
     PortQueue,
     Producer,
     QueueReader,
-    Subscription,
     SyncReader,
     consumer,
     producer,
 )
+from multiqueue.tools.doctor import diagnose
 
 SMALL = ShmConfig(pools=[PoolConfig("tiny", 256, 16), PoolConfig("small", 4096, 8)], max_buffers=512,
                   max_processes=8)
@@ -423,8 +423,11 @@ CASES = [
     ok("load_graph(a directory)", lambda e: load_graph(os.sep), IsADirectoryError, "Is a directory"),
     ok("load_graph_text(None)", lambda e: load_graph_text(None), TypeError, "text"),
     ok("load_graph_text(5)", lambda e: load_graph_text(5), TypeError, "text"),
-    ok("load_graph_text(host not in hosts)", lambda e: load_graph_text(GRAPH, host="radio"), GraphFileError,
-       "--host radio: this graph names no hosts"),
+    ok("host_graph(host not in hosts)", lambda e: host_graph(load_graph_text(GRAPH), "radio"), GraphError,
+       "host 'radio': this graph names no hosts"),
+    ok("GraphSpec(domain=None)", lambda e: GraphSpec(None), ValueError, "domain"),
+    ok("GraphSpec(capacity=3)", lambda e: GraphSpec("g", capacity=3), ValueError, "capacity"),
+    ok("Runtime.from_spec(None)", lambda e: Runtime.from_spec(None), TypeError, "GraphSpec"),
     # ------------------------------------------------------------ Runtime and blocks
     ok("Runtime(domain=None)", lambda e: Runtime(None), ValueError, "domain"),
     ok("Runtime(domain='a b')", lambda e: Runtime("a b"), ValueError, "domain"),
@@ -593,6 +596,7 @@ def test_bad_argument_raises_the_documented_error(env, call, error, match):
 def test_the_table_covers_every_exported_name():
     """Every callable the packages export is named by some case (or is a plain data class,
     an error class, an enum or a constant)."""
+    import multiqueue.control as control
     import multiqueue.graph as graph
     import multiqueue.net as net
     import multiqueue.stream as stream
@@ -604,7 +608,7 @@ def test_the_table_covers_every_exported_name():
             "Buffer", "Add", "NullSink", "Probe"}  # data, results, or no arguments to get wrong
     data |= {"AttachedGraph", "Tap"}  # made by attach() of a running graph: not covered here
     missing = []
-    for module in (multiqueue, graph, stream, net):
+    for module in (multiqueue, control, graph, stream, net):
         for name in module.__all__:
             obj = getattr(module, name)
             if (name in data or name.isupper() or (isinstance(obj, type) and issubclass(obj, Exception))
@@ -623,7 +627,7 @@ def test_bad_runtime_domain_writes_nothing_outside_the_log_dir(tmp_path, monkeyp
         Runtime("../fz-escape")
     rt = Runtime("fz-ok")
     rt.connect(rt.add(NullSource(count=1), name="src")["out"], rt.add(NullSink(), name="sink")["in"])
-    rt.domain = "../fz-escape"
+    rt.spec.domain = "../fz-escape"
     try:
         with pytest.raises(ValueError, match="invalid domain name '../fz-escape'"):
             rt.start()

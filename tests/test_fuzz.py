@@ -38,23 +38,24 @@ from multiqueue import (
     ShmConfig,
     ShmManager,
 )
-from multiqueue.doctor import diagnose
+from multiqueue.control import MAX_MESSAGE, Bus
+from multiqueue.control.bus import BUS_POOL, HEADER
+from multiqueue.errors import GraphFileError, MessageTooLargeError
 from multiqueue.graph.graphfile import (
     BLOCK_KEYS,
     BUILTINS,
     EDGE_KEYS,
     POOL_KEYS,
     TOP_KEYS,
-    GraphFileError,
     load_graph,
     load_graph_text,
 )
-from multiqueue.graph.runtime import Runtime
+from multiqueue.graph.spec import GraphSpec
 from multiqueue.shm import layout as L
 from multiqueue.shm.segment import domain_segments, unlink_quietly
-from multiqueue.stream import MAX_MESSAGE, Bus, MessageTooLargeError, PortQueue
-from multiqueue.stream.bus import BUS_POOL, HEADER
+from multiqueue.stream import PortQueue
 from multiqueue.stream.queue import Item, QueueHeader, ReaderRecord
+from multiqueue.tools.doctor import diagnose
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples" / "graphs").glob("*.yaml"))
@@ -118,14 +119,14 @@ _GRAPHS = st.fixed_dictionaries(
 
 
 def _loads_or_fails_cleanly(text: str, source: str = "fuzz.yaml"):
-    """load_graph_text: a Runtime, or GraphFileError naming the source and a line."""
+    """load_graph_text: a GraphSpec, or GraphFileError naming the source and a line."""
     try:
-        runtime = load_graph_text(text, source=source)
+        spec = load_graph_text(text, source=source)
     except GraphFileError as e:
         assert str(e).startswith(f"{source}:{e.line}: ") and e.line >= 1, str(e)
         return e
-    assert isinstance(runtime, Runtime)
-    return runtime
+    assert isinstance(spec, GraphSpec)
+    return spec
 
 
 def _dump(document) -> str:
@@ -199,7 +200,7 @@ def _mutate_text(data, text: str) -> str:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_graph_file_examples_load(path):
-    assert isinstance(load_graph_text(path.read_text(), source=path.name), Runtime)
+    assert isinstance(load_graph_text(path.read_text(), source=path.name), GraphSpec)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -374,7 +375,7 @@ def test_bus_delivers_exactly_what_was_published(domain):
 PAYLOAD_SUBSCRIBER = r"""
 import base64, json, sys
 from multiqueue import ShmManager
-from multiqueue.stream import Bus
+from multiqueue.control import Bus
 
 with ShmManager(sys.argv[1], create=False, reaper_interval=None) as m, Bus(m) as bus:
     sub = bus.subscribe("fuzz")
@@ -498,7 +499,7 @@ def test_bus_callback_subscription_survives_garbage(domain):
 RING_SUBSCRIBER = r"""
 import json, sys
 from multiqueue import MultiQueueError, ShmManager
-from multiqueue.stream import Bus
+from multiqueue.control import Bus
 
 with ShmManager(sys.argv[1], create=False, reaper_interval=None, name="subscriber") as m, Bus(m) as bus:
     sub = bus.subscribe("t")
@@ -583,7 +584,7 @@ SEGMENT_WORKER = r"""
 import faulthandler, json, sys, traceback
 faulthandler.enable()  # a crash prints where it happened before the process dies of its signal
 from multiqueue import ShmManager
-from multiqueue.doctor import diagnose
+from multiqueue.tools.doctor import diagnose
 from multiqueue.stream import PortQueue
 
 HANG_S = float(sys.argv[1])

@@ -55,9 +55,40 @@ class QueueClosedError(MultiQueueError):
     """The queue was closed (or its producer died) and, for a reader, is drained."""
 
 
-class QueueFullError(MultiQueueError):
-    """A queue has no free consumer slot, or a reader cannot attach."""
+class ReadersFullError(MultiQueueError):
+    """A queue's reader table is full: no slot for another reader (a full queue is a TimeoutError)."""
 
 
 class ResourceLimitError(SegmentError):
     """The machine cannot hold what was asked: /dev/shm space, memory maps, descriptors."""
+
+
+class GraphError(MultiQueueError):
+    """An invalid graph: unknown block or port, type mismatch, cycle, two writers."""
+
+
+class BlockError(MultiQueueError):
+    """A block failed (raised, returned ERROR, or its process died)."""
+
+
+class MessageTooLargeError(MultiQueueError, ValueError):
+    """A bus message above MAX_MESSAGE bytes."""
+
+
+class BridgeError(MultiQueueError):
+    """A bridge could not start (no Zenoh, bad settings) or met a peer it cannot serve."""
+
+
+class WireError(MultiQueueError, ValueError):
+    """A bridged frame that is not one: wrong magic, version, header or payload size."""
+
+
+class GraphFileError(GraphError):
+    """An invalid graph file: ``str(e)`` is ``<file>:<line>: <key path>: <reason>``."""
+
+    def __init__(self, source: str, line: int, key: str | None, reason: str):
+        self.source, self.line, self.key, self.reason = source, line, key, reason
+        super().__init__(f"{source}:{line}: {key}: {reason}" if key else f"{source}:{line}: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.source, self.line, self.key, self.reason)

@@ -27,7 +27,7 @@ restartable worker, a stop-policy worker or an external consumer) mid-stream, th
 - a killed consumer's reader and process were reaped (so it no longer holds the
   producer back: the source pushed more than a ring's worth after the kill); a new
   consumer replaces it;
-- ``multiqueue.doctor.diagnose`` (in-process, every round) and ``mq doctor DOMAIN
+- ``multiqueue.tools.doctor.diagnose`` (in-process, every round) and ``mq doctor DOMAIN
   --json`` (the CLI, on random rounds and at the end) report nothing once the dead are
   reaped, and with the graph paused every pool block is accounted for: ``blocks_used``
   of each pool equals the blocks doctor sees held, and doctor's own per-pool
@@ -68,10 +68,11 @@ from chaos_blocks import Copy, Forward, SeqSink, SeqSource, unpack
 
 from helpers import wait_until
 from multiqueue import PoolConfig, ShmConfig, ShmManager
-from multiqueue.doctor import diagnose
-from multiqueue.graph import BlockError, Runtime
+from multiqueue.control import Bus
+from multiqueue.errors import BlockError
+from multiqueue.graph import Runtime
 from multiqueue.shm.segment import domain_segments
-from multiqueue.stream import Bus
+from multiqueue.tools.doctor import diagnose
 
 DEFAULT_ROUNDS = 10
 DEFAULT_SEED = 7140  # its 10 rounds kill every kind of victim and stop the graph 3 ways

@@ -24,10 +24,10 @@ import numpy as np
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
+from ..control.bus import Bus
+from ..control.topics import control_topic
 from ..errors import QueueClosedError
 from ..graph.attach import attach
-from ..graph.runner import control_topic
-from ..stream.bus import Bus
 
 MAX_POINTS = 1024
 UPDATE_S = 0.1  # stats and frames 10 times a second

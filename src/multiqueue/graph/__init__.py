@@ -8,9 +8,7 @@ from .block import (
     INSUFFICIENT_OUTPUT,
     OK,
     Block,
-    BlockError,
     Frame,
-    GraphError,
     Port,
     WorkResult,
     block,
@@ -31,13 +29,14 @@ from .blocks import (
     Tee,
     Throttle,
 )
-from .graphfile import GraphFileError, load_graph, load_graph_text
+from .graphfile import load_graph, load_graph_text
 from .runtime import BlockFailure, BlockStats, EdgeStats, GraphStats, Runtime
+from .spec import GraphSpec
 
 __all__ = [
     "DONE", "ERROR", "INSUFFICIENT_INPUT", "INSUFFICIENT_OUTPUT", "OK", "Add", "Amplifier", "AttachedGraph",
-    "Block", "BlockError", "BlockFailure", "BlockStats", "Decimate", "EdgeStats", "FileSink", "FileSource",
-    "Frame", "GraphError", "GraphFileError", "GraphStats", "Multiply", "NullSink", "NullSource", "Port",
+    "Block", "BlockFailure", "BlockStats", "Decimate", "EdgeStats", "FileSink", "FileSource",
+    "Frame", "GraphSpec", "GraphStats", "Multiply", "NullSink", "NullSource", "Port",
     "Probe", "Runtime", "SignalSource", "Spectrum", "SyncMerge", "Tap", "Tee", "Throttle", "WorkResult",
     "attach", "block", "load_graph", "load_graph_text",
 ]

@@ -13,11 +13,11 @@ A tap is an extra reader of the port's queue, ``drop_oldest`` by default, so a
 viewer never slows the graph down; it ends when the graph stops.
 """
 
-from ..errors import QueueClosedError
+from ..errors import GraphError, QueueClosedError
 from ..shm import ShmManager
 from ..stream.queue import PortQueue
 from . import registry as R
-from .block import Frame, GraphError
+from .block import Frame
 from .runtime import GraphStats, graph_stats
 
 

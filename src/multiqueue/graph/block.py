@@ -53,14 +53,6 @@ INSUFFICIENT_OUTPUT = WorkResult.INSUFFICIENT_OUTPUT
 ERROR = WorkResult.ERROR
 
 
-class GraphError(MultiQueueError):
-    """An invalid graph: unknown block or port, type mismatch, cycle, two writers."""
-
-
-class BlockError(MultiQueueError):
-    """A block failed (raised, returned ERROR, or its process died)."""
-
-
 @dataclass(frozen=True)
 class Port:
     """A port's frame type: numpy ``dtype`` and frame ``shape`` (None = any; else an

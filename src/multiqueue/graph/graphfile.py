@@ -55,12 +55,13 @@ from pathlib import Path
 import yaml
 
 from ..checks import MAX_CAPACITY
+from ..errors import GraphError, GraphFileError
 from ..shm import PoolConfig, ShmConfig
 from ..shm.segment import check_domain
 from ..stream.queue import POLICIES
 from . import blocks as builtin_blocks
-from .block import Block, GraphError
-from .runtime import Runtime
+from .block import Block
+from .spec import GraphSpec, HostSpec, default_remote_key
 
 TOP_KEYS = ("domain", "capacity", "pools", "hosts", "blocks", "connections")
 BLOCK_KEYS = ("class", "params", "placement", "restart", "max_restarts", "host")
@@ -75,21 +76,9 @@ _PORT_REF_RE = re.compile(r"^(\w+)\.(\w+)$")
 MAX_DEPTH = 100  # nesting of lists and mappings in a graph file (a graph needs fewer than 10)
 
 
-class GraphFileError(GraphError):
-    """An invalid graph file: ``str(e)`` is ``<file>:<line>: <key path>: <reason>``."""
-
-    def __init__(self, source: str, line: int, key: str | None, reason: str):
-        self.source, self.line, self.key, self.reason = source, line, key, reason
-        super().__init__(f"{source}:{line}: {key}: {reason}" if key else f"{source}:{line}: {reason}")
-
-    def __reduce__(self):
-        return type(self), (self.source, self.line, self.key, self.reason)
-
-
-def load_graph(path, domain: str | None = None, host: str | None = None) -> Runtime:
-    """A Runtime (not started) built from the graph file at ``path``; ``domain``
-    overrides the file's ``domain:`` (default: the file name's stem); ``host``: only
-    that host's part of the graph, with its bridges (see the module doc)."""
+def load_graph(path, domain: str | None = None) -> GraphSpec:
+    """The graph spec of the graph file at ``path`` (run it with ``Runtime.from_spec``);
+    ``domain`` overrides the file's ``domain:`` (default: the file name's stem)."""
     path = Path(path)
     raw = path.read_bytes()
     try:
@@ -102,16 +91,15 @@ def load_graph(path, domain: str | None = None, host: str | None = None) -> Runt
     directory = str(path.resolve().parent)
     if directory not in sys.path:
         sys.path.append(directory)
-    return _Loader(str(path)).load(text, domain, fallback_domain=path.stem, host=host)
+    return _Loader(str(path)).load(text, domain, fallback_domain=path.stem)
 
 
-def load_graph_text(text: str, source: str = "<string>", domain: str | None = None,
-                    host: str | None = None) -> Runtime:
+def load_graph_text(text: str, source: str = "<string>", domain: str | None = None) -> GraphSpec:
     """Like :func:`load_graph` for YAML text; ``source`` names it in errors
     (default domain: ``graph``)."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str of YAML, not {type(text).__name__}")
-    return _Loader(source).load(text, domain, fallback_domain="graph", host=host)
+    return _Loader(source).load(text, domain, fallback_domain="graph")
 
 
 class _TooDeepError(yaml.composer.ComposerError):
@@ -148,15 +136,12 @@ def _describe(node) -> str:
 
 
 class _Loader:
-    """One load: the source name (for errors), a YAML constructor, the runtime."""
+    """One load: the source name (for errors), a YAML constructor, the spec it builds."""
 
     def __init__(self, source: str):
         self.source = source
         self.constructor = yaml.constructor.SafeConstructor()
-        self.rt: Runtime | None = None
-        self.hosts: dict = {}  # name -> HostSpec, from "hosts:"
-        self.block_hosts: dict[str, str] = {}
-        self.remote: dict = {}  # edge index -> RemoteEdge
+        self.spec: GraphSpec | None = None
 
     # -- node helpers: each fails at the node's own line --------------------------------
 
@@ -224,11 +209,9 @@ class _Loader:
 
     # -- the file ------------------------------------------------------------------------
 
-    def load(self, text: str, domain: str | None, fallback_domain: str, host: str | None = None) -> Runtime:
+    def load(self, text: str, domain: str | None, fallback_domain: str) -> GraphSpec:
         if domain is not None:  # the caller's, not the file's: a plain ValueError
             check_domain(domain)
-        if host is not None and not isinstance(host, str):
-            raise TypeError(f"host must be None or a host name, not {type(host).__name__}")
         try:
             root = yaml.compose(text, Loader=_DepthLimitedLoader)
         except RecursionError:  # MAX_DEPTH keeps well below the limit; this is a safety net
@@ -266,16 +249,11 @@ class _Loader:
         capacity = self.power_of_two(top["capacity"][1], "capacity") if "capacity" in top else 16
         pools = self.pools(top["pools"][1]) if "pools" in top else None
         try:
-            self.rt = Runtime(domain, pools=pools, capacity=capacity)
+            self.spec = GraphSpec(domain, pools=pools, capacity=capacity)
         except (TypeError, ValueError) as e:  # checked above: not expected
             self.fail(root, None, str(e))
-        self.domain = domain
         if "hosts" in top:
             self.host_specs(top["hosts"][1])
-        if host is not None and not self.hosts:
-            self.fail(root, "hosts", f"--host {host}: this graph names no hosts (add 'hosts:')")
-        if host is not None and host not in self.hosts:
-            self.fail(top["hosts"][1], "hosts", f"no host {host!r}; hosts: {', '.join(self.hosts)}")
 
         block_nodes = self.mapping(top["blocks"][1], "blocks")
         if not block_nodes:
@@ -284,43 +262,35 @@ class _Loader:
             self.block(name, key_node, node)
         if "connections" in top:
             self.connections(top["connections"][1])
-        connected = {(e.dst.block, e.dst.port) for e in self.rt.edges}
-        for name, handle in self.rt.blocks.items():  # start() would refuse them: say where
-            for port in handle.inputs:
-                if (name, port) not in connected:
-                    self.fail(block_nodes[name][0], f"blocks.{name}",
-                              f"input {port!r} is not connected; add e.g. 'OTHER.out -> {name}.{port}'")
-        if host is None:
-            return self.rt  # the whole graph here: remote edges are ordinary edges
-        from ..net.hosts import runtime_for_host
-
-        return runtime_for_host(self.rt, self.domain, self.hosts, self.block_hosts, self.remote, host)
+        for port in self.spec.unconnected_inputs():  # start() would refuse them: say where
+            self.fail(block_nodes[port.block][0], f"blocks.{port.block}",
+                      f"input {port.port!r} is not connected; add e.g. 'OTHER.out -> {port}'")
+        return self.spec
 
     def host_specs(self, node) -> None:
-        from ..net.hosts import HostSpec
-        from ..net.settings import ZenohSettings
-
+        """The hosts; their Zenoh settings are checked by multiqueue.net (check_hosts)."""
+        hosts = self.spec.hosts
         for name, (key_node, value) in self.mapping(node, "hosts").items():
             key = f"hosts.{name}"
             if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", name):
                 self.fail(key_node, key, "a host name is 1-32 letters, digits, _ or -")
             fields = self.mapping(value, key, HOST_KEYS) if not _is_null(value) else {}
-            domain = f"{self.domain}-{name}"
+            domain = f"{self.spec.domain}-{name}"
             if "domain" in fields:
                 domain = self.typed(fields["domain"][1], f"{key}.domain", str, "a domain name")
             try:
                 check_domain(domain)
             except ValueError as e:
                 self.fail(fields["domain"][1] if "domain" in fields else key_node, f"{key}.domain", str(e))
-            settings = ZenohSettings()
+            zenoh, origin = None, None
             if "zenoh" in fields:
-                raw = self.value(fields["zenoh"][1], f"{key}.zenoh")
-                try:
-                    settings = ZenohSettings.of(raw)
-                except (TypeError, ValueError) as e:
-                    self.fail(fields["zenoh"][1], f"{key}.zenoh", str(e))
-            self.hosts[name] = HostSpec(name, domain, settings)
-        if not self.hosts:
+                zenoh = self.value(fields["zenoh"][1], f"{key}.zenoh")
+                if zenoh is not None and not isinstance(zenoh, dict):
+                    self.fail(fields["zenoh"][1], f"{key}.zenoh", f"expected a mapping of Zenoh settings, "
+                              f"not {_describe(fields['zenoh'][1])}")
+                origin = (self.source, fields["zenoh"][1].start_mark.line + 1)
+            hosts[name] = HostSpec(name, domain, zenoh, origin)
+        if not hosts:
             self.fail(node, "hosts", "no hosts (leave 'hosts:' out to run on one machine)")
 
     def pools(self, node) -> ShmConfig:
@@ -367,14 +337,15 @@ class _Loader:
             if options["max_restarts"] < 0:
                 self.fail(fields["max_restarts"][1], f"{key}.max_restarts",
                           f"expected a number of restarts >= 0, not {options['max_restarts']}")
+        hosts = self.spec.hosts
         if "host" in fields:
-            if not self.hosts:
+            if not hosts:
                 self.fail(fields["host"][1], f"{key}.host", "no 'hosts:' section names the hosts")
-            self.block_hosts[name] = self.choice(fields["host"][1], f"{key}.host", tuple(self.hosts))
-        elif self.hosts:
-            self.block_hosts[name] = next(iter(self.hosts))  # the first host is the default
+            options["host"] = self.choice(fields["host"][1], f"{key}.host", tuple(hosts))
+        elif hosts:
+            options["host"] = next(iter(hosts))  # the first host is the default
         try:
-            self.rt.add(block, name, **options)
+            self.spec.add(block, name, **options)
         except (GraphError, TypeError, ValueError) as e:
             self.fail(key_node, key, str(e))
 
@@ -462,47 +433,34 @@ class _Loader:
                     options["policy"] = self.choice(fields["policy"][1], f"{key}.policy", tuple(POLICIES))
                 if "capacity" in fields:
                     options["capacity"] = self.power_of_two(fields["capacity"][1], f"{key}.capacity")
+            options["remote_key"] = self.remote_key(key, fields, src, dst)
             try:
-                edge = self.rt.connect(src, dst, **options)
-            except (GraphError, ValueError) as e:  # dtype or shape mismatch, second writer, cycle
+                edge = self.spec.connect(src, dst, **options)
+            except (GraphError, ValueError) as e:  # dtype or shape mismatch, second writer, cycle, hosts
                 self.fail(item, key, str(e))
-            self.remote_edge(item, key, fields, edge)
+            key_node = fields["key"][1] if "key" in fields else item
+            edge.origin = (self.source, key_node.start_mark.line + 1)
 
-    def remote_edge(self, item, key: str, fields: dict, edge) -> None:
-        """Note a remote edge (and its key); an edge between hosts must be one."""
-        from ..net.hosts import RemoteEdge, data_key
-
+    def remote_key(self, key: str, fields: dict, src, dst) -> str | None:
+        """The Zenoh key of a remote edge (checked by multiqueue.net), None for a local one."""
         remote = "remote" in fields and self.typed(fields["remote"][1], f"{key}.remote", bool,
                                                    "true or false")
-        src_host, dst_host = self.block_hosts.get(edge.src.block), self.block_hosts.get(edge.dst.block)
-        if src_host != dst_host and not remote:
-            self.fail(item, key, f"{edge.src} runs on host {src_host!r}, {edge.dst} on {dst_host!r}: mark "
-                      "the edge 'remote: true' (its frames then cross over Zenoh)")
         if "key" in fields and not remote:
             self.fail(fields["key"][1], f"{key}.key", "a key is for remote edges; add 'remote: true'")
         if not remote:
-            return
-        data = data_key(self.domain, edge.src, edge.dst)
+            return None
         if "key" in fields:
-            data = self.typed(fields["key"][1], f"{key}.key", str, "a Zenoh key such as 'lab/radio/iq'")
-            from ..net.bridge import _check_key
-
-            try:
-                _check_key(data)
-            except Exception as e:  # noqa: BLE001 - BridgeError: say it at the key's line
-                self.fail(fields["key"][1], f"{key}.key", str(e))
-        if any(r.key == data for r in self.remote.values()):
-            self.fail(item, key, f"another remote edge already uses the key {data!r}")
-        self.remote[edge.index] = RemoteEdge(edge.index, data)
+            return self.typed(fields["key"][1], f"{key}.key", str, "a Zenoh key such as 'lab/radio/iq'")
+        return default_remote_key(self.spec.domain, src, dst)
 
     def port(self, node, key: str, text: str, direction: str):
         match = _PORT_REF_RE.fullmatch(text)
         if not match:
             self.fail(node, key, f"{text!r} is not 'block.port'")
         block, port = match.groups()
-        if block not in self.rt.blocks:
-            self.fail(node, key, f"{text!r}: no block named {block!r}; blocks: {', '.join(self.rt.blocks)}")
-        handle = self.rt.blocks[block]
+        if block not in self.spec.blocks:
+            self.fail(node, key, f"{text!r}: no block named {block!r}; blocks: {', '.join(self.spec.blocks)}")
+        handle = self.spec.blocks[block]
         ports = handle.outputs if direction == "out" else handle.inputs
         if port not in ports:
             kind = "output" if direction == "out" else "input"

@@ -26,24 +26,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import BufferReleasedError, PoolExhaustedError, QueueClosedError
-from ..log import domain_logger, set_block
+from ..control.bus import Bus
+from ..control.log import domain_logger, set_block
+from ..control.topics import control_topic
+from ..errors import BlockError, BufferReleasedError, PoolExhaustedError, QueueClosedError
 from ..shm import ShmManager
 from ..shm.buffer import frame_nbytes
-from ..stream.bus import Bus
 from ..stream.queue import PortQueue
 from . import registry as R
-from .block import (
-    DONE,
-    ERROR,
-    INSUFFICIENT_INPUT,
-    INSUFFICIENT_OUTPUT,
-    OK,
-    Block,
-    BlockError,
-    Frame,
-    WorkResult,
-)
+from .block import DONE, ERROR, INSUFFICIENT_INPUT, INSUFFICIENT_OUTPUT, OK, Block, Frame, WorkResult
 
 SLICE_S = 0.25
 _log = logging.getLogger("mq.runner")
@@ -70,7 +61,7 @@ class InputEdge:
 
 
 @dataclass
-class BlockSpec:
+class WorkerBlock:
     """Everything a host needs to run one block (sent to its process pickled)."""
 
     name: str
@@ -350,7 +341,7 @@ class BlockIO:
 class BlockRunner:
     """One block's thread: start, the work loop, stop, cleanup; stats in its row."""
 
-    def __init__(self, spec: BlockSpec, manager: ShmManager, graph: R.GraphSegment, report, on_end=None):
+    def __init__(self, spec: WorkerBlock, manager: ShmManager, graph: R.GraphSegment, report, on_end=None):
         self.spec, self.name = spec, spec.name
         self.block: Block = spec.block_object or pickle.loads(spec.block_bytes)
         self.row = graph.block_rows[spec.index]
@@ -574,7 +565,7 @@ class BlockRunner:
 class Host:
     """Runs a group of blocks (one process, or one thread of the runtime's process)."""
 
-    def __init__(self, domain: str, prefix: str, specs: list[BlockSpec], conn, process_name: str):
+    def __init__(self, domain: str, prefix: str, specs: list[WorkerBlock], conn, process_name: str):
         self.domain, self.prefix, self.specs = domain, prefix, specs
         self.conn = conn
         self.process_name = process_name
@@ -711,11 +702,7 @@ class Host:
             bus.reply(message, {"ok": False, "error": f"{type(e).__name__}: {e}"})
 
 
-def control_topic(block: str) -> str:
-    return f"ctl-{block}"
-
-
-def host_main(domain: str, prefix: str, specs: list[BlockSpec], conn, process_name: str) -> None:
+def host_main(domain: str, prefix: str, specs: list[WorkerBlock], conn, process_name: str) -> None:
     """Entry point of a worker process (started with spawn)."""
     import signal
 

@@ -32,71 +32,27 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
-import re
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
 
-from ..checks import check_capacity, check_int, check_number, show
-from ..log import domain_logger, remove_domain_handlers
+from ..checks import check_number, show
+from ..control.bus import Bus
+from ..control.log import domain_logger, remove_domain_handlers
+from ..control.topics import control_topic
+from ..errors import BlockError, GraphError
 from ..shm import ShmConfig, ShmManager
 from ..shm.segment import check_domain
-from ..stream.bus import Bus
-from ..stream.queue import POLICIES, PortQueue, reap_dead_readers_everywhere
+from ..stream.queue import PortQueue, reap_dead_readers_everywhere
 from . import registry as R
-from .block import Block, BlockError, GraphError, Port
-from .runner import BlockSpec, Host, InputEdge, control_topic, host_main
+from .block import Block
+from .runner import WorkerBlock, Host, InputEdge, host_main
+from .spec import BlockHandle, Edge, GraphSpec, PortRef
 
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,23}$")
-_PORT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,5}$")
 _ABORT_GRACE_S = 2.0  # after an abort, processes get this long before SIGKILL
 _log = logging.getLogger("mq.runtime")
 MAX_SECONDS = 10**9  # the longest drain_timeout / start_timeout (threading's waits have a limit)
-
-
-@dataclass(frozen=True)
-class PortRef:
-    block: str
-    port: str
-    direction: str  # "in" or "out"
-    spec: Port
-
-    def __str__(self) -> str:
-        return f"{self.block}.{self.port}"
-
-
-class BlockHandle:
-    """A block added to a runtime: ``handle["port"]`` names one of its ports."""
-
-    def __init__(self, name: str, block: Block, placement: str, restart: str, max_restarts: int):
-        self.name, self.block = name, block
-        self.placement, self.restart, self.max_restarts = placement, restart, max_restarts
-        self.inputs, self.outputs = block.input_ports(), block.output_ports()
-
-    def __getitem__(self, port: str) -> PortRef:
-        if port in self.inputs:
-            return PortRef(self.name, port, "in", self.inputs[port])
-        if port in self.outputs:
-            return PortRef(self.name, port, "out", self.outputs[port])
-        raise GraphError(f"block {self.name!r} ({type(self.block).__name__}) has no port {port!r}; "
-                         f"inputs {list(self.inputs)}, outputs {list(self.outputs)}")
-
-    @property
-    def host_key(self) -> str:
-        return self.name if self.placement in ("process", "thread") else f"group:{self.placement}"
-
-    def __repr__(self) -> str:
-        return f"<BlockHandle {self.name!r} {type(self.block).__name__} placement={self.placement}>"
-
-
-@dataclass
-class Edge:
-    src: PortRef
-    dst: PortRef
-    policy: str
-    capacity: int
-    index: int
 
 
 @dataclass
@@ -200,19 +156,26 @@ class Runtime:
 
     def __init__(self, domain: str, *, pools: ShmConfig | None = None, capacity: int = 16,
                  drain_timeout: float = 10.0, start_timeout: float | None = 60.0):
-        check_domain(domain)  # first: the domain names files (segments, the log)
-        if pools is not None and not isinstance(pools, ShmConfig):
-            raise TypeError(f"pools must be None or a ShmConfig, not {type(pools).__name__}")
-        check_capacity(capacity)
+        self._init(GraphSpec(domain, pools=pools, capacity=capacity), drain_timeout, start_timeout)
+
+    @classmethod
+    def from_spec(cls, spec: GraphSpec, *, drain_timeout: float = 10.0,
+                  start_timeout: float | None = 60.0) -> "Runtime":
+        """A runtime of ``spec`` (from load_graph, or built in Python); blocks and edges
+        added to the runtime are added to the spec."""
+        if not isinstance(spec, GraphSpec):
+            raise TypeError(f"from_spec() takes a GraphSpec (load_graph() makes one), not "
+                            f"{type(spec).__name__}")
+        runtime = cls.__new__(cls)
+        runtime._init(spec, drain_timeout, start_timeout)
+        return runtime
+
+    def _init(self, spec: GraphSpec, drain_timeout, start_timeout) -> None:
         check_seconds("drain_timeout", drain_timeout)
         check_seconds("start_timeout", start_timeout, none=True)
-        self.domain = domain
-        self.pools = pools
-        self.capacity = capacity
+        self.spec = spec
         self.drain_timeout = drain_timeout
         self.start_timeout = start_timeout
-        self.blocks: dict[str, BlockHandle] = {}
-        self.edges: list[Edge] = []
         self.failures: list[BlockFailure] = []
         self.manager: ShmManager | None = None
         self._graph: R.GraphSegment | None = None
@@ -238,67 +201,36 @@ class Runtime:
             restart: str = "stop", max_restarts: int = 3) -> BlockHandle:
         """Add a block; returns its handle (``handle["out"]`` names a port)."""
         self._check_building("add blocks")
-        if not isinstance(block, Block):
-            raise TypeError(f"add() takes a Block instance, not {type(block).__name__}")
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"block name must be None or a str, not {type(name).__name__}")
-        name = name or self._default_name(block)
-        if not _NAME_RE.fullmatch(name):
-            raise GraphError(f"block name {name!r}: use 1-24 letters, digits and _ (not first a digit)")
-        if name in self.blocks:
-            raise GraphError(f"the graph already has a block named {name!r}")
-        if not isinstance(restart, str) or restart not in ("stop", "restart"):
-            raise ValueError(f"restart must be 'stop' or 'restart', not {show(restart)}")
-        if not isinstance(placement, str):
-            raise TypeError(f"placement must be 'process', 'thread' or a process name, not "
-                            f"{type(placement).__name__}")
-        if not placement:
-            raise ValueError("placement must be 'process', 'thread' or a process name, not ''")
-        check_int("max_restarts", max_restarts, 0)
-        check_int(f"block {name!r}: batch", block.batch, 1)
-        for port in (*block.input_ports(), *block.output_ports()):
-            if not _PORT_RE.fullmatch(port):
-                raise GraphError(f"block {name!r}: port name {port!r} must be 1-6 letters, digits or _")
-        _check_counters(name, block.counters)
-        handle = BlockHandle(name, block, placement, restart, max_restarts)
-        self.blocks[name] = handle
-        return handle
+        return self.spec.add(block, name, placement=placement, restart=restart, max_restarts=max_restarts)
 
     def connect(self, src: PortRef, dst: PortRef, *, policy: str = "block",
                 capacity: int | None = None) -> Edge:
         """Connect an output port to an input port (an output may feed many inputs)."""
         self._check_building("connect ports")
-        for ref in (src, dst):
-            if not isinstance(ref, PortRef):
-                raise TypeError(f"connect() takes ports such as rt['src']['out'], not {ref!r}")
-            if ref.block not in self.blocks:
-                raise GraphError(f"block {ref.block!r} is not in this graph; add() it first")
-        if src.direction != "out":
-            raise GraphError(f"{src} is an input port; connect(output, input)")
-        if dst.direction != "in":
-            raise GraphError(f"{dst} is an output port; connect(output, input)")
-        if not isinstance(policy, str) or policy not in POLICIES:
-            raise ValueError(f"policy must be 'block' or 'drop_oldest', not {show(policy)}")
-        capacity = self.capacity if capacity is None else check_capacity(capacity)
-        mismatch = src.spec.mismatch(dst.spec)
-        if mismatch:
-            raise GraphError(f"cannot connect {src} to {dst}: {mismatch}")
-        for e in self.edges:
-            if (e.dst.block, e.dst.port) == (dst.block, dst.port):
-                raise GraphError(f"input {dst} already has a writer ({e.src}); an input takes one "
-                                 "output; merge streams with a block")
-        if src.block == dst.block or self._reaches(dst.block, src.block):
-            raise GraphError(f"connecting {src} to {dst} would make a cycle; graphs must be acyclic "
-                             "(there is no delay block)")
-        edge = Edge(src, dst, policy, capacity, len(self.edges))
-        self.edges.append(edge)
-        return edge
+        return self.spec.connect(src, dst, policy=policy, capacity=capacity)
 
     def __getitem__(self, name: str) -> BlockHandle:
-        try:
-            return self.blocks[name]
-        except KeyError:
-            raise GraphError(f"no block named {name!r}; blocks: {list(self.blocks)}") from None
+        return self.spec[name]
+
+    @property
+    def domain(self) -> str:
+        return self.spec.domain
+
+    @property
+    def pools(self) -> ShmConfig | None:
+        return self.spec.pools
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.capacity
+
+    @property
+    def blocks(self) -> dict[str, BlockHandle]:
+        return self.spec.blocks
+
+    @property
+    def edges(self) -> list[Edge]:
+        return self.spec.edges
 
     # -- running ----------------------------------------------------------------------------
 
@@ -429,26 +361,7 @@ class Runtime:
         if self._state != "building":
             raise GraphError(f"cannot {what}: the graph was already started")
 
-    def _default_name(self, block: Block) -> str:
-        base = re.sub(r"\W", "_", type(block).__name__.lower())[:20] or "block"
-        name, n = base, 2
-        while name in self.blocks:
-            name, n = f"{base}_{n}", n + 1
-        return name
-
-    def _reaches(self, start: str, goal: str) -> bool:
-        """Is ``goal`` downstream of ``start``?"""
-        seen, todo = set(), [start]
-        while todo:
-            b = todo.pop()
-            if b == goal:
-                return True
-            if b not in seen:
-                seen.add(b)
-                todo.extend(e.dst.block for e in self.edges if e.src.block == b)
-        return False
-
-    def _validate_and_pickle(self) -> dict[str, BlockSpec]:
+    def _validate_and_pickle(self) -> dict[str, WorkerBlock]:
         if not self.blocks:
             raise GraphError("the graph has no blocks")
         connected = {(e.dst.block, e.dst.port) for e in self.edges}
@@ -466,7 +379,7 @@ class Runtime:
                                  "use placement='thread'") from None
             inputs = [InputEdge(e.dst.port, queue_name(e.src.block, e.src.port), e.policy, e.index)
                       for e in self.edges if e.dst.block == h.name]
-            specs[h.name] = BlockSpec(h.name, index, data, inputs,
+            specs[h.name] = WorkerBlock(h.name, index, data, inputs,
                                       {p: queue_name(h.name, p) for p in h.outputs},
                                       block_object=h.block if in_thread else None)
         return specs
@@ -485,7 +398,7 @@ class Runtime:
 
     # -- internals: hosts and supervision ---------------------------------------------------
 
-    def _start_hosts(self, specs: dict[str, BlockSpec]) -> None:
+    def _start_hosts(self, specs: dict[str, WorkerBlock]) -> None:
         groups: dict[str, list[str]] = {}
         for h in self.blocks.values():
             groups.setdefault(h.host_key, []).append(h.name)
@@ -493,7 +406,7 @@ class Runtime:
             kind = "thread" if self.blocks[names[0]].placement == "thread" else "process"
             self._launch(key, names, kind, [specs[n] for n in names])
 
-    def _launch(self, key: str, names: list[str], kind: str, specs: list[BlockSpec]) -> None:
+    def _launch(self, key: str, names: list[str], kind: str, specs: list[WorkerBlock]) -> None:
         host = _HostHandle(key, names, kind)
         ours, theirs = multiprocessing.Pipe()
         host.conn = ours
@@ -848,13 +761,6 @@ def check_seconds(name: str, seconds, *, none: bool = False) -> float | None:
     if value is not None and value > MAX_SECONDS:
         raise ValueError(f"{name} must be at most {MAX_SECONDS} seconds, not {show(seconds)}")
     return value
-
-
-def _check_counters(block: str, counters) -> None:
-    if (not isinstance(counters, tuple) or len(counters) > R.MAX_COUNTERS
-            or not all(isinstance(c, str) and c for c in counters) or len(set(counters)) != len(counters)):
-        raise GraphError(f"block {block!r}: counters must be a tuple of at most {R.MAX_COUNTERS} distinct "
-                         f"names, not {counters!r}")
 
 
 def queue_name(block: str, port: str) -> str:

@@ -1,7 +1,6 @@
 """Beyond one machine: bridge ports over Zenoh (see docs/network.md)."""
 
 from .bridge import BridgeSink, BridgeSource
-from .settings import BridgeError, ZenohSettings
-from .wire import WireError
+from .settings import ZenohSettings
 
-__all__ = ["BridgeError", "BridgeSink", "BridgeSource", "WireError", "ZenohSettings"]
+__all__ = ["BridgeSink", "BridgeSource", "ZenohSettings"]

@@ -34,16 +34,17 @@ import time
 import numpy as np
 
 from ..checks import check_int, check_number
+from ..errors import BridgeError
 from ..graph.block import DONE, OK, Block, Port
 from . import wire
-from .settings import BridgeError, ZenohSettings, close_session, import_zenoh, json_replies, open_session
+from .settings import ZenohSettings, close_session, import_zenoh, json_replies, open_session
 
 POLICIES = ("block", "drop")
 _WAIT_SLICE_S = 0.05  # how often a waiting sender looks at the stop flag
 _log = logging.getLogger("mq.bridge")
 
 
-def _check_key(key: str) -> str:
+def check_key(key: str) -> str:
     zenoh = import_zenoh()
     if not isinstance(key, str) or not key or "@" in key:
         raise BridgeError(f"bridge key {key!r}: a Zenoh key expression such as 'lab/radio/iq' "
@@ -84,7 +85,7 @@ class BridgeSink(Block):
     def __init__(self, key: str, *, policy: str = "block", zenoh=None, linger: float = 10.0,
                  express: bool = False):
         super().__init__()
-        self.key, self.policy = _check_key(key), _check_policy(policy)
+        self.key, self.policy = check_key(key), _check_policy(policy)
         self.zenoh, self.express = ZenohSettings.of(zenoh), bool(express)
         self.linger = check_number("linger", linger, minimum=0)
         self._session = self._publisher = None
@@ -190,7 +191,7 @@ class BridgeSource(Block):
     def __init__(self, key: str, *, dtype=None, shape=None, policy: str = "block", zenoh=None,
                  buffer: int = 64, end: bool = True):
         super().__init__()
-        self.key, self.policy = _check_key(key), _check_policy(policy)
+        self.key, self.policy = check_key(key), _check_policy(policy)
         self.port = Port(dtype, shape)
         self.zenoh, self.buffer, self.end = ZenohSettings.of(zenoh), check_int("buffer", buffer), bool(end)
         if self.buffer < 1:

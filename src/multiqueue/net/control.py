@@ -21,11 +21,12 @@ import json
 import logging
 import time
 
+from ..control.topics import control_topic
+from ..errors import BridgeError
 from ..graph import registry as R
 from ..graph.block import DONE, OK, Block
-from ..graph.runner import control_topic
 from ..graph.runtime import graph_stats
-from .settings import BridgeError, ZenohSettings, close_session, json_replies, open_session
+from .settings import ZenohSettings, close_session, json_replies, open_session
 
 _log = logging.getLogger("mq.control")
 _ENDED = (R.DONE, R.FAILED, R.STOPPED)

@@ -1,82 +1,88 @@
-"""One graph, several machines: the part of a graph that runs on one host.
+"""One graph, several machines: the part of a graph spec that runs on one host.
 
-A graph file's ``hosts:`` names the machines (each with its Zenoh settings and,
-optionally, its domain); blocks say ``host:``; edges between hosts are marked
-``remote: true``.  Run whole (no host chosen), the graph is one runtime and remote
-edges are ordinary edges.  Run for a host, it is that host's blocks, a BridgeSink
-for every remote edge leaving them, a BridgeSource for every remote edge
-arriving, and a ControlPlane, all Zenoh users in one worker process ("zenoh") so
-that the host holds one Zenoh session.
+Run whole, a graph with hosts is one runtime whose remote edges are ordinary edges.
+Run for a host, it is that host's blocks, a BridgeSink for every remote edge leaving
+them, a BridgeSource for every remote edge arriving, and a ControlPlane, all Zenoh
+users in one worker process ("zenoh") so that the host holds one Zenoh session.
 """
 
-from dataclasses import dataclass, field
-
-from ..graph.block import GraphError
-from ..graph.runtime import Runtime
+from ..errors import BridgeError, GraphError, GraphFileError
+from ..graph.spec import GraphSpec
+from .bridge import BridgeSink, BridgeSource, check_key
+from .control import ControlPlane, graph_prefix
 from .settings import ZenohSettings
 
 ZENOH_PROCESS = "zenoh"  # the placement of a host's bridge and control blocks
 
 
-@dataclass
-class HostSpec:
-    name: str
-    domain: str
-    zenoh: ZenohSettings = field(default_factory=ZenohSettings)
+def check_hosts(spec: GraphSpec) -> dict[str, ZenohSettings]:
+    """Every host's Zenoh settings and every remote edge's key, checked (GraphFileError at
+    the line they were written at, GraphError for a spec built in Python)."""
+    settings = {}
+    for host in spec.hosts.values():
+        try:
+            settings[host.name] = ZenohSettings.of(host.zenoh)
+        except (TypeError, ValueError) as e:
+            _fail(host.origin, f"hosts.{host.name}.zenoh", str(e))
+    for edge in spec.edges:
+        if edge.remote_key is not None:
+            try:
+                check_key(edge.remote_key)
+            except BridgeError as e:
+                _fail(edge.origin, f"connections[{edge.index}].key", str(e))
+    return settings
 
 
-@dataclass
-class RemoteEdge:
-    index: int  # the edge's index in the whole graph
-    key: str  # the Zenoh key its frames travel on
+def host_graph(spec: GraphSpec, host: str) -> GraphSpec:
+    """The spec of ``host``'s part of ``spec``: its blocks, its edges, bridges for the
+    remote edges that touch it and a ControlPlane."""
+    if not spec.hosts:
+        raise GraphError(f"host {host!r}: this graph names no hosts (add 'hosts:')")
+    if host not in spec.hosts:
+        raise GraphError(f"no host {host!r}; hosts: {', '.join(spec.hosts)}")
+    zenoh = check_hosts(spec)[host]
+    part = GraphSpec(spec.hosts[host].domain, pools=spec.pools, capacity=spec.capacity)
+    for name, handle in spec.blocks.items():
+        if handle.host == host:
+            part.add(handle.block, name, placement=handle.placement, restart=handle.restart,
+                     max_restarts=handle.max_restarts)
+    for edge in spec.edges:
+        _place_edge(part, edge, host, zenoh)
+    part.add(ControlPlane(graph_prefix(spec.domain), host, zenoh=zenoh), _free_name(part, "control"),
+             placement=ZENOH_PROCESS, restart="restart")
+    return part
 
 
-def data_key(graph: str, src, dst) -> str:
-    return f"mq/{graph}/data/{src.block}/{src.port}/{dst.block}/{dst.port}"
+def _place_edge(part: GraphSpec, edge, host: str, zenoh: ZenohSettings) -> None:
+    """``edge`` in ``host``'s part: as it is, as a bridge out or in, or not at all."""
+    src_here, dst_here = edge.src.block in part.blocks, edge.dst.block in part.blocks
+    queueing = {"policy": edge.policy, "capacity": edge.capacity}
+    if edge.remote_key is None:
+        if src_here and dst_here:
+            part.connect(part[edge.src.block][edge.src.port], part[edge.dst.block][edge.dst.port], **queueing)
+        return
+    policy = "block" if edge.policy == "block" else "drop"
+    if src_here:
+        tx = part.add(BridgeSink(edge.remote_key, policy=policy, zenoh=zenoh),
+                      _free_name(part, f"tx{edge.index}"), placement=ZENOH_PROCESS, restart="restart")
+        part.connect(part[edge.src.block][edge.src.port], tx["in"], **queueing)
+    if dst_here:
+        port = edge.src.spec
+        receiver = BridgeSource(edge.remote_key, dtype=port.dtype, shape=port.shape, policy=policy,
+                                zenoh=zenoh)
+        rx = part.add(receiver, _free_name(part, f"rx{edge.index}"), placement=ZENOH_PROCESS,
+                      restart="restart")
+        part.connect(rx["out"], part[edge.dst.block][edge.dst.port], **queueing)
 
 
-def runtime_for_host(whole: Runtime, graph: str, hosts: dict[str, HostSpec], block_hosts: dict[str, str],
-                     remote: dict[int, RemoteEdge], host: str) -> Runtime:
-    """The runtime of ``host``'s part of ``whole`` (built, not started)."""
-    from .bridge import BridgeSink, BridgeSource
-    from .control import ControlPlane, graph_prefix
-
-    if host not in hosts:
-        raise GraphError(f"no host {host!r} in the graph; its hosts: {', '.join(hosts)}")
-    spec = hosts[host]
-    rt = Runtime(spec.domain, pools=whole.pools, capacity=whole.capacity, drain_timeout=whole.drain_timeout,
-                 start_timeout=whole.start_timeout)
-    here = {name for name, h in block_hosts.items() if h == host}
-    for name, handle in whole.blocks.items():
-        if name in here:
-            rt.add(handle.block, name, placement=handle.placement, restart=handle.restart,
-                   max_restarts=handle.max_restarts)
-    for edge in whole.edges:
-        src_here, dst_here = edge.src.block in here, edge.dst.block in here
-        if edge.index not in remote:
-            if src_here and dst_here:
-                rt.connect(rt[edge.src.block][edge.src.port], rt[edge.dst.block][edge.dst.port],
-                           policy=edge.policy, capacity=edge.capacity)
-            continue
-        key, policy = remote[edge.index].key, "block" if edge.policy == "block" else "drop"
-        queueing = {"policy": edge.policy, "capacity": edge.capacity}
-        if src_here:
-            tx = rt.add(BridgeSink(key, policy=policy, zenoh=spec.zenoh), _free_name(rt, f"tx{edge.index}"),
-                        placement=ZENOH_PROCESS, restart="restart")
-            rt.connect(rt[edge.src.block][edge.src.port], tx["in"], **queueing)
-        if dst_here:
-            port = edge.src.spec
-            receiver = BridgeSource(key, dtype=port.dtype, shape=port.shape, policy=policy, zenoh=spec.zenoh)
-            rx = rt.add(receiver, _free_name(rt, f"rx{edge.index}"), placement=ZENOH_PROCESS,
-                        restart="restart")
-            rt.connect(rx["out"], rt[edge.dst.block][edge.dst.port], **queueing)
-    rt.add(ControlPlane(graph_prefix(graph), host, zenoh=spec.zenoh), _free_name(rt, "control"),
-           placement=ZENOH_PROCESS, restart="restart")
-    return rt
-
-
-def _free_name(rt: Runtime, name: str) -> str:
+def _free_name(spec: GraphSpec, name: str) -> str:
     candidate, k = name, 1
-    while candidate in rt.blocks:
+    while candidate in spec.blocks:
         candidate, k = f"{name}_{k}", k + 1
     return candidate
+
+
+def _fail(origin: tuple[str, int] | None, key: str, reason: str):
+    if origin is None:
+        raise GraphError(f"{key}: {reason}")
+    raise GraphFileError(origin[0], origin[1], key, reason)

@@ -20,14 +20,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 
 from ..checks import check_path
-from ..errors import MultiQueueError
+from ..errors import BridgeError
 
 MODES = ("peer", "client", "router")
 _LOOPBACK = "tcp/127.0.0.1:0"
-
-
-class BridgeError(MultiQueueError):
-    """A bridge could not start (no Zenoh, bad settings) or met a peer it cannot serve."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib import format as npy_format
 
-from ..errors import MultiQueueError
+from ..errors import WireError
 
 MAGIC = b"MQF1"
 VERSION = 1
@@ -24,10 +24,6 @@ END = 2  # end of stream: no payload; seq is the number of frames sent
 _FIXED = struct.Struct("<4sHHQQqqqBH")
 MAX_NDIM = 32
 MAX_DTYPE = 4096
-
-
-class WireError(MultiQueueError, ValueError):
-    """A bridged frame that is not one: wrong magic, version, header or payload size."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ import array
 
 import numpy as np
 
-from .. import _native
+import multiqueue._native as _native  # the C extension (a module, not the package root)
+
 from ..checks import check_shape
 from ..errors import BufferReleasedError, InvalidBufferError
 

@@ -15,7 +15,8 @@ from bisect import bisect_left
 
 import numpy as np
 
-from .. import _native
+import multiqueue._native as _native  # the C extension (a module, not the package root)
+
 from ..checks import bad_timeout, check_timeout
 from ..errors import (
     DomainFullError,

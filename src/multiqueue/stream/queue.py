@@ -15,9 +15,10 @@ import time
 import weakref
 from dataclasses import dataclass
 
-from .. import _native
+import multiqueue._native as _native  # the C extension (a module, not the package root)
+
 from ..checks import bad_timeout, check_capacity, check_int, check_number, check_timeout
-from ..errors import MultiQueueError, QueueClosedError, QueueFullError, SegmentError
+from ..errors import MultiQueueError, QueueClosedError, ReadersFullError, SegmentError
 from ..shm import layout as L
 from ..shm.buffer import Buffer
 from ..shm.manager import ShmManager
@@ -233,7 +234,7 @@ class PortQueue:
                 self._my_readers.add(reader)
                 return reader
             if index == -1:
-                raise QueueFullError(
+                raise ReadersFullError(
                     f"queue {self.name!r} already has {self._header.max_readers} readers; "
                     "detach some or create it with a larger max_readers")
             self._break_dead_lock()

@@ -29,7 +29,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import struct
 import threading
 import time
@@ -38,10 +37,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..checks import bad_timeout, check_capacity, check_int, check_timeout
-from ..errors import DomainFullError, MultiQueueError, QueueClosedError
+from ..errors import DomainFullError, MessageTooLargeError, MultiQueueError, QueueClosedError
 from ..shm import PoolConfig, ShmManager
 from ..shm.layout import MAX_CHUNKS
-from .queue import PortQueue
+from ..stream.queue import PortQueue
+from .topics import check_topic, inbox_topic
 
 BUS_POOL = "mq-bus"
 BLOCK = 4096
@@ -55,12 +55,7 @@ MIN_POOL_BLOCKS = 64
 _bus_ids = itertools.count()  # tells apart the reply topics of two Bus objects of a process
 DEFAULT_CAPACITY = 64
 MAX_CAPACITY = 4096  # so that a few stuck subscribers cannot drain the bus pool
-_TOPIC_RE = re.compile(r"[A-Za-z0-9_-]{1,29}")  # the queue name is "b-" + topic (31 at most)
 _log = logging.getLogger("mq.bus")
-
-
-class MessageTooLargeError(MultiQueueError, ValueError):
-    """A bus message above MAX_MESSAGE bytes."""
 
 
 @dataclass(frozen=True)
@@ -273,7 +268,7 @@ class Bus:
         None: forever) for the one answer.  TimeoutError if none comes (nobody serves
         ``topic``).  The answers come back on this Bus's own reply topic, matched by a
         request id (one request at a time)."""
-        _check_topic(topic)
+        check_topic(topic)
         if not isinstance(data, Mapping):
             raise TypeError(f"request data must be a dict (it gets 'reply_to' and 'rid' keys), not "
                             f"{type(data).__name__}")
@@ -314,7 +309,7 @@ class Bus:
 
     def _reply_queue(self, topic: str) -> PortQueue:
         """The reply topic of a requester, kept mapped for its next requests (a few)."""
-        _check_topic(topic)
+        check_topic(topic)
         with self._lock:
             q = self._reply_topics.pop(topic, None)
         if q is not None and not _has_reader(q):  # its requester left (a new one may reuse the name)
@@ -355,7 +350,7 @@ class Bus:
         self.close()
 
     def _topic(self, topic: str, capacity: int = 64) -> PortQueue:
-        _check_topic(topic)
+        check_topic(topic)
         check_capacity(capacity, MAX_CAPACITY)
         with self._lock:
             q = self._topics.get(topic)
@@ -370,7 +365,7 @@ class Bus:
 
     def _one_off(self, topic: str) -> PortQueue:
         """An existing topic's queue, not kept (SegmentError if it is gone)."""
-        _check_topic(topic)
+        check_topic(topic)
         return PortQueue(self.manager, f"b-{topic}", create=False, multi_producer=True)
 
     def _forget(self, topic: str) -> None:
@@ -420,17 +415,6 @@ def _has_reader(queue: PortQueue) -> bool:
         return False  # released
 
 
-def _check_topic(topic) -> None:
-    if not isinstance(topic, str) or not _TOPIC_RE.fullmatch(topic):
-        raise ValueError(f"invalid topic {topic!r}: 1-29 letters, digits, '_' or '-'")
-
-
-def inbox_topic(name: str) -> str:
-    """The topic of ``name``'s inbox, ``to-<name>`` (the topic check then refuses a name
-    that is not 1-26 letters, digits, '_' or '-'); ValueError for a name that is no str."""
-    if not isinstance(name, str):  # ValueError, as for any invalid topic
-        raise ValueError(f"invalid inbox name {name!r}: a str of 1-26 letters, digits, '_' or '-'")
-    return f"to-{name}"
 
 
 def _encode(data) -> tuple[int, bytes]:

@@ -49,11 +49,11 @@ from multiqueue import (
     ShmConfig,
     ShmManager,
 )
-from multiqueue.doctor import diagnose
 from multiqueue.errors import QueueClosedError
 from multiqueue.shm.segment import domain_segments, unlink_quietly
 from multiqueue.stream import PortQueue
 from multiqueue.stream.queue import LOCK_SLOT_MASK
+from multiqueue.tools.doctor import diagnose
 
 POOLS = {"a": (256, 4), "b": (4096, 6)}  # name: (block size, blocks), in size order
 PID = os.getpid()

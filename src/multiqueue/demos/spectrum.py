@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-from .graph import DONE, OK, Block, FileSink, Port, Probe, Runtime
-from .shm import PoolConfig, ShmConfig
+from ..graph import DONE, OK, Block, FileSink, Port, Probe, Runtime
+from ..shm import PoolConfig, ShmConfig
 
 BINS = 160_000
 RATE_HZ = 40.0

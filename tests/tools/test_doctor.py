@@ -12,9 +12,9 @@ import pytest
 
 from helpers import spawn_python
 from multiqueue import SegmentError, ShmManager
-from multiqueue.doctor import DoctorReport, diagnose
 from multiqueue.shm.segment import domain_segments
 from multiqueue.stream import PortQueue
+from multiqueue.tools.doctor import DoctorReport, diagnose
 
 HOLDER = r"""
 import json, os, sys

@@ -28,11 +28,12 @@ import pytest
 from bridge_roles import checksum, read_record, stamp
 
 from multiqueue import ShmManager, attach
-from multiqueue.graph import BlockError, NullSink, Runtime
-from multiqueue.net import BridgeError, BridgeSink, BridgeSource, WireError, ZenohSettings, wire
+from multiqueue.control import Bus
+from multiqueue.errors import BlockError, BridgeError, WireError
+from multiqueue.graph import NullSink, Runtime
+from multiqueue.net import BridgeSink, BridgeSource, ZenohSettings, wire
 from multiqueue.net.settings import close_session, open_session
 from multiqueue.shm.segment import domain_segments, unlink_quietly
-from multiqueue.stream import Bus
 
 ROLES = str(Path(__file__).with_name("bridge_roles.py"))
 WAIT = 60.0  # seconds a role may stay silent before the test fails (a hang, not a slow machine)

@@ -5,7 +5,8 @@ import pytest
 from graph_blocks import CountingCrash, Ramp, SendThenCrash
 
 from helpers import wait_until
-from multiqueue.graph import Block, GraphError, NullSink, Port, Runtime
+from multiqueue.errors import GraphError
+from multiqueue.graph import Block, NullSink, Port, Runtime
 
 
 def test_counters_survive_a_sigkill_and_restart_and_show_in_stats(domain, tmp_path):

@@ -20,7 +20,7 @@ import threading
 import time
 
 from multiqueue import ShmManager
-from multiqueue.stream.bus import BUS_POOL, Bus
+from multiqueue.control.bus import BUS_POOL, Bus
 
 
 def report(event: str, **fields) -> None:

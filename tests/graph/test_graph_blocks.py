@@ -15,13 +15,13 @@ from graph_blocks import Ramp
 
 from helpers import wait_until
 from multiqueue import PoolConfig, ShmConfig
+from multiqueue.errors import BlockError
 from multiqueue.graph import (
     DONE,
     OK,
     Add,
     Amplifier,
     Block,
-    BlockError,
     Decimate,
     FileSink,
     FileSource,

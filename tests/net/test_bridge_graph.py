@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multiqueue.graph import GraphFileError, load_graph_text
+from multiqueue.errors import GraphError, GraphFileError
+from multiqueue.graph import Runtime, load_graph_text
 from multiqueue.net import BridgeSink, BridgeSource
 from multiqueue.net.control import ControlPlane, RemoteGraph
+from multiqueue.net.hosts import check_hosts, host_graph
 from multiqueue.shm.segment import domain_segments, unlink_quietly
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where graph_blocks.py lives
 ROOT = TESTS.parent
 
 
@@ -61,7 +63,8 @@ def graph_name():
 def test_the_whole_graph_runs_on_one_machine_with_remote_edges_short_circuited(graph_name, tmp_path):
     sys.path.insert(0, str(TESTS))
     try:
-        rt = load_graph_text(two_host_graph(graph_name, 1, tmp_path / "rec.npy", count=300))
+        spec = load_graph_text(two_host_graph(graph_name, 1, tmp_path / "rec.npy", count=300))
+        rt = Runtime.from_spec(spec)
     finally:
         sys.path.remove(str(TESTS))
     assert set(rt.blocks) == {"src", "amp", "rec"}  # no bridge, no control plane
@@ -75,8 +78,8 @@ def test_a_host_gets_its_blocks_bridges_and_control_plane(graph_name, tmp_path):
     text = two_host_graph(graph_name, 7447, tmp_path / "rec.npy")
     sys.path.insert(0, str(TESTS))
     try:
-        a = load_graph_text(text, host="a")
-        b = load_graph_text(text, host="b")
+        spec = load_graph_text(text)
+        a, b = host_graph(spec, "a"), host_graph(spec, "b")
     finally:
         sys.path.remove(str(TESTS))
     key = f"mq/{graph_name}/data/src/out/amp/in"
@@ -128,16 +131,16 @@ BAD = {
 def test_a_bad_host_layout_names_its_line(case):
     text, line, key, reason = BAD[case]
     with pytest.raises(GraphFileError) as info:
-        load_graph_text(text, source="g.yaml")
+        check_hosts(load_graph_text(text, source="g.yaml"))  # zenoh settings and keys: checked by net
     assert (info.value.line, info.value.key) == (line, key), str(info.value)
     assert reason in info.value.reason
 
 
 def test_choosing_a_host_the_graph_does_not_have_is_an_error():
-    with pytest.raises(GraphFileError, match="no host 'c'; hosts: a, b"):
-        load_graph_text(HOSTS + "blocks:\n  src: {class: NullSource, host: a}\n", host="c")
-    with pytest.raises(GraphFileError, match="names no hosts"):
-        load_graph_text("blocks:\n  src: {class: NullSource}\n", host="a")
+    with pytest.raises(GraphError, match="no host 'c'; hosts: a, b"):
+        host_graph(load_graph_text(HOSTS + "blocks:\n  src: {class: NullSource, host: a}\n"), "c")
+    with pytest.raises(GraphError, match="names no hosts"):
+        host_graph(load_graph_text("blocks:\n  src: {class: NullSource}\n"), "a")
 
 
 # -- two hosts, two processes -----------------------------------------------------------

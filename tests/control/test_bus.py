@@ -18,10 +18,11 @@ import pytest
 
 from helpers import run_python
 from multiqueue import PoolConfig, ShmConfig, ShmManager
-from multiqueue.errors import PoolExhaustedError, SegmentError
+from multiqueue.control import MAX_MESSAGE, Bus, Message
+from multiqueue.control.bus import BUS_POOL
+from multiqueue.errors import MessageTooLargeError, PoolExhaustedError, SegmentError
 from multiqueue.shm.segment import domain_segments
-from multiqueue.stream import MAX_MESSAGE, Bus, Message, MessageTooLargeError, PortQueue
-from multiqueue.stream.bus import BUS_POOL
+from multiqueue.stream import PortQueue
 
 ROLES = str(Path(__file__).with_name("bus_roles.py"))
 WAIT = 60.0  # seconds a role may stay silent before the test fails (a hang, not a slow machine)
@@ -434,7 +435,7 @@ def test_allocate_by_size_never_picks_the_bus_pool(domain):
     config = ShmConfig(pools=[PoolConfig("tiny", 256, 4)], max_buffers=8200)
     with ShmManager(domain, config, reaper_interval=None) as m:
         # another process adds the bus (its pool) after we attached
-        code = ("import sys\nfrom multiqueue import ShmManager\nfrom multiqueue.stream import Bus\n"
+        code = ("import sys\nfrom multiqueue import ShmManager\nfrom multiqueue.control import Bus\n"
                 "m = ShmManager(sys.argv[1], create=False, reaper_interval=None)\n"
                 "bus = Bus(m)\n"
                 "try:\n    m.allocate(1000)\nexcept ValueError as e:\n    print('refused', e)\n"
@@ -539,7 +540,7 @@ def _wait_armed(sub_name: str) -> str:
 CRASH_SHUTDOWN = """
 import sys, threading, time
 from multiqueue import ShmManager
-from multiqueue.stream import Bus
+from multiqueue.control import Bus
 m = ShmManager(sys.argv[1], reaper_interval=None)
 bus = Bus(m)
 got = threading.Event()
@@ -556,7 +557,7 @@ print("left", flush=True)
 CRASH_ITER = """
 import sys, threading, time
 from multiqueue import ShmManager
-from multiqueue.stream import Bus
+from multiqueue.control import Bus
 m = ShmManager(sys.argv[1], reaper_interval=None)
 bus = Bus(m)
 sub = bus.subscribe("t")

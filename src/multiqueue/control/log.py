@@ -24,8 +24,8 @@ import tempfile
 import threading
 import time
 
-from .checks import check_int
-from .shm.segment import check_domain
+from ..checks import check_int
+from ..shm.segment import check_domain
 
 MAX_BYTES = 10 * 2**20
 BACKUPS = 3

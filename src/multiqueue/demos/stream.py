@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from .errors import QueueClosedError
-from .shm import PoolConfig, ShmConfig, ShmManager
-from .stream import PortQueue
+from ..errors import QueueClosedError
+from ..shm import PoolConfig, ShmConfig, ShmManager
+from ..stream import PortQueue
 
 FRAME = 16384  # float32 samples per frame (64 KiB)
 PHASE = np.arange(FRAME - 1, dtype=np.float32)
@@ -50,7 +50,7 @@ def writer(domain: str, frames: int) -> int:
                        max_buffers=1024)
     with ShmManager(domain, config, name="demo-writer") as m:
         queue = PortQueue(m, "frames", capacity=16)
-        child = subprocess.Popen([sys.executable, "-m", "multiqueue.demo", "--reader", domain])
+        child = subprocess.Popen([sys.executable, "-m", "multiqueue.demos.stream", "--reader", domain])
         queue.wait_for_readers(1, timeout=60)
         start = time.perf_counter()
         for n in range(frames):

@@ -12,9 +12,10 @@ from graph_blocks import Ramp, Record
 
 from helpers import run_python
 from multiqueue import PoolConfig, ShmConfig
-from multiqueue.graph import BlockError, Multiply, NullSink, Runtime
-from multiqueue.log import DomainLogHandler, follow, log_path, read_lines
-from multiqueue.stream import Bus
+from multiqueue.control import Bus
+from multiqueue.control.log import DomainLogHandler, follow, log_path, read_lines
+from multiqueue.errors import BlockError
+from multiqueue.graph import Multiply, NullSink, Runtime
 
 POOLS = ShmConfig(pools=[PoolConfig("frames", 4096, 256)], max_processes=32)
 
@@ -49,7 +50,7 @@ def test_a_timed_parameter_change_lands_on_the_exact_frame(domain, tmp_path):
 def test_a_parameter_change_from_an_unrelated_process_is_applied_and_acknowledged(domain, tmp_path):
     rt = chain(domain, tmp_path)
     try:
-        code = ("import sys, multiqueue\nfrom multiqueue.stream import Bus\n"
+        code = ("import sys, multiqueue\nfrom multiqueue.control import Bus\n"
                 "m = multiqueue.ShmManager(sys.argv[1], create=False, reaper_interval=None)\n"
                 "with Bus(m) as bus:\n"
                 "    ok = bus.request('ctl-amp', {'cmd': 'set', 'name': 'factor', 'value': 2.5}).data\n"
@@ -93,7 +94,7 @@ def test_status_events_tell_starts_failures_and_stops(domain, tmp_path):
     rt.connect(bad["out"], rt.add(NullSink(), name="out")["in"])
     watcher = subprocess.Popen(  # a process subscribed before the start
         [sys.executable, "-c",
-         "import sys, json, multiqueue\nfrom multiqueue.stream import Bus\n"
+         "import sys, json, multiqueue\nfrom multiqueue.control import Bus\n"
          "m = multiqueue.ShmManager(sys.argv[1], reaper_interval=None)\n"
          "bus = Bus(m); sub = bus.subscribe('status'); print('ready', flush=True)\n"
          "while True:\n"
@@ -126,7 +127,7 @@ def test_one_log_for_the_domain_with_pid_process_and_block(domain, tmp_path):
 
 
 def test_log_lines_of_many_processes_never_interleave_and_rotation_keeps_them(domain):
-    code = ("import logging, sys\nfrom multiqueue.log import DomainLogHandler\n"
+    code = ("import logging, sys\nfrom multiqueue.control.log import DomainLogHandler\n"
             "log = logging.getLogger('t'); log.setLevel(logging.INFO)\n"
             "log.addHandler(DomainLogHandler(sys.argv[1], max_bytes=20_000, backups=50))\n"
             "for i in range(500): log.info('%s line %d ' + 'x' * 60, sys.argv[2], i)\n")

@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import SegmentError, SegmentVersionError
-from .shm import layout as L
-from .shm.segment import DEFAULT_PREFIX, check_domain, check_prefix, domain_segments, is_alive, segment_path
-from .stream.queue import KIND_QUEUE, MAGIC_QUEUE, Item, QueueHeader, ReaderRecord
+from ..errors import SegmentError, SegmentVersionError
+from ..shm import layout as L
+from ..shm.segment import DEFAULT_PREFIX, check_domain, check_prefix, domain_segments, is_alive, segment_path
+from ..stream.queue import KIND_QUEUE, MAGIC_QUEUE, Item, QueueHeader, ReaderRecord
 
 _ENTRY_WORDS = C.sizeof(L.Entry) // 8
 _ITEM_WORDS = C.sizeof(Item) // 8  # an item is (id, timestamp)

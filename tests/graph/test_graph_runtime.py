@@ -8,7 +8,8 @@ import pytest
 from graph_blocks import Crash, Ints, Pid, Ramp, Record, Stuck, Window3, ramp_gen, scale, stamp_as_values
 
 from multiqueue import PoolConfig, ShmConfig
-from multiqueue.graph import BlockError, GraphError, Multiply, NullSink, Runtime, attach
+from multiqueue.errors import BlockError, GraphError
+from multiqueue.graph import Multiply, NullSink, Runtime, attach
 
 POOLS = ShmConfig(pools=[PoolConfig("frames", 4096, 256)], max_processes=32)
 
@@ -342,7 +343,7 @@ def test_workers_exit_and_the_domain_is_removed_when_the_runtime_is_killed(domai
 
     script = tmp_path / "graph_main.py"
     script.write_text(RUNTIME_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), domain, str(Path(__file__).parent)],
+    proc = subprocess.Popen([sys.executable, str(script), domain, str(Path(__file__).resolve().parents[1])],
                             text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     worker_pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(worker_pids) == 2, proc.stderr.read()

@@ -11,7 +11,7 @@ import pytest
 import websockets
 
 from multiqueue.dashboard import Dashboard, downsample
-from multiqueue.spectrum_demo import build
+from multiqueue.demos.spectrum import build
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 

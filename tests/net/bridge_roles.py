@@ -30,9 +30,12 @@ import time
 import zlib
 
 import numpy as np
-from graph_blocks import die_once
 
-from multiqueue.graph import DONE, OK, Block, BlockError, Port, Runtime
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: graph_blocks
+from graph_blocks import die_once  # noqa: E402
+
+from multiqueue.errors import BlockError
+from multiqueue.graph import DONE, OK, Block, Port, Runtime
 from multiqueue.net import BridgeSink, BridgeSource
 
 T0 = 1_700_000_000_000_000_000  # ns: the timestamp of frame 0

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from multiqueue.errors import GraphFileError
 from multiqueue.graph import Amplifier, NullSink, SignalSource, Spectrum
-from multiqueue.graph.graphfile import GraphFileError, load_graph, load_graph_text
+from multiqueue.graph.graphfile import load_graph, load_graph_text
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "graphs" / "sine.yaml"
 
 # A chain that many cases below extend: src -> amp -> sink.

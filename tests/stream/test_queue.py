@@ -23,7 +23,7 @@ from multiqueue import (
     ShmConfig,
     ShmManager,
 )
-from multiqueue.errors import QueueClosedError, QueueFullError
+from multiqueue.errors import QueueClosedError, ReadersFullError
 from multiqueue.shm import layout as L
 from multiqueue.shm.segment import domain_segments, segment_path, unlink_quietly
 from multiqueue.stream import PortQueue, QueueReader
@@ -1017,7 +1017,7 @@ def test_non_number_timeout_raises_type_error(manager, timeout):
 def test_more_readers_than_max_readers_raises_queue_full_error(manager):
     q = PortQueue(manager, "q", max_readers=2)
     first, _ = q.reader(), q.reader()
-    with pytest.raises(QueueFullError, match="2 readers"):
+    with pytest.raises(ReadersFullError, match="2 readers"):
         q.reader()
     first.detach()
     assert q.reader().index == 0  # a freed slot is reused

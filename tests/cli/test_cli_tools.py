@@ -18,11 +18,11 @@ from graph_blocks import Ramp
 
 from helpers import spawn_python
 from multiqueue import ShmManager
+from multiqueue.control.bus import Bus
+from multiqueue.control.log import domain_logger, remove_domain_handlers
 from multiqueue.graph import Multiply, NullSink, Runtime, attach
-from multiqueue.log import domain_logger, remove_domain_handlers
 from multiqueue.shm import PoolConfig, ShmConfig
 from multiqueue.shm.segment import domain_segments, unlink_quietly
-from multiqueue.stream.bus import Bus
 
 MQ = [sys.executable, "-m", "multiqueue.cli"]
 POOLS = ShmConfig(pools=[PoolConfig("frames", 4096, 64)], max_processes=32)
@@ -484,7 +484,7 @@ def test_dashboard_command_serves_the_page_until_ctrl_c(graph):
 def test_run_with_a_dashboard(domain):
     import urllib.request
 
-    graph_file = os.path.join(os.path.dirname(__file__), "..", "examples", "graphs", "sine.yaml")
+    graph_file = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "graphs", "sine.yaml")
     command = Command("run", graph_file, "--domain", domain, "--dashboard", 0, "--duration", 30)
     line = command.out.wait_for("dashboard: http")
     page = urllib.request.urlopen(line.split(": ", 1)[1], timeout=10).read()

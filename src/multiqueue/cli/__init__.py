@@ -12,12 +12,12 @@ import sys
 import threading
 import time
 
-from .checks import check_int, check_number
-from .errors import DomainInUseError, MultiQueueError, SegmentError
-from .shm import ShmManager
-from .shm import layout as L
-from .shm.resources import human_bytes
-from .shm.segment import (
+from ..checks import check_int, check_number
+from ..errors import DomainInUseError, MultiQueueError, SegmentError
+from ..shm import ShmManager
+from ..shm import layout as L
+from ..shm.resources import human_bytes
+from ..shm.segment import (
     DEFAULT_PREFIX,
     SHM_DIR,
     DomainLock,
@@ -109,7 +109,7 @@ class _Queues:
 
     def stats(self) -> dict:
         """name -> QueueStats of every queue that exists now."""
-        from .stream.queue import PortQueue
+        from ..stream.queue import PortQueue
 
         files = _queue_files(self.manager)
         for name, (ino, q) in list(self.open.items()):
@@ -140,7 +140,7 @@ class _Graph:
 
     def get(self):
         """The GraphSegment now, or None if the domain runs no graph."""
-        from .graph import registry as R
+        from ..graph import registry as R
 
         try:
             ino = os.stat(self.path).st_ino
@@ -159,7 +159,7 @@ class _Graph:
 
     def stats(self, queue_stats: dict) -> dict | None:
         """The graph's blocks and edges as data (None if no graph runs)."""
-        from .graph.runtime import graph_stats
+        from ..graph.runtime import graph_stats
 
         graph = self.get()
         if graph is None:
@@ -291,7 +291,7 @@ def _inspect(prefix: str, domain: str) -> dict:
     "starting" (being created), "stale" (segments without a control segment, their
     creators dead: removable), "unreadable" (a control segment this version cannot
     read, whose creator is alive)."""
-    from .graph import registry as R
+    from ..graph import registry as R
 
     paths = domain_segments(prefix, domain)
     size = 0
@@ -656,7 +656,7 @@ def _topic_queue(manager: ShmManager, topic: str) -> str:
 
 def _subscribers(manager: ShmManager, topic: str) -> int:
     """Live subscribers of a bus topic now (0 if nobody ever subscribed to it)."""
-    from .stream.queue import PortQueue
+    from ..stream.queue import PortQueue
 
     try:
         q = PortQueue(manager, f"b-{topic}", create=False)
@@ -669,7 +669,7 @@ def _subscribers(manager: ShmManager, topic: str) -> int:
 
 
 def _check_topic(topic: str) -> str:
-    from .stream.bus import _check_topic
+    from ..control.topics import check_topic as _check_topic
 
     try:
         _check_topic(topic)
@@ -679,8 +679,8 @@ def _check_topic(topic: str) -> str:
 
 
 def _param(args) -> int:
-    from .graph.runner import control_topic
-    from .stream.bus import Bus
+    from ..control.bus import Bus
+    from ..control.topics import control_topic
 
     topic = _check_topic(control_topic(args.block))
     what = f"{args.block}.{args.name}"
@@ -690,7 +690,7 @@ def _param(args) -> int:
         try:
             g = graph.get()
             if g is not None:
-                from .graph import registry as R
+                from ..graph import registry as R
 
                 blocks = [b["name"] for b in g.description["blocks"]]
                 if args.block not in blocks:
@@ -733,7 +733,7 @@ def _param(args) -> int:
 
 
 def _publish(args, topic: str, point_to_point: bool) -> int:
-    from .stream.bus import Bus
+    from ..control.bus import Bus
 
     data = _parse_value(args.message, args.text)
     with _Tool(args.domain, args.command) as tool:
@@ -764,7 +764,7 @@ def _pub(args) -> int:
 
 
 def _send(args) -> int:
-    from .stream.bus import inbox_topic
+    from ..control.bus import inbox_topic
 
     return _publish(args, _check_topic(inbox_topic(args.target)), point_to_point=True)
 
@@ -780,7 +780,7 @@ def _message_row(message) -> dict:
 
 
 def _sub(args) -> int:
-    from .stream.bus import Bus, inbox_topic
+    from ..control.bus import Bus, inbox_topic
 
     topic = _check_topic(inbox_topic(args.topic) if args.inbox else args.topic)
     if args.count is not None and args.count < 1:
@@ -827,7 +827,7 @@ _LOG_LINE = re.compile(r"^(\S+) (\S+) +pid=(\d+) process=(.*?) block=(\S+) ([^ :
 
 
 def _log_row(line: str) -> dict:
-    """A log line as data (see multiqueue.log); a line of another shape (a traceback's) as {"text": ...}."""
+    """A log line as data (multiqueue.control.log); a line of another shape as {"text": ...}."""
     match = _LOG_LINE.match(line)
     if match is None:
         return {"text": line}
@@ -837,7 +837,7 @@ def _log_row(line: str) -> dict:
 
 
 def _logs(args) -> int:
-    from .log import log_path, read_lines
+    from ..control.log import log_path, read_lines
 
     path = log_path(args.domain)
     if args.lines < 0:
@@ -908,8 +908,8 @@ def _tap(args) -> int:
     """Print frames of an output port of a running graph, and their rate."""
     import time
 
-    from .errors import QueueClosedError
-    from .graph import attach
+    from ..errors import QueueClosedError
+    from ..graph import attach
 
     with attach(args.domain, name=_TOOL + "tap") as graph:
         tap = graph.subscribe(args.port, policy="drop_oldest")
@@ -941,7 +941,7 @@ def _tap(args) -> int:
 
 def _doctor(args) -> int:
     """Explain every held buffer of a domain; exit 1 when something needs fixing."""
-    from .doctor import diagnose
+    from ..tools.doctor import diagnose
 
     report = diagnose(args.domain)
     if args.json:
@@ -953,7 +953,7 @@ def _doctor(args) -> int:
 
 def _dashboard(args) -> int:
     """Serve the live dashboard of a running graph until Ctrl-C."""
-    from .dashboard import Dashboard
+    from ..dashboard import Dashboard
 
     dash = Dashboard(args.domain, host=args.host, port=args.port).start()
     print(f"dashboard of domain {args.domain!r}: {dash.url}  (Ctrl-C stops it)", flush=True)
@@ -968,8 +968,8 @@ def _dashboard(args) -> int:
 
 def _block(args) -> int:
     """pause / resume / stop a running block (its answer is printed; exit 1 if it refused)."""
-    from .graph.runner import control_topic
-    from .stream.bus import Bus
+    from ..control.bus import Bus
+    from ..control.topics import control_topic
 
     topic = _check_topic(control_topic(args.block))
     with _Tool(args.domain, "block") as tool:
@@ -991,11 +991,17 @@ def _run(args) -> int:
     Exit 0: done; 1: a block failed (or pool blocks leaked); 2: a bad graph file."""
     import time
 
-    from .graph import BlockError, GraphError
-    from .graph.graphfile import load_graph
+    from ..errors import BlockError, GraphError
+    from ..graph import Runtime, load_graph
+    from ..net.hosts import check_hosts, host_graph
 
     try:
-        rt = load_graph(args.graph, domain=args.domain, host=args.host)
+        spec = load_graph(args.graph, domain=args.domain)
+        if args.host is not None:
+            spec = host_graph(spec, args.host)
+        elif spec.hosts:
+            check_hosts(spec)  # the whole graph here: remote edges are ordinary edges
+        rt = Runtime.from_spec(spec)
     except OSError as e:
         print(f"mq run: cannot read {args.graph}: {e.strerror or e}", file=sys.stderr)
         return 2
@@ -1020,7 +1026,7 @@ def _run(args) -> int:
         return 130
     dash = None
     if args.dashboard is not None and failure is None:
-        from .dashboard import Dashboard
+        from ..dashboard import Dashboard
 
         dash = Dashboard(rt.domain, port=args.dashboard).start()
         print(f"dashboard: {dash.url}", flush=True)
@@ -1144,7 +1150,7 @@ def main(argv=None) -> int:
     p.add_argument("--host", default=None,
                    help="run only this host's part of a graph with 'hosts:', bridged over Zenoh")
     p.set_defaults(func=_run)
-    from .net.tool import add_parser as add_remote_parser
+    from .remote import add_parser as add_remote_parser
 
     add_remote_parser(sub)
     p = sub.add_parser("doctor", help="explain every held buffer: holders, dead processes, leaks, fixes")
@@ -1233,11 +1239,11 @@ def main(argv=None) -> int:
         p.set_defaults(func=_clean)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
-        from .spectrum_demo import main as demo_main
+        from ..demos.spectrum import main as demo_main
 
         return demo_main(rest)
     if args.command == "stream-demo":
-        from .demo import main as stream_demo_main
+        from ..demos.stream import main as stream_demo_main
 
         return stream_demo_main(rest)
     if rest:

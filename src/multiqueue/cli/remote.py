@@ -29,8 +29,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .control import RemoteGraph, graph_prefix
-    from .settings import BridgeError, ZenohSettings
+    from ..errors import BridgeError
+    from ..net.control import RemoteGraph, graph_prefix
+    from ..net.settings import ZenohSettings
 
     settings = ZenohSettings(mode=args.mode, connect=tuple(args.connect), listen=tuple(args.listen))
     with RemoteGraph(graph_prefix(args.graph), zenoh=settings, timeout=args.timeout) as remote:

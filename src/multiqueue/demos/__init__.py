@@ -1,0 +1,1 @@
+"""Demos: the spectrum monitor (mq demo) and the stream demo (mq stream-demo)."""

@@ -1,0 +1,1 @@
+"""Tools that read a domain from outside: doctor, inspection, top."""
