@@ -47,7 +47,7 @@ from ..shm.segment import check_domain
 from ..stream.queue import PortQueue, reap_dead_readers_everywhere
 from . import registry as R
 from .block import Block
-from .runner import WorkerBlock, Host, InputEdge, host_main
+from .runner import Host, InputEdge, WorkerBlock, host_main
 from .spec import BlockHandle, Edge, GraphSpec, PortRef
 
 _ABORT_GRACE_S = 2.0  # after an abort, processes get this long before SIGKILL
