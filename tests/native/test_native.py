@@ -1,7 +1,7 @@
 """multiqueue._native from Python: atomics, futexes, layout() and the Context operations.
 
 The primitives are exercised on plain bytearrays and anonymous mmaps; the Context on a
-manager's control segment (``manager._ctx``) and on a hand-built control area.
+manager's control segment (``manager.context``) and on a hand-built control area.
 """
 
 import ctypes
@@ -244,7 +244,7 @@ def entry_state_offset(manager, slot: int) -> int:
 
 
 def test_context_alloc_returns_an_id_with_one_reference(manager):
-    ctx = manager._ctx
+    ctx = manager.context
     buffer_id = ctx.alloc(0, 10)
     assert buffer_id >= 0
     assert buffer_id >> 32 >= 1  # generation 0 is never issued
@@ -253,7 +253,7 @@ def test_context_alloc_returns_an_id_with_one_reference(manager):
 
 
 def test_context_acquire_and_release_count_references(manager):
-    ctx = manager._ctx
+    ctx = manager.context
     buffer_id = ctx.alloc(0, 10)
     assert ctx.acquire(buffer_id) == 0
     assert ctx.ref_count(buffer_id) == 2
@@ -266,7 +266,7 @@ def test_context_acquire_and_release_count_references(manager):
 
 
 def test_context_alloc_returns_minus_one_when_the_pool_is_empty(manager):
-    ctx = manager._ctx
+    ctx = manager.context
     ids = [ctx.alloc(0, 1) for _ in range(16)]  # pool "tiny" has 16 blocks
     assert all(i >= 0 for i in ids)
     assert ctx.alloc(0, 1) == -1
@@ -281,7 +281,7 @@ def test_context_alloc_on_a_pool_being_removed_returns_minus_two(manager):
     mm, offset = manager._control.mmap, pool_state_offset(manager, 0)
     _native.atomic_add_u32(mm, offset, L.POOL_REMOVING - L.POOL_ACTIVE)
     try:
-        assert manager._ctx.alloc(0, 10) == -2
+        assert manager.context.alloc(0, 10) == -2
     finally:
         _native.atomic_add_u32(mm, offset, L.POOL_ACTIVE - L.POOL_REMOVING)
     assert manager.get_pool("tiny").stats().blocks_used == 0  # nothing was taken
@@ -289,16 +289,16 @@ def test_context_alloc_on_a_pool_being_removed_returns_minus_two(manager):
 
 def test_context_alloc_pool_id_out_of_range_raises_value_error(manager):
     with pytest.raises(ValueError):
-        manager._ctx.alloc(manager._ctl.max_pools, 10)
+        manager.context.alloc(manager._ctl.max_pools, 10)
 
 
 def test_context_alloc_needs_two_arguments(manager):
     with pytest.raises(TypeError):
-        manager._ctx.alloc(0)
+        manager.context.alloc(0)
 
 
 def test_context_alloc_returns_minus_three_until_the_epoch_is_refreshed(domain, manager):
-    ctx = manager._ctx
+    ctx = manager.context
     with ShmManager(domain, reaper_interval=None) as other:
         other.add_pool(PoolConfig("extra", 512, 2))
         assert ctx.alloc(0, 10) == -3
@@ -310,15 +310,15 @@ def test_context_alloc_returns_minus_three_until_the_epoch_is_refreshed(domain, 
 
 
 def test_context_refresh_epoch_returns_the_current_epoch(manager):
-    assert manager._ctx.refresh_epoch() == manager._ctl.pools_epoch
+    assert manager.context.refresh_epoch() == manager._ctl.pools_epoch
     manager.add_pool(PoolConfig("extra", 512, 2))
-    assert manager._ctx.refresh_epoch() == manager._ctl.pools_epoch
+    assert manager.context.refresh_epoch() == manager._ctl.pools_epoch
 
 
 @pytest.mark.parametrize("forged", [0, 5, (1 << 32) | 10_000, (0xFFFFFFFF << 32) | 0,
                                     2**64 - 1])
 def test_context_rejects_forged_ids(manager, forged):
-    ctx = manager._ctx
+    ctx = manager.context
     assert ctx.acquire(forged) == -1
     assert ctx.ref_count(forged) == -1
     assert ctx.release(forged) == -1
@@ -326,13 +326,13 @@ def test_context_rejects_forged_ids(manager, forged):
 
 def test_context_rejects_negative_or_non_int_ids(manager):
     with pytest.raises(OverflowError):
-        manager._ctx.acquire(-1)
+        manager.context.acquire(-1)
     with pytest.raises(TypeError):
-        manager._ctx.ref_count("1")
+        manager.context.ref_count("1")
 
 
 def test_context_push_free_out_of_bounds_raises_value_error(manager):
-    ctx = manager._ctx
+    ctx = manager.context
     with pytest.raises(ValueError):
         ctx.push_free(manager._ctl.max_pools, 0, 1)
     with pytest.raises(ValueError):
@@ -345,12 +345,12 @@ def test_context_reclaim_releases_a_slots_ledger_references(domain, manager):
         mine = manager.get(shared.id)  # 2 references: one each
         only_other = other.allocate(10)
         used = manager.get_stats().total_allocated
-        assert manager._ctx.reclaim(other._proc_slot) == (2, 1)
+        assert manager.context.reclaim(other._proc_slot) == (2, 1)
         assert mine.ref_count == 1  # the other process's reference is gone
         assert manager.get_stats().total_allocated == used - 1  # its own block was freed
         with pytest.raises(InvalidBufferError):
             manager.get(only_other.id)
-        assert manager._ctx.reclaim(other._proc_slot) == (0, 0)  # the row was cleared
+        assert manager.context.reclaim(other._proc_slot) == (0, 0)  # the row was cleared
         mine.release()
         for stale in (shared, only_other):
             stale._live = False  # their references were reclaimed above
@@ -364,7 +364,7 @@ def test_context_reclaim_frees_a_block_popped_but_never_published(domain, manage
         _native.atomic_store_u64(manager._control.mmap, entry_state_offset(manager, slot),
                                  (gen - 1) << 32)
         assert manager.get_pool("tiny").stats().blocks_used == 1
-        assert manager._ctx.reclaim(other._proc_slot) == (0, 1)
+        assert manager.context.reclaim(other._proc_slot) == (0, 1)
         assert manager.get_pool("tiny").stats().blocks_used == 0
         again = manager.allocate_from_pool("tiny", 10)  # the block is back on the free list
         assert again.id & 0xFFFFFFFF == slot
@@ -373,11 +373,11 @@ def test_context_reclaim_frees_a_block_popped_but_never_published(domain, manage
 
 def test_context_reclaim_slot_out_of_range_raises_value_error(manager):
     with pytest.raises(ValueError):
-        manager._ctx.reclaim(manager._ctl.max_processes)
+        manager.context.reclaim(manager._ctl.max_processes)
 
 
 def test_disabled_context_raises_runtime_error(manager):
-    ctx = _native.Context(manager._control.mmap, manager._proc_slot)
+    ctx = _native.Context(manager._control.mmap, manager.process_slot)
     try:
         buffer = manager.allocate(10)
         assert ctx.disable() is None
@@ -392,7 +392,7 @@ def test_disabled_context_raises_runtime_error(manager):
 
 
 def test_closed_context_raises_runtime_error(manager):
-    ctx = _native.Context(manager._control.mmap, manager._proc_slot)
+    ctx = _native.Context(manager._control.mmap, manager.process_slot)
     ctx.close()
     ctx.close()  # idempotent
     for call in (lambda: ctx.alloc(0, 10), lambda: ctx.acquire(1 << 32),

@@ -22,7 +22,7 @@ PID, START = os.getpid(), process_start_time(os.getpid())
 
 @pytest.fixture
 def ctx(manager):
-    return manager._ctx
+    return manager.context
 
 
 @pytest.fixture
@@ -302,8 +302,8 @@ def test_buffer_base_without_its_python_half_raises_attribute_error_not_a_crash(
 # ---------------------------------------------------------------- release on garbage collection
 
 
-@pytest.mark.parametrize("make", [lambda m: m._ctx.alloc_buffer(m, TINY, 8),
-                                  lambda m: Bare(m, m._ctx, m._ctx.alloc(TINY, 8), 8, TINY)])
+@pytest.mark.parametrize("make", [lambda m: m.context.alloc_buffer(m, TINY, 8),
+                                  lambda m: Bare(m, m.context, m.context.alloc(TINY, 8), 8, TINY)])
 def test_buffer_dropped_without_release_frees_its_block(manager, ctx, make):
     b = make(manager)
     buffer_id = b._id

@@ -37,7 +37,7 @@ def q(manager):
 
 @pytest.fixture
 def ctx(manager):
-    return manager._ctx
+    return manager.context
 
 
 def alloc(ctx) -> int:
@@ -411,7 +411,7 @@ def test_steal_lock_with_the_wrong_holder_returns_false(q):
 @pytest.fixture
 def released(manager, q):
     """A second native Queue on the same segment, its view released."""
-    native = _native.Queue(manager._ctx, q._segment.mmap)
+    native = _native.Queue(manager.context, q._segment.mmap)
     native.release_view()
     return native
 
@@ -532,11 +532,11 @@ def test_queue_on_a_tiny_buffer_at_a_page_end_raises_value_error_not_a_crash():
 
 @pytest.mark.parametrize("kind", [0, 1])
 def test_release_view_wakes_threads_waiting_in_wait_and_unmaps_after_they_left(manager, q, kind):
-    native = _native.Queue(manager._ctx, q._segment.mmap)
+    native = _native.Queue(manager.context, q._segment.mmap)
     index = q._native.join(0, False, os.getpid(), process_start_time(os.getpid()))
     if kind == 1:  # make the space wait block: fill the blocking reader
         for _ in range(q.capacity):
-            assert q._native.push(manager._ctx.alloc(0, 8)) == 1
+            assert q._native.push(manager.context.alloc(0, 8)) == 1
     results, entered = [], threading.Event()
 
     def waiter():
@@ -581,7 +581,7 @@ def test_a_reader_waiting_in_pop_gets_queue_closed_error_when_the_queue_is_relea
 
 def test_a_forked_child_releases_a_queue_a_parent_thread_waits_on_without_hanging(manager, q):
     """The child inherits the count of waiting threads, not the threads: it must not wait for them."""
-    native = _native.Queue(manager._ctx, q._segment.mmap)
+    native = _native.Queue(manager.context, q._segment.mmap)
     index = q._native.join(0, False, os.getpid(), process_start_time(os.getpid()))
     entered = threading.Event()
     thread = threading.Thread(target=lambda: (entered.set(), native.wait(0, index, 30.0, 0.0)))

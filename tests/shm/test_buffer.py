@@ -379,7 +379,7 @@ def test_stale_id_of_a_reused_slot_does_not_touch_the_new_owner(manager):
     with pytest.raises(InvalidBufferError):
         manager.get(old_id)
     assert new.ref_count == 1
-    assert manager._ctx.release(old_id) == -1
+    assert manager.context.release(old_id) == -1
     assert new.ref_count == 1
     new.release()
 

@@ -391,7 +391,7 @@ def test_processes_marks_a_killed_process_dead(domain, manager):
 
 def test_processes_checks_the_start_time_not_just_the_pid(domain, manager):
     with ShmManager(domain, name="imposter", reaper_interval=None) as other:
-        record = manager._procs[other._proc_slot]
+        record = manager.process_table[other._proc_slot]
         real = record.start_time
         record.start_time = real + 1  # same (live) pid, another process's start time
         try:

@@ -1025,7 +1025,7 @@ def test_more_readers_than_max_readers_raises_queue_full_error(manager):
 
 def test_lock_left_by_a_dead_holder_is_taken_over(manager):
     q = PortQueue(manager, "q")
-    free_slot = next(i for i, p in enumerate(manager._procs) if p.state == L.PROC_FREE)
+    free_slot = next(i for i, p in enumerate(manager.process_table) if p.state == L.PROC_FREE)
     q._header.lock = free_slot + 1  # as if a process that left had died holding it
     r = q.reader()
     q._header.lock = free_slot + 1

@@ -97,7 +97,7 @@ def holders_of(report: DoctorReport, buffer_id: int) -> dict:
 def ledger_offset(manager, buffer_id: int) -> int:
     """Offset in the control mapping of `manager`'s ledger word for that buffer's slot."""
     c = manager._ctl
-    return c.ledger_offset + (manager._proc_slot * c.max_buffers + (buffer_id & 0xFFFFFFFF)) * 8
+    return c.ledger_offset + (manager.process_slot * c.max_buffers + (buffer_id & 0xFFFFFFFF)) * 8
 
 
 def test_a_healthy_domain_with_a_live_holder_has_every_buffer_attributed(domain, manager, holders):

@@ -88,9 +88,9 @@ class _Tool:
 
 def _queue_files(manager: ShmManager) -> dict[str, int]:
     """The port queues of a domain under /dev/shm: name -> inode."""
-    start = os.path.basename(segment_path(manager._prefix, manager.domain, "q."))
+    start = os.path.basename(segment_path(manager.prefix, manager.domain, "q."))
     out = {}
-    for path in domain_segments(manager._prefix, manager.domain):
+    for path in domain_segments(manager.prefix, manager.domain):
         base = os.path.basename(path)
         if base.startswith(start) and ".tmp-" not in base:
             try:
@@ -185,7 +185,7 @@ def _queue_row(q) -> dict:
 def _stats(args) -> int:
     with _Tool(args.domain, "stats") as tool:
         m = tool.manager
-        queues, graph = _Queues(m), _Graph(m._prefix, m.domain)
+        queues, graph = _Queues(m), _Graph(m.prefix, m.domain)
         try:
             queue_stats = queues.stats()
             graph_data = graph.stats(queue_stats)
@@ -497,7 +497,7 @@ class _Top:
     def __init__(self, tool: _Tool):
         self.tool = tool
         m = tool.manager
-        self.queues, self.graph = _Queues(m), _Graph(m._prefix, m.domain)
+        self.queues, self.graph = _Queues(m), _Graph(m.prefix, m.domain)
         self.previous: dict | None = None
 
     def snapshot(self) -> dict:
@@ -651,7 +651,7 @@ def _parse_value(text: str, as_text: bool = False):
 
 
 def _topic_queue(manager: ShmManager, topic: str) -> str:
-    return segment_path(manager._prefix, manager.domain, f"q.b-{topic}")
+    return segment_path(manager.prefix, manager.domain, f"q.b-{topic}")
 
 
 def _subscribers(manager: ShmManager, topic: str) -> int:
@@ -686,7 +686,7 @@ def _param(args) -> int:
     what = f"{args.block}.{args.name}"
     with _Tool(args.domain, "param") as tool:
         m = tool.manager
-        graph = _Graph(m._prefix, m.domain)
+        graph = _Graph(m.prefix, m.domain)
         try:
             g = graph.get()
             if g is not None:

@@ -90,7 +90,7 @@ class AttachedGraph:
         self.domain = domain
         self.manager = ShmManager(domain, create=False, name=name)
         try:
-            self._graph = R.GraphSegment.open(self.manager._prefix, domain)
+            self._graph = R.GraphSegment.open(self.manager.prefix, domain)
         except BaseException:
             self.manager.shutdown()
             raise

@@ -245,8 +245,8 @@ class Runtime:
             self.manager = ShmManager(self.domain, _with_bus_room(self.pools), name="runtime")
             self._bus = Bus(self.manager)
             # the graph segment first: it is what refuses a second graph in the domain
-            self._graph = R.GraphSegment.create(self.manager._prefix, self.domain, self.describe(),
-                                                 self.manager._access)
+            self._graph = R.GraphSegment.create(self.manager.prefix, self.domain, self.describe(),
+                                                 self.manager.access)
             self._create_queues()
             self._start_hosts(specs)
             self._supervisor = threading.Thread(target=self._supervise, name="mq-supervisor", daemon=True)
@@ -411,7 +411,7 @@ class Runtime:
         ours, theirs = multiprocessing.Pipe()
         host.conn = ours
         process_name = f"mq-{key.removeprefix('group:')}"
-        prefix = self.manager._prefix
+        prefix = self.manager.prefix
         if kind == "process":
             ctx = multiprocessing.get_context("spawn")
             host.process = ctx.Process(target=host_main, name=process_name, daemon=True,

@@ -57,7 +57,7 @@ class ControlPlane(Block):
 
     def start(self) -> None:
         io = self._running()
-        self._graph = R.GraphSegment.open(io.manager._prefix, io.manager.domain)
+        self._graph = R.GraphSegment.open(io.manager.prefix, io.manager.domain)
         self._me = self._graph.block_index(io.name)
         self._local = {b["name"] for b in self._graph.description["blocks"]}
         self._subscription = self.bus.subscribe("status", callback=self._forward_event)

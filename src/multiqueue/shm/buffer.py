@@ -257,7 +257,7 @@ class Buffer(_native.BufferBase):
                 f"buffer {self._id:#x} was released; take a new reference with "
                 "manager.get(id) before using it again"
             )
-        if self._ctx is not self._manager._ctx or not self._manager._initialized:
+        if self._ctx is not self._manager.context or not self._manager._initialized:
             # shutdown() released every reference of the process, this one included
             raise InvalidBufferError(
                 f"buffer {self._id:#x} belongs to a ShmManager of domain "

@@ -174,7 +174,7 @@ class ShmManager:
             return
         self._initialized = False
         for attachment in list(self._attachments):
-            attachment._on_shutdown()
+            attachment.on_manager_shutdown()
         self._ctx.disable()  # other threads' allocate/get/release now refuse, before the reclaim
         self._alloc = self._alloc_buffer = self._refuse_after_fork
         self._stop_reaper.set()
@@ -201,6 +201,41 @@ class ShmManager:
     def __repr__(self) -> str:
         state = "initialized" if self._initialized else "shut down"
         return f"<ShmManager domain={self.domain!r} {state}>"
+
+    # -- facts other layers need (queues, the bus, the runtime, the tools) ----------------
+
+    @property
+    def prefix(self) -> str:
+        """The segment name prefix: the domain's files are /dev/shm/<prefix><domain>.*"""
+        return self._prefix
+
+    @property
+    def access(self) -> Access:
+        """The mode and group the domain's segments are created with."""
+        return self._access
+
+    @property
+    def process_slot(self) -> int:
+        """This process's row in the domain's process table."""
+        return self._proc_slot
+
+    @property
+    def process_table(self):
+        """The domain's process table (ctypes rows of layout.Process), read-only by convention."""
+        return self._procs
+
+    @property
+    def context(self):
+        """The C extension's handle on the domain (_native.Context) for the fast paths."""
+        return self._ctx
+
+    def add_attachment(self, attachment) -> None:
+        """Have ``attachment.on_manager_reap()`` called after every reap and
+        ``attachment.on_manager_shutdown()`` at shutdown (a queue); held weakly."""
+        self._attachments.add(attachment)
+
+    def remove_attachment(self, attachment) -> None:
+        self._attachments.discard(attachment)
 
     @property
     def config(self) -> ShmConfig:
@@ -425,7 +460,7 @@ class ShmManager:
         with self._lock:
             report = self._reap_locked()
         for attachment in list(self._attachments):
-            attachment._on_reap()
+            attachment.on_manager_reap()
         return report
 
     def processes(self) -> list[dict]:

@@ -137,7 +137,7 @@ class PortQueue:
         self._segment = _open_or_create(manager, name, capacity, max_readers, CLOCKS[clock], create)
         self._path = self._segment.path
         try:
-            self._native = _native.Queue(manager._ctx, self._segment.mmap)
+            self._native = _native.Queue(manager.context, self._segment.mmap)
         except ValueError as e:  # the C checks of the header's sizes
             self._segment.close()
             raise SegmentError(errno.EINVAL, f"queue segment {self._path} is corrupt ({e}); remove it "
@@ -151,7 +151,7 @@ class PortQueue:
         # producer is recorded, so readers must not judge the queue abandoned by one
         self._producer_checked = multi_producer
         self._my_readers: weakref.WeakSet[QueueReader] = weakref.WeakSet()
-        manager._attachments.add(self)  # reaped and detached along with the manager
+        manager.add_attachment(self)  # reaped and detached along with the manager
 
     # -------------------------------------------------------------- producer side
 
@@ -274,7 +274,7 @@ class PortQueue:
         return QueueStats(self.name, h.capacity, h.pushed, h.blocked_ns / 1e9,
                           ("open", "closed", "abandoned")[min(h.closed, 2)], readers)
 
-    def _on_reap(self) -> None:
+    def on_manager_reap(self) -> None:
         """From the manager's reaper thread: best effort, the queue may be released meanwhile."""
         try:
             if self._native is not None:
@@ -282,7 +282,7 @@ class PortQueue:
         except (AttributeError, TypeError):
             pass  # released by another thread while we looked: nothing left to reap here
 
-    def _on_shutdown(self) -> None:
+    def on_manager_shutdown(self) -> None:
         """The manager is leaving: detach this process's readers, then unmap."""
         self.release()
 
@@ -298,7 +298,7 @@ class PortQueue:
         if self._native is not None:
             for reader in list(self._my_readers):
                 reader.detach()
-            self.manager._attachments.discard(self)
+            self.manager.remove_attachment(self)
             self._header = self._readers = None
             self._native.release_view()
             self._native = None
@@ -320,7 +320,7 @@ class PortQueue:
         if buffer.__class__ is not Buffer:
             raise TypeError(f"push takes a Buffer, not {type(buffer).__name__}")
         buffer._check()
-        if buffer._ctx is not self.manager._ctx:
+        if buffer._ctx is not self.manager.context:
             raise MultiQueueError(
                 f"buffer {buffer.id:#x} belongs to domain {buffer._manager.domain!r} (or another "
                 f"manager); queue {self.name!r} carries buffers of its own manager only")
@@ -354,7 +354,7 @@ class PortQueue:
 
     def _claim_producer(self) -> None:
         """One producer per queue: record this process (or refuse a second live one)."""
-        me = (os.getpid() << 32) | (self.manager._proc_slot + 1)
+        me = (os.getpid() << 32) | (self.manager.process_slot + 1)
         h = self._header
         current = h.producer
         if current and current != me and is_alive(current >> 32, h.producer_start):
@@ -382,8 +382,8 @@ class PortQueue:
         holder = self._header.lock
         if holder == 0:
             return
-        procs, slot = self.manager._procs, (holder & LOCK_SLOT_MASK) - 1
-        if slot < 0 or slot >= len(procs) or slot == self.manager._proc_slot:  # our C calls never
+        procs, slot = self.manager.process_table, (holder & LOCK_SLOT_MASK) - 1
+        if slot < 0 or slot >= len(procs) or slot == self.manager.process_slot:  # our C calls never
             self._native.steal_lock(holder)  # return holding it: names nobody, a stray write
             return
         proc = procs[slot]
@@ -607,8 +607,8 @@ def _start_time() -> int:
 
 def queue_names(manager) -> list[str]:
     """Names of every queue of the manager's domain (port queues and bus topics)."""
-    start = segment_path(manager._prefix, manager.domain, "q.")
-    return [path[len(start):] for path in domain_segments(manager._prefix, manager.domain)
+    start = segment_path(manager.prefix, manager.domain, "q.")
+    return [path[len(start):] for path in domain_segments(manager.prefix, manager.domain)
             if path.startswith(start) and "." not in path[len(start):]]  # "." : a temporary
 
 
@@ -635,7 +635,7 @@ def reap_dead_readers_everywhere(manager, skip=()) -> int:
 
 
 def _open_or_create(manager, name, capacity, max_readers, clock, create):
-    path = segment_path(manager._prefix, manager.domain, f"q.{name}")
+    path = segment_path(manager.prefix, manager.domain, f"q.{name}")
     for _ in range(100):
         try:
             return open_segment(path, MAGIC_QUEUE, KIND_QUEUE)
@@ -654,7 +654,7 @@ def _open_or_create(manager, name, capacity, max_readers, clock, create):
 
         size = C.sizeof(QueueHeader) + max_readers * C.sizeof(ReaderRecord) + capacity * C.sizeof(Item)
         segment = create_segment(path, L.align(size, L.PAGE), MAGIC_QUEUE, KIND_QUEUE,
-                                 C.sizeof(QueueHeader), init, manager._access)
+                                 C.sizeof(QueueHeader), init, manager.access)
         if segment is not None:
             return segment
     raise SegmentError(0, f"could not create or open queue {name!r}")
