@@ -8,23 +8,19 @@ import multiqueue._native as _native  # the C extension (a module, not the packa
 
 from ..checks import check_shape
 from ..errors import BufferReleasedError, InvalidBufferError
+from . import layout as L
 
-# Word indexes into a metadata entry seen as 16 uint64 / int64 (layout.Entry).
-_W_LINK = 1  # next_free:32 | pool_id:16 | chunk:16
-_W_FLAGS = 2  # block_index:32 | flags:32
-_W_SIZE = 3
-_W_OFFSET = 4
-_W_TIMESTAMP = 5
-_W_RANGE_START = 6
-_W_RANGE_END = 7
-_W_ALLOC_TIME = 8
-_W_FRAME_DTYPE = 10  # frame descriptor, in the entry's reserved words: dtype.str (8 bytes)
-_W_FRAME_NDIM = 11
-_W_FRAME_DIMS = 12  # up to MAX_FRAME_DIMS words
+# Word indexes into a metadata entry (layout.Entry seen as uint64 / int64 words)
+_W_LINK, _W_FLAGS, _W_SIZE, _W_OFFSET = L.W_LINK, L.W_FLAGS, L.W_SIZE, L.W_OFFSET
+_W_TIMESTAMP, _W_RANGE_START, _W_RANGE_END, _W_ALLOC_TIME = (
+    L.W_TIMESTAMP, L.W_RANGE_START, L.W_RANGE_END, L.W_ALLOC_TIME)
+_W_FRAME_DTYPE = L.W_RESERVED  # frame descriptor, in the entry's reserved words: dtype.str (8 bytes)
+_W_FRAME_NDIM = L.W_RESERVED + 1
+_W_FRAME_DIMS = L.W_RESERVED + 2  # up to MAX_FRAME_DIMS words
 MAX_FRAME_DIMS = 4
-_HAS_RANGE = 1 << 32  # layout.ENTRY_HAS_RANGE in the flags half of _W_FLAGS
+_HAS_RANGE = L.ENTRY_HAS_RANGE << 32  # in the flags half of the _W_FLAGS word
 _HAS_FRAME = 2 << 32  # a frame descriptor (dtype, shape) is recorded; cleared at allocation
-_ENTRY_WORDS = 16
+_ENTRY_WORDS = L.ENTRY_WORDS
 
 
 class Buffer(_native.BufferBase):

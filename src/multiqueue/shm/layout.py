@@ -151,6 +151,17 @@ class Entry(C.Structure):
 
 
 ENTRY_HAS_RANGE = 1
+ENTRY_WORDS = C.sizeof(Entry) // 8  # an entry seen as uint64 / int64 words (the Python fast paths)
+# Word indexes into an entry seen as words
+W_LINK = Entry.next_free.offset // 8  # next_free:32 | pool_id:16 | chunk:16
+W_FLAGS = Entry.block_index.offset // 8  # block_index:32 | flags:32
+W_SIZE = Entry.size.offset // 8
+W_OFFSET = Entry.data_offset.offset // 8
+W_TIMESTAMP = Entry.timestamp_ns.offset // 8
+W_RANGE_START = Entry.range_start_ns.offset // 8
+W_RANGE_END = Entry.range_end_ns.offset // 8
+W_ALLOC_TIME = Entry.alloc_time_ns.offset // 8
+W_RESERVED = Entry.reserved.offset // 8
 
 # The C names of the mirrored structs, for the layout test.
 C_NAMES = {

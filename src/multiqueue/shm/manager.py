@@ -29,7 +29,7 @@ from ..errors import (
     SegmentError,
 )
 from . import layout as L
-from .buffer import _ENTRY_WORDS, _W_LINK, _W_OFFSET, _W_SIZE, Buffer
+from .buffer import Buffer
 from .config import PoolConfig, PoolStats, ReapReport, ShmConfig, ShmStats
 from .resources import preflight
 from .segment import (
@@ -341,9 +341,9 @@ class ShmManager:
                 f"buffer id {buffer_id:#x} is not valid in domain {self.domain!r}: its block "
                 "was released and may be reused (stale id), or no such id was issued"
             )
-        base = (buffer_id & 0xFFFFFFFF) * _ENTRY_WORDS
-        pool_id = (self._meta_Q[base + _W_LINK] >> 32) & 0xFFFF
-        return Buffer(self, self._ctx, buffer_id, self._meta_Q[base + _W_SIZE], pool_id)
+        base = (buffer_id & 0xFFFFFFFF) * L.ENTRY_WORDS
+        pool_id = (self._meta_Q[base + L.W_LINK] >> 32) & 0xFFFF
+        return Buffer(self, self._ctx, buffer_id, self._meta_Q[base + L.W_SIZE], pool_id)
 
     # ------------------------------------------------------------------ pools
 
@@ -659,13 +659,13 @@ class ShmManager:
     def _block_view(self, slot: int) -> memoryview:
         """The memoryview of a slot's whole block, made once per process and kept:
         slots are never reused by another pool, so the view stays right."""
-        base = slot * _ENTRY_WORDS
-        link = self._meta_Q[base + _W_LINK]
+        base = slot * L.ENTRY_WORDS
+        link = self._meta_Q[base + L.W_LINK]
         pool_id, chunk = (link >> 32) & 0xFFFF, link >> 48
         rec = self._pools[pool_id]
         key = (pool_id, chunk, rec.token)
         segment_view = self._chunk_views.get(key) or self._map_chunk(key)
-        offset = self._meta_Q[base + _W_OFFSET]
+        offset = self._meta_Q[base + L.W_OFFSET]
         self._block_views[slot] = view = segment_view[offset : offset + rec.block_size]
         return view
 

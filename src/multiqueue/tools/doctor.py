@@ -34,7 +34,6 @@ from ..shm import layout as L
 from ..shm.segment import DEFAULT_PREFIX, check_domain, check_prefix, domain_segments, is_alive, segment_path
 from ..stream.queue import KIND_QUEUE, MAGIC_QUEUE, Item, QueueHeader, ReaderRecord
 
-_ENTRY_WORDS = C.sizeof(L.Entry) // 8
 _ITEM_WORDS = C.sizeof(Item) // 8  # an item is (id, timestamp)
 _READER_ACTIVE = 1
 _SNAPSHOTS = 3  # a difference must show in this many snapshots in a row to be reported
@@ -336,7 +335,7 @@ def _snapshot(control: mmap.mmap, queues: list[tuple[str, str, mmap.mmap]], cont
         raise SegmentError(errno.EINVAL, f"the control segment {control_path} is corrupt: {problem}")
     procs = (L.Process * n_procs).from_buffer_copy(control, ctl.procs_offset)
     pools = (L.Pool * n_pools).from_buffer_copy(control, ctl.pools_offset)
-    states = np.frombuffer(control, np.uint64, used * _ENTRY_WORDS, ctl.meta_offset)[::_ENTRY_WORDS].copy()
+    states = np.frombuffer(control, np.uint64, used * L.ENTRY_WORDS, ctl.meta_offset)[::L.ENTRY_WORDS].copy()
     registered = [(s, p) for s, p in enumerate(procs) if p.state != L.PROC_FREE]
     rows = {s: np.frombuffer(control, np.uint64, used, ctl.ledger_offset + s * n_bufs * 8).copy()
             for s, _p in registered}
@@ -375,8 +374,8 @@ def _free_lists(control: mmap.mmap, ctl: L.Control, pool_ids: list[int]) -> dict
         if not pending:
             break
         before = heads[pending].copy()
-        links = np.frombuffer(control, np.uint32, used * _ENTRY_WORDS * 2, ctl.meta_offset)
-        links = links[_NEXT_FREE::_ENTRY_WORDS * 2].copy()
+        links = np.frombuffer(control, np.uint32, used * L.ENTRY_WORDS * 2, ctl.meta_offset)
+        links = links[_NEXT_FREE::L.ENTRY_WORDS * 2].copy()
         after = heads[pending].copy()
         for pool_id, head, again in zip(pending, before.tolist(), after.tolist(), strict=True):
             if head == again:
