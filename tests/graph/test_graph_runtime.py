@@ -458,7 +458,7 @@ def test_stop_returns_even_when_a_thread_block_ignores_the_abort(domain):
         assert [(f.block, f.action) for f in rt.failures] == [("deaf", "left running in a daemon thread")]
     finally:
         release.set()
-        rt._hosts["deaf"].thread.join(30)  # it sees the abort now, leaves, and removes the domain
+        rt.supervisor.hosts["deaf"].thread.join(30)  # it sees the abort now, leaves, and removes the domain
 
 
 # -- failure paths found in review --------------------------------------------------------

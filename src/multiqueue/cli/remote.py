@@ -12,6 +12,10 @@ GRAPH is the graph file's ``domain:``; ``--connect tcp/HOST:PORT`` (repeatable),
 import json
 import threading
 
+from ..errors import BridgeError
+from ..net.control import RemoteGraph, graph_prefix
+from ..net.settings import ZenohSettings
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("remote", help="stats, parameters, status and stop of a graph's hosts over Zenoh")
@@ -29,10 +33,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..errors import BridgeError
-    from ..net.control import RemoteGraph, graph_prefix
-    from ..net.settings import ZenohSettings
-
     settings = ZenohSettings(mode=args.mode, connect=tuple(args.connect), listen=tuple(args.listen))
     with RemoteGraph(graph_prefix(args.graph), zenoh=settings, timeout=args.timeout) as remote:
         if args.action == "stats":

@@ -1,28 +1,10 @@
 """The message bus: small messages between the processes of a domain, by topic.
 
-::
-
-    bus = Bus(manager)                               # any process of the domain
-    sub = bus.subscribe("status")                    # a bounded queue of its own
-    bus.publish("status", {"block": "amp", "event": "started"})
-    msg = sub.get(timeout=1.0)                       # Message: topic, data, sender, ...
-    bus.subscribe("errors", callback=print)          # or a callback, on a thread
-    reply = bus.request("ctl-amp", {"cmd": "get", "name": "gain"}, timeout=5)
-
-A topic is a PortQueue of the domain (``b-<topic>``) that any number of processes
-publish to and subscribe to; a message is a block of the domain's ``mq-bus`` pool
-holding a 16-byte header and the payload (bytes, or any JSON-able object).  Every
-subscriber is a ``drop_oldest`` reader with ``capacity`` slots: a stuck subscriber
-loses its oldest messages (counted in ``drops``) and never blocks a publisher.
-Messages of one publisher arrive in the order it published them.  Payloads above
-MAX_MESSAGE bytes are refused with MessageTooLargeError: put bulk data in a pool
-buffer and send its id.  Point-to-point messages go to an inbox topic, ``to-<name>``.
-
-A message a subscriber cannot decode (a block written by something other than
-Bus.publish: shorter than the header, an unknown kind, a length beyond its block, a
-JSON body that is not JSON) is skipped: its block is released, it is counted in
-``Subscription.invalid``, logged on ``mq.bus`` (the 1st, 2nd, 4th, 8th, ... of a
-subscription), and get() / iteration / the callback thread go on with the next one.
+A topic is a PortQueue of the domain (``b-<topic>``), a message a block of its
+``mq-bus`` pool (a 24-byte header and the payload: bytes or a JSON-able object);
+every subscriber is a ``drop_oldest`` reader, so a stuck one never blocks a
+publisher. Publish/subscribe, inboxes, request/reply and what happens to messages
+that cannot be decoded: docs/control.md, "Message bus".
 """
 
 import itertools
@@ -38,7 +20,7 @@ from dataclasses import dataclass
 
 from ..checks import bad_timeout, check_capacity, check_int, check_timeout
 from ..errors import DomainFullError, MessageTooLargeError, MultiQueueError, QueueClosedError
-from ..shm import PoolConfig, ShmManager
+from ..shm import BufferPool, PoolConfig, ShmManager
 from ..shm.layout import MAX_CHUNKS
 from ..stream.queue import PortQueue
 from .topics import check_topic, inbox_topic
@@ -210,7 +192,7 @@ class Bus:
         self._request_lock = threading.Lock()
         self._replies: Subscription | None = None  # this Bus's reply topic, made at its first request
         self._reply_topics: dict[str, PortQueue] = {}  # requesters' reply topics this Bus answered
-        self._ensure_pool()
+        self._pool = self._bus_pool()
 
     def publish(self, topic: str, data, *, timeout: float | None = 1.0, keep: bool = True) -> None:
         """Send ``data`` (bytes-like or JSON-able) to every subscriber of ``topic``;
@@ -229,7 +211,7 @@ class Bus:
 
     def _publish_to(self, queue: PortQueue, data, timeout, rid: int = 0) -> None:
         kind, body = _encode(data)
-        buffer = self._allocate(HEADER.size + max(1, len(body)), timeout)
+        buffer = self._pool.allocate(HEADER.size + max(1, len(body)), timeout)  # by id: no name lookup
         try:
             view = buffer.memoryview()
             HEADER.pack_into(view, 0, kind, 0, len(body), os.getpid(), next(self._seq), rid)
@@ -312,7 +294,7 @@ class Bus:
         check_topic(topic)
         with self._lock:
             q = self._reply_topics.pop(topic, None)
-        if q is not None and not _has_reader(q):  # its requester left (a new one may reuse the name)
+        if q is not None and not q.reader_count:  # its requester left (a new one may reuse the name)
             q.release()
             q = None
         if q is None:
@@ -375,46 +357,25 @@ class Bus:
         if q is not None:
             q.remove()
 
-    def _allocate(self, size: int, timeout):
-        """A bus block: straight from the pool (by id: a name lookup per message costs more
-        than the rest of a publish), or the manager's full path when that fails."""
-        buffer = self.manager._alloc_buffer(self.manager, self._pool_id, size)
-        if buffer.__class__ is not int:
-            return buffer
-        return self.manager.allocate_from_pool(BUS_POOL, size, timeout)  # full, grown or changed
-
-    def _ensure_pool(self) -> None:
+    def _bus_pool(self) -> BufferPool:
+        """The domain's bus pool, added by the first Bus that needs it."""
         if BUS_POOL in self.manager.list_pools():
-            self._pool_id = self.manager.get_pool(BUS_POOL).pool_id
-            return
+            return self.manager.get_pool(BUS_POOL)
         # as many blocks as the domain's metadata table has room for, up to max_pool_blocks
-        ctl = self.manager._ctl
-        limit = min(self._max_pool_blocks, ctl.max_buffers - ctl.slots_used)
+        limit = min(self._max_pool_blocks, self.manager.free_buffer_slots)
         if limit < MIN_POOL_BLOCKS:
             raise DomainFullError(
                 f"the message bus of domain {self.manager.domain!r} needs {MIN_POOL_BLOCKS} blocks but "
-                f"the domain has room for {max(0, limit)} (max_buffers={ctl.max_buffers}); create it "
-                "with a larger ShmConfig.max_buffers")
+                f"the domain has room for {max(0, limit)} (max_buffers={self.manager.config.max_buffers}); "
+                "create it with a larger ShmConfig.max_buffers")
         first = min(self._pool_blocks, limit)
         try:
-            self.manager.add_pool(PoolConfig(BUS_POOL, BLOCK, first, expandable=True,
-                                             max_blocks=min(limit, first * MAX_CHUNKS)))
+            return self.manager.add_pool(PoolConfig(BUS_POOL, BLOCK, first, expandable=True,
+                                                    max_blocks=min(limit, first * MAX_CHUNKS)))
         except ValueError:
             if BUS_POOL not in self.manager.list_pools():  # not just another process being first
                 raise
-        finally:
-            if BUS_POOL in self.manager.list_pools():
-                self._pool_id = self.manager.get_pool(BUS_POOL).pool_id
-
-
-def _has_reader(queue: PortQueue) -> bool:
-    """Does anyone read this queue (a requester still waits on its reply topic)?"""
-    try:
-        return any(r.state == 1 for r in queue._readers[: queue._header.readers_hw])
-    except (AttributeError, TypeError):
-        return False  # released
-
-
+            return self.manager.get_pool(BUS_POOL)
 
 
 def _encode(data) -> tuple[int, bytes]:

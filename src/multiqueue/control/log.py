@@ -1,17 +1,8 @@
-"""One log per domain, shared by all its processes.
+"""One log per domain, shared by all its processes: ``<log dir>/<domain>.log``.
 
-Every process of a domain appends to ``<log dir>/<domain>.log`` (``$MQ_LOG_DIR``,
-default ``<tmp>/multiqueue-logs``; it outlives the domain, to read after a crash),
-one line per record::
-
-    2026-11-28T00:06:02.123456 INFO    pid=4242 process=mq-amp block=amp mq.amp: started
-
-A line is one ``write()`` on a file opened with O_APPEND, so lines of different
-processes never interleave.  Past ``max_bytes`` the file is rotated (``.1`` ...
-``.<backups>``) under an flock; writers notice the new file by its inode and reopen.
-It plugs into ``logging``: ``DomainLogHandler(domain)`` is a handler,
-``domain_logger(domain)`` a logger with it; ``mq logs DOMAIN [--follow]`` reads it.
-Blocks log through ``Block.log``; the runtime logs starts, stops and failures.
+Each line is one ``write()`` on an O_APPEND file (lines never interleave), rotated
+under an flock; ``DomainLogHandler`` plugs it into ``logging``. See docs/control.md,
+"Logging".
 """
 
 import contextlib
@@ -19,6 +10,7 @@ import datetime
 import fcntl
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -30,6 +22,8 @@ from ..shm.segment import check_domain
 MAX_BYTES = 10 * 2**20
 BACKUPS = 3
 _block = threading.local()  # the block a thread runs, for the "block=" field
+# a line as DomainLogHandler.format_line writes it (parse_line reads it back)
+_LINE = re.compile(r"^(\S+) (\S+) +pid=(\d+) process=(.*?) block=(\S+) ([^ :]+): (.*)$")
 
 
 def log_dir() -> str:
@@ -153,47 +147,77 @@ def read_lines(domain: str, count: int | None = None) -> list[str]:
     return lines if count is None else lines[-count:] if count else []
 
 
-def follow(domain: str, stop: threading.Event | None = None, interval: float = 0.2):
-    """Lines appended to the domain's log from now on, across rotations (``tail -F``):
-    an iterator that ends when ``stop`` is set.  The file is opened (at its end) by
-    this call, so nothing written after it returns is missed."""
+def parse_line(line: str) -> dict:
+    """A line of the log as data, the fields ``format_line`` writes (time, level, pid,
+    process, block, logger, message); a line of another shape as ``{"text": line}``."""
+    match = _LINE.match(line)
+    if match is None:
+        return {"text": line}
+    when, level, pid, process, block, logger, text = match.groups()
+    return {"time": when, "level": level, "pid": int(pid), "process": process, "block": block,
+            "logger": logger, "message": text}
+
+
+def follow(domain: str, stop: threading.Event | None = None, interval: float = 0.2, *, last: int = 0):
+    """The last ``last`` lines of the domain's log, then every line appended to it, across
+    rotations (``tail -n LAST -F``): an iterator that ends when ``stop`` is set.  The file
+    is opened by this call, so nothing written after it returns is missed; a log that
+    does not exist yet is waited for and read from its first line."""
     path = log_path(domain)
-    return _follow(path, _open_at_end(path), stop, interval)
+    check_int("last", last, 0)
+    f = _open_log(path)
+    backlog, pending = _read_backlog(f, last) if f is not None else ([], "")
+    return _follow(path, f, backlog, pending, stop, interval)
 
 
-def _open_at_end(path: str):
+def _open_log(path: str):
     try:
-        f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - the follower keeps it
+        # newline="": a line ends at "\n" only, as the writers end it
+        return open(path, encoding="utf-8", errors="replace", newline="")  # noqa: SIM115 - the follower keeps it
     except FileNotFoundError:
         return None
-    f.seek(0, os.SEEK_END)
-    return f
 
 
-def _follow(path: str, f, stop, interval: float):
+def _read_backlog(f, last: int) -> tuple[list[str], str]:
+    """The last ``last`` complete lines of an open log, and the start of a line being
+    written after them; the file is left at its end."""
+    if not last:
+        f.seek(0, os.SEEK_END)
+        return [], ""
+    *lines, pending = f.read().split("\n")
+    return lines[-last:], pending
+
+
+def _follow(path: str, f, backlog: list[str], pending: str, stop, interval: float):
     ino = os.fstat(f.fileno()).st_ino if f is not None else None
     try:
+        yield from backlog
         while stop is None or not stop.is_set():
-            if f is None:  # no log yet: it starts with its first line
-                try:
-                    f = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
-                    ino = os.fstat(f.fileno()).st_ino
-                except FileNotFoundError:
+            if f is None:  # no log yet, or rotated: the new file is read from its first line
+                f = _open_log(path)
+                if f is None:
                     time.sleep(interval)
                     continue
-            line = f.readline()
-            if line:
-                yield line.rstrip("\n")
+                ino = os.fstat(f.fileno()).st_ino
+            chunk = f.read()
+            if chunk:
+                *lines, pending = (pending + chunk).split("\n")
+                yield from lines
                 continue
-            try:
-                if os.stat(path).st_ino != ino:  # rotated: finish the old file, go on in the new one
-                    yield from f.read().splitlines()
-                    f.close()
-                    f = None
-                    continue
-            except FileNotFoundError:
-                pass
+            if _rotated(path, ino):  # what was left of the old file was read above; go on in the new
+                if pending:
+                    yield pending
+                f.close()
+                f, pending = None, ""
+                continue
             time.sleep(interval)  # no wake-up to wait on without inotify: poll, as tail -F does
     finally:
         if f is not None:
             f.close()
+
+
+def _rotated(path: str, ino: int | None) -> bool:
+    try:
+        return os.stat(path).st_ino != ino
+    except FileNotFoundError:
+        return False  # being rotated: the new file comes next

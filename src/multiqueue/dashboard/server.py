@@ -1,15 +1,9 @@
 """The live dashboard: one local web page per running graph, fed over a WebSocket.
 
-``mq dashboard DOMAIN`` (or ``Dashboard(domain).serve_forever()``) serves, on
-http://127.0.0.1:8765 by default, a page showing the graph, per-block rates and
-states, per-edge fill / lag / drops, pool utilisation over time, a live spectrum and
-waterfall of any port that carries 1-D float frames, and a parameter editor.
-
-The server attaches to the domain like any other process (``multiqueue.attach``):
-stats come from the graph segment, frames from a ``drop_oldest`` tap (a dashboard
-never slows the graph down), parameter changes go over the message bus to the
-block, which acknowledges them.  Frames are downsampled here (max of each bin
-group) to at most MAX_POINTS values before they travel.
+``mq dashboard DOMAIN`` or ``Dashboard(domain).serve_forever()``. It attaches like any
+other process (``multiqueue.attach``): stats from the graph segment, frames from a
+``drop_oldest`` tap (downsampled here to MAX_POINTS), parameter changes over the bus.
+What the page shows: docs/control.md, "Dashboard".
 """
 
 import asyncio

@@ -30,8 +30,9 @@ from .blocks import (
     Throttle,
 )
 from .graphfile import load_graph, load_graph_text
-from .runtime import BlockFailure, BlockStats, EdgeStats, GraphStats, Runtime
+from .runtime import Runtime
 from .spec import GraphSpec
+from .stats import BlockFailure, BlockStats, EdgeStats, GraphStats
 
 __all__ = [
     "DONE", "ERROR", "INSUFFICIENT_INPUT", "INSUFFICIENT_OUTPUT", "OK", "Add", "Amplifier", "AttachedGraph",

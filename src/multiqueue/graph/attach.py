@@ -1,16 +1,8 @@
 """Attach to a running graph from any process: list it, read its stats, tap ports.
 
-::
-
-    import multiqueue
-
-    with multiqueue.attach("spectrum") as graph:
-        print(graph.ports)                       # ['source.out', 'detector.out', ...]
-        for frame in graph.subscribe("source.out"):
-            print(frame.timestamp, frame.array.max())
-
-A tap is an extra reader of the port's queue, ``drop_oldest`` by default, so a
-viewer never slows the graph down; it ends when the graph stops.
+``multiqueue.attach(domain)`` gives an ``AttachedGraph``; a tap is an extra reader of
+a port's queue, ``drop_oldest`` by default, so a viewer never slows the graph down.
+See docs/graphs.md, "Attaching from another process".
 """
 
 from ..errors import GraphError, QueueClosedError
@@ -18,7 +10,7 @@ from ..shm import ShmManager
 from ..stream.queue import PortQueue
 from . import registry as R
 from .block import Frame
-from .runtime import GraphStats, graph_stats
+from .stats import GraphStats, graph_stats
 
 
 class Tap:
@@ -44,7 +36,7 @@ class Tap:
         except TimeoutError:
             return None
         array = buffer.numpy()
-        array.flags.writeable = False
+        array.setflags(False)  # write=False: other readers see the same memory
         return Frame(buffer, array, True)
 
     def __iter__(self):
@@ -69,8 +61,9 @@ class Tap:
         self._reader.detach()
 
     def _release_current(self) -> None:
-        if self._current is not None and not self._current.buffer.released:
-            self._current.buffer.release()
+        frame = self._current
+        if frame is not None and frame.ended is None and not frame.buffer.released:
+            frame.release("released when the tap moved on to the next frame")
         self._current = None
 
     def __enter__(self) -> "Tap":

@@ -1,27 +1,8 @@
 """Blocks: units of processing with named, typed ports, run by the graph runtime.
 
-A block declares its ports as data (``inputs`` / ``outputs``: name -> Port) and
-writes one ``work()`` over numpy frames, in the style of a GNU Radio embedded block::
-
-    class Amplifier(Block):
-        inputs = {"in": Port(np.float32)}
-        outputs = {"out": Port(np.float32)}
-        parameters = ("gain",)
-
-        def __init__(self, gain=1.0):
-            super().__init__()
-            self.gain = gain
-
-        def work(self, inputs):
-            for frame in inputs["in"]:
-                out = self.allocate("out", frame.array.shape)
-                np.multiply(frame.array, self.gain, out=out.array)
-                self.send("out", out)
-
-The runtime hands ``work`` the frames waiting on each input (up to ``batch`` per
-port), releases the ones it consumed afterwards, and pushes what it sent.  A block
-instance is pickled into its worker process before ``initialize()``: keep open
-files, sockets and arrays for ``initialize()`` / ``start()``.
+``Block`` (ports declared as data, one ``work()`` over numpy frames, in the style of
+a GNU Radio embedded block), ``Port``, ``Frame``, the ``WorkResult`` codes and the
+``@block`` decorator for function-style blocks. See docs/graphs.md, "Blocks".
 """
 
 import enum
@@ -33,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..checks import check_int, check_shape, show
-from ..errors import MultiQueueError
+from ..errors import BufferReleasedError, MultiQueueError
 
 
 class WorkResult(enum.Enum):
@@ -94,16 +75,43 @@ def as_port(value) -> Port:
 class Frame:
     """One frame on a port: a pooled buffer seen as a numpy array, in place.
 
-    Input frames are read-only by convention (other readers see the same memory);
-    frames from :meth:`Block.allocate` are yours to fill until you send them.
+    Input frames are read-only (other readers see the same memory); frames from
+    :meth:`Block.allocate` are yours to fill until you send them.  A frame that was
+    sent or released is no longer yours: ``frame.array`` raises BufferReleasedError,
+    and the array it gave out before can no longer be written.
     """
 
-    __slots__ = ("buffer", "array", "is_input")
+    # ``array`` is a slot that end() empties: reading it then falls back to __getattr__,
+    # so the frame's state costs nothing on the per-frame path
+    __slots__ = ("buffer", "array", "is_input", "ended")
 
     def __init__(self, buffer, array: np.ndarray, is_input: bool = False):
         self.buffer = buffer
         self.array = array
         self.is_input = is_input  # handed in by the runtime (send() forwards it, no copy)
+        self.ended = None  # how the frame stopped being yours ("sent on 'out'", "released")
+
+    def end(self, how: str) -> None:
+        """The frame's buffer is no longer yours (``how`` it went): its array stops
+        working.  Called by the runtime at send() and wherever it releases the frame."""
+        if not self.is_input:  # an input's array is read-only already
+            # write=False, positionally: numpy parses a keyword 5x slower, on the per-frame path
+            self.array.setflags(False)  # the view handed out before: readable, not writable
+        del self.array
+        self.ended = how
+
+    def release(self, how: str = "released") -> None:
+        """Drop the frame's buffer reference now (else the runtime does: an input after
+        work(), an allocated frame when it is garbage-collected); its array stops working."""
+        self.end(how)
+        self.buffer.release()
+
+    def __getattr__(self, name: str):
+        if name != "array" or self.ended is None:
+            raise AttributeError(name)
+        raise BufferReleasedError(
+            f"this frame was {self.ended}: its buffer is no longer yours to read or write; "
+            "allocate a new frame, or keep frame.array.copy() (or frame.buffer.share()) before")
 
     @property
     def timestamp(self) -> int:
@@ -122,6 +130,8 @@ class Frame:
         self.buffer.time_range = value
 
     def __repr__(self) -> str:
+        if self.ended is not None:
+            return f"<Frame {self.ended}>"
         return f"<Frame {self.array.dtype}{list(self.array.shape)} t={self.timestamp}>"
 
 
@@ -140,7 +150,7 @@ class Block:
     batch: int = 16  # most frames handed to work() per input port per call
 
     def __init__(self):
-        self._io = None  # the runtime's BlockIO while running
+        self._io = None  # the runtime's BlockIO while running: see bind()
 
     # -- description ------------------------------------------------------------------
 
@@ -191,8 +201,18 @@ class Block:
 
     @property
     def bus(self):
-        """The domain's message bus (multiqueue.stream.Bus) while the block runs."""
+        """The domain's message bus (multiqueue.control.Bus) while the block runs."""
         return self._running().bus
+
+    @property
+    def io(self):
+        """The runtime's side of this block while it runs (a BlockIO: its ``name`` in the
+        graph, ``manager``, ports); MultiQueueError when it does not run."""
+        return self._running()
+
+    def bind(self, io) -> None:
+        """The runtime binds the block to its BlockIO before start() (None: after cleanup())."""
+        self._io = io
 
     def on_message(self, message) -> None:
         """Hook: a message sent to this block (``bus.send(block_name, data)``, ``mq send``);
@@ -203,19 +223,20 @@ class Block:
     # -- parameters ---------------------------------------------------------------------
 
     def get_parameter(self, name: str):
-        self._check_parameter(name)
+        self.check_parameter(name)
         return getattr(self, name)
 
     def set_parameter(self, name: str, value) -> None:
         """Change a run-time parameter; calls :meth:`parameter_changed` to apply it."""
-        self._check_parameter(name)
+        self.check_parameter(name)
         self.parameter_changed(name, value)
 
     def parameter_changed(self, name: str, value) -> None:
         """Hook: apply a new parameter value (default: set the attribute)."""
         setattr(self, name, value)
 
-    def _check_parameter(self, name: str) -> None:
+    def check_parameter(self, name: str) -> None:
+        """KeyError unless ``name`` is one of :attr:`parameters`."""
         if name not in self.parameters:
             raise KeyError(f"block {type(self).__name__} has no run-time parameter {name!r}; "
                            f"it has {list(self.parameters) or 'none'}")
@@ -338,44 +359,58 @@ def _check_ports(name: str, ports) -> dict:
 
 
 def _function_block(fn, inputs, outputs, batch, parameters):
+    """A FunctionBlock subclass named, pickled and documented as ``fn``."""
     signature = inspect.signature(fn)
-    wants_timestamps = "timestamps" in signature.parameters
     defaults = {n: p.default for n, p in signature.parameters.items()
                 if p.default is not inspect.Parameter.empty and n != "timestamps"}
-    in_names, out_names = list(inputs), list(outputs)
-    is_generator_source = not inputs and inspect.isgeneratorfunction(fn)
+    namespace = {
+        "inputs": dict(inputs), "outputs": dict(outputs), "batch": batch,
+        "parameters": parameters or tuple(defaults), "defaults": defaults,
+        "wants_timestamps": "timestamps" in signature.parameters,
+        "generator_source": not inputs and inspect.isgeneratorfunction(fn),
+        "__module__": fn.__module__, "__qualname__": fn.__qualname__, "__doc__": fn.__doc__,
+        "function": staticmethod(fn),
+    }
+    return type(fn.__name__, (FunctionBlock,), namespace)
+
+
+class FunctionBlock(Block):
+    """The base of the classes @block makes: work() calls ``function`` over the input
+    arrays and sends what it returns or yields; its keyword arguments are parameters."""
+
+    function = None  # the decorated function (a staticmethod)
+    defaults: dict = {}  # its keyword arguments' defaults
+    wants_timestamps = False  # it takes timestamps=
+    generator_source = False  # no inputs, a generator: run to exhaustion
 
     def __init__(self, **params):
         Block.__init__(self)
-        unknown = set(params) - set(defaults)
+        unknown = set(params) - set(self.defaults)
         if unknown:
-            raise TypeError(f"{fn.__name__}() has no parameter {sorted(unknown)[0]!r}; "
-                            f"it takes {sorted(defaults) or 'none'}")
-        self.params = {**defaults, **params}
+            raise TypeError(f"{self.function.__name__}() has no parameter {sorted(unknown)[0]!r}; "
+                            f"it takes {sorted(self.defaults) or 'none'}")
+        self.params = {**self.defaults, **params}
         self._generator = None
 
     def start(self):
-        if is_generator_source:
-            self._generator = fn(**self.params)
+        if self.generator_source:
+            self._generator = self.function(**self.params)
 
-    def work(self, frames_in):
-        args = [[f.array for f in frames_in[name]] for name in in_names]
-        kwargs = dict(self.params)
-        if wants_timestamps:
-            kwargs["timestamps"] = [[f.timestamp for f in frames_in[name]] for name in in_names]
-        if is_generator_source:
+    def work(self, inputs):
+        if self.generator_source:
             try:
                 produced = next(self._generator)
             except StopIteration:
                 return DONE
             self._emit(produced)
             return OK
-        result = fn(*args, **kwargs)
-        if inspect.isgenerator(result):
-            for produced in result:
-                self._emit(produced)
-        else:
-            self._emit(result)
+        args = [[f.array for f in inputs[name]] for name in self.inputs]
+        kwargs = dict(self.params)
+        if self.wants_timestamps:
+            kwargs["timestamps"] = [[f.timestamp for f in inputs[name]] for name in self.inputs]
+        result = self.function(*args, **kwargs)
+        for produced in result if inspect.isgenerator(result) else (result,):
+            self._emit(produced)
         return OK
 
     def _emit(self, produced):
@@ -384,21 +419,18 @@ def _function_block(fn, inputs, outputs, batch, parameters):
         if isinstance(produced, dict):
             for port, value in produced.items():
                 self._emit_on(port, value)
-        elif isinstance(produced, tuple) and len(produced) == 2 and produced[0] in outputs:
+        elif isinstance(produced, tuple) and len(produced) == 2 and produced[0] in self.outputs:
             self._emit_on(*produced)
         else:
-            if len(out_names) != 1:
+            if len(self.outputs) != 1:
                 raise MultiQueueError(
-                    f"{fn.__name__} has outputs {out_names}: return {{port: array}} or yield "
-                    "(port, array) pairs")
-            self._emit_on(out_names[0], produced)
+                    f"{self.function.__name__} has outputs {list(self.outputs)}: return {{port: array}} "
+                    "or yield (port, array) pairs")
+            self._emit_on(next(iter(self.outputs)), produced)
 
     def _emit_on(self, port, value):
-        if isinstance(value, list):
-            for item in value:
-                self.send(port, item)
-        else:
-            self.send(port, value)
+        for item in value if isinstance(value, list) else (value,):
+            self.send(port, item)
 
     def __getattr__(self, name):
         # parameters read as attributes (get_parameter / set_parameter use them)
@@ -409,13 +441,3 @@ def _function_block(fn, inputs, outputs, batch, parameters):
 
     def parameter_changed(self, name, value):
         self.params[name] = value
-
-    namespace = {
-        "__init__": __init__, "start": start, "work": work, "_emit": _emit, "_emit_on": _emit_on,
-        "__getattr__": __getattr__, "parameter_changed": parameter_changed,
-        "inputs": dict(inputs), "outputs": dict(outputs), "batch": batch,
-        "parameters": parameters or tuple(defaults),
-        "__module__": fn.__module__, "__qualname__": fn.__qualname__, "__doc__": fn.__doc__,
-        "function": staticmethod(fn),
-    }
-    return type(fn.__name__, (Block,), namespace)

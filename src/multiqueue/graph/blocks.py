@@ -1,18 +1,19 @@
 """Built-in blocks: sources, transforms and sinks for the common cases.
 
 Sources: NullSource, SignalSource (sine / noise / chirp), FileSource (raw, .npy).
-Transforms: Multiply (alias Amplifier), Add, Spectrum (FFT power in dB), Decimate,
-Throttle (real-time pacing), Tee, SyncMerge (timestamp alignment of two or more
-streams).  Sinks: NullSink, FileSink (raw, .npy; bounded), Probe (keeps the latest
-frame for viewers).  Every one is an ordinary Block: read them as examples.
+Transforms: Multiply (alias Amplifier), Add, Spectrum, Decimate, Throttle, Tee,
+SyncMerge.  Sinks: NullSink, FileSink, Probe.  Every one is an ordinary Block: read
+them as examples; their parameters are in docs/graphs.md, "Built-in blocks".
 """
 
+import os
 import threading
 import time
 
 import numpy as np
 
 from ..checks import check_int, check_number, check_path, check_shape, show
+from ..errors import QueueClosedError
 from ..stream.sync import POLICIES as SYNC_POLICIES
 from ..stream.sync import SyncReader
 from .block import DONE, INSUFFICIENT_INPUT, OK, Block, Frame, Port
@@ -134,8 +135,6 @@ class FileSource(Block):
         self.frame, self.loop = check_int("frame", frame, 1), loop
 
     def initialize(self):
-        import os
-
         if self.path.endswith(".npy"):
             data = np.load(self.path, mmap_mode="r")
         elif os.path.getsize(self.path):
@@ -361,8 +360,6 @@ class SyncMerge(Block):
         if getattr(self, "_sync", None) is None:
             self._sync = SyncReader([readers[f"in{i}"] for i in range(self.n)], policy=self.policy,
                                     tolerance_ns=self.tolerance_ns)
-        from ..errors import QueueClosedError
-
         try:
             matched = self._sync.read(timeout=0.25)
         except TimeoutError:
@@ -449,8 +446,6 @@ class FileSink(Block):
         self._file.close()
         self._file = None
         if self._npy:
-            import os
-
             dtype = self._frame_dtype if self._frame_dtype is not None else np.dtype(np.float32)
             shape = (self.written, *(self._frame_shape or ()))
             with open(self.path, "wb") as out, open(self.path + ".part", "rb") as part:

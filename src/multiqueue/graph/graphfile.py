@@ -1,48 +1,9 @@
-"""Graph files: a flow graph written as YAML, loaded into a Runtime (``mq run``).
+"""Graph files: a flow graph written as YAML, loaded into a GraphSpec (``mq run``).
 
-::
-
-    domain: sine                  # optional (default: the file's stem)
-    capacity: 16                  # optional default edge capacity (a power of two)
-    pools:                        # optional (default: ShmConfig.default_config())
-      - {name: frames, block_size: 4096, count: 128}
-    blocks:                       # name -> block
-      src: {class: SignalSource, params: {rate: 48000, frame: 1024, count: 96, realtime: true}}
-      amp: {class: Amplifier, params: {gain: 0.5}, placement: dsp, restart: stop}
-      sink: {class: "mypkg.blocks:MySink"}
-    connections:
-      - src.out -> amp.in
-      - {from: amp.out, to: sink.in, policy: drop_oldest, capacity: 8}
-
-Several machines (docs/network.md): ``hosts:`` names them, a block's ``host:``
-places it, and an edge between hosts is marked ``remote: true`` (its frames cross
-over Zenoh, on ``key:`` or ``mq/<domain>/data/<src>/<port>/<dst>/<port>``)::
-
-    hosts:
-      radio: {zenoh: {listen: ["tcp/0.0.0.0:7447"]}}          # domain: <domain>-radio
-      desk: {zenoh: {connect: ["tcp/radio.lan:7447"]}, domain: sdr-desk}
-    blocks:
-      src: {class: SignalSource, host: radio}
-      fft: {class: Spectrum, host: desk}
-    connections:
-      - {from: src.out, to: fft.in, remote: true}
-
-``load_graph(path)`` builds the whole graph in one runtime (remote edges are
-ordinary edges: the same graph runs on one machine); ``load_graph(path,
-host="radio")`` builds only what runs on that host, bridges included.
-
-``class`` is a built-in block's name (``multiqueue.graph.blocks``) or an import
-path, ``module:Class`` or ``module.Class``, of any Block subclass (function-style
-blocks made with ``@block`` are classes too).  ``load_graph`` appends the file's
-directory to ``sys.path``, so modules next to the graph file are found, by the
-worker processes too (spawn hands them the parent's ``sys.path``).
-
-Every problem raises GraphFileError, ``<file>:<line>: <key path>: <what is wrong>``,
-and nothing else does: a file that is not UTF-8, nesting deeper than MAX_DEPTH
-levels, an integer too long for ``int()`` are errors of the file like any other.
-The file is *composed* (``yaml.compose``), not loaded: the node tree keeps the
-position of every key and value, and values are turned into Python objects one
-node at a time, so each check can point at its own line.
+``load_graph(path, domain=None)`` / ``load_graph_text(text)`` return a ``GraphSpec``
+(run it with ``Runtime.from_spec``); every problem of the file is a GraphFileError,
+``<file>:<line>: <key path>: <what is wrong>``.  The format and its errors:
+docs/graphs.md, "Graph files"; ``hosts:`` and remote edges: docs/network.md.
 """
 
 import difflib

@@ -1,27 +1,9 @@
-"""Bridge blocks: a port's frames to a Zenoh key on one machine, back into a port
-of another domain on another (or the same) machine.
+"""Bridge blocks: a port's frames to a Zenoh key (BridgeSink), and from a key back into
+a port of another domain (BridgeSource), on another or the same machine.
 
-Inside each machine frames stay zero-copy pool blocks; across the wire each frame
-is one Zenoh put (the frame's bytes, and its header as the attachment: see
-``wire``).  Sequence numbers let the receiver count what it lost::
-
-    # machine A                                  # machine B
-    rt.add(BridgeSink("lab/radio/iq"), "tx")       rt.add(BridgeSource("lab/radio/iq"), "rx")
-    rt.connect(src["out"], rt["tx"]["in"])         rt.connect(rt["rx"]["out"], fft["in"])
-
-Back-pressure, ``policy``:
-
-- ``"block"`` (default): reliable, and the sender waits while no receiver is
-  there or the receiver is behind (Zenoh's congestion control BLOCK and a bounded
-  receive buffer hold back the wire); frames are lost only if a receiver dies with
-  frames in flight, and the receiver counts those.
-- ``"drop"``: the sender never waits; frames sent with no receiver are counted by
-  the sender (``unmatched``), frames the receiver had no room for by the receiver
-  (``dropped``), and every gap in the sequence by the receiver (``lost``).
-
-A stream ends when the sender's input ends: it sends an end marker and waits
-(up to ``linger`` seconds) until its receivers say they have every frame; a
-receiver then ends its output (``end=True``), so the receiving graph drains too.
+Each frame is one Zenoh put (its bytes, and its header as the attachment: ``wire``);
+sequence numbers let the receiver count what it lost.  Back-pressure policies, the
+counters and the end of a stream: docs/network.md, "Bridge blocks".
 """
 
 import collections

@@ -1,19 +1,9 @@
 """Control across the bridge: commands, stats and status events of blocks on other
 machines, over Zenoh.
 
-On each machine a :class:`ControlPlane` block (added by the graph file loader for
-``mq run --host``, or by hand) answers under the graph's key prefix
-(``mq/<graph>`` by default):
-
-- ``<prefix>/block/<block>/ctl``: a query whose payload is a block command
-  (``{"cmd": "set", "name": "gain", "value": 2}``; get, pause, resume, stop), run
-  on the block's own control topic, answered with ``{"ok": ..., "value"/"error"}``;
-- ``<prefix>/host/<host>/ctl``: a graph command (stop, pause, resume);
-- ``<prefix>/host/<host>/stats``: the host's graph stats as JSON;
-- ``<prefix>/host/<host>/status``: the host's status events, republished.
-
-:class:`RemoteGraph` is the other end, usable from any machine that reaches the
-Zenoh network: ``RemoteGraph("mq/sdr").set_parameter("amp", "gain", 2.0)``.
+:class:`ControlPlane` (a block; ``hosts.host_graph`` adds one to every host's part)
+answers under the graph's key prefix, ``mq/<graph>``; :class:`RemoteGraph` is the
+other end.  The keys and their payloads: docs/network.md, "Control across the bridge".
 """
 
 import dataclasses

@@ -1,9 +1,10 @@
 """One graph, several machines: the part of a graph spec that runs on one host.
 
 Run whole, a graph with hosts is one runtime whose remote edges are ordinary edges.
-Run for a host, it is that host's blocks, a BridgeSink for every remote edge leaving
-them, a BridgeSource for every remote edge arriving, and a ControlPlane, all Zenoh
-users in one worker process ("zenoh") so that the host holds one Zenoh session.
+Run for a host (``host_graph``), it is that host's blocks, a BridgeSink for every
+remote edge leaving them, a BridgeSource for every remote edge arriving, and a
+ControlPlane, all Zenoh users in one worker process ("zenoh") so that the host holds
+one Zenoh session.  See docs/network.md, "One graph, several machines".
 """
 
 from ..errors import BridgeError, GraphError, GraphFileError

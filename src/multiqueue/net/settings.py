@@ -1,16 +1,8 @@
-"""Where a bridge finds its peers: the Zenoh session settings.
+"""Where a bridge finds its peers: the Zenoh session settings (``ZenohSettings``).
 
-The default needs no configuration and stays on this machine: peer mode,
-listening on an ephemeral port of 127.0.0.1, peers found by Zenoh's multicast
-scouting.  A deployment names its endpoints instead (scouting is then off unless
-asked for)::
-
-    ZenohSettings(connect=["tcp/10.0.0.5:7447"])                 # peer, dial a known peer
-    ZenohSettings(mode="client", connect=["tcp/router:7447"])   # through a zenohd router
-    ZenohSettings(listen=["tcp/0.0.0.0:7447"])                  # let the others dial us
-    ZenohSettings(config_file="zenoh.json5")                    # anything else Zenoh knows
-
-Graph files and ``mq bridge`` take the same fields as a mapping / options.
+The default needs no configuration and stays on this machine (peer mode, an
+ephemeral port of 127.0.0.1, multicast scouting); a deployment names its endpoints.
+The fields and examples: docs/network.md, "Zenoh settings".
 """
 
 import atexit
@@ -107,6 +99,8 @@ def json_replies(replies) -> list[tuple[str, object]]:
 
 
 def import_zenoh():
+    """The zenoh module, imported when a bridge first needs it: it is an optional
+    dependency (the ``net`` extra), so importing multiqueue must not need it."""
     try:
         import zenoh
     except ImportError:

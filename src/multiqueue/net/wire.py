@@ -1,11 +1,8 @@
 """The one serialisation across the wire: a frame's header, sent as the Zenoh
-attachment of a put whose payload is the frame's bytes.
+attachment of a put whose payload is the frame's bytes (``prod(shape) * itemsize``).
 
-Header (little-endian): magic ``MQF1``, version u16, flags u16, stream id u64,
-sequence number u64, timestamp i64, time range start/end i64, ndim u8, dtype
-length u16, then the dtype (``numpy.dtype.str``, or the JSON of its descr for
-structured dtypes) and ndim u64 extents.  The payload is exactly
-``prod(shape) * itemsize`` bytes.
+The header's fields, little-endian, from magic ``MQF1`` to the shape's extents:
+docs/network.md, "Bridge blocks".
 """
 
 import json

@@ -57,12 +57,12 @@ class Buffer(_native.BufferBase):
     @property
     def capacity(self) -> int:
         """The block size of its pool: the most bytes the payload can hold."""
-        return self._manager._pool_block_size(self._pool())
+        return self._manager.pool_block_size(self._pool())
 
     @property
     def pool(self) -> str:
         """Name of the pool the block belongs to."""
-        return self._manager._pool_name(self._pool())
+        return self._manager.pool_name(self._pool())
 
     @property
     def ref_count(self) -> int:
@@ -76,6 +76,16 @@ class Buffer(_native.BufferBase):
     @property
     def released(self) -> bool:
         return not self._live
+
+    @property
+    def manager(self):
+        """The ShmManager this reference was taken through."""
+        return self._manager
+
+    def check_usable(self) -> None:
+        """Raise BufferReleasedError or InvalidBufferError unless this handle can be used
+        (not released; its manager neither shut down nor inherited through fork)."""
+        self._check()
 
     # -- timestamps ---------------------------------------------------------------------
 
@@ -178,9 +188,9 @@ class Buffer(_native.BufferBase):
         # _frame_info() checks the handle too; _check() is in C: cheap to repeat
         recorded = self._frame_info() if dtype is None and shape is None else self._check()
         slot = self._id & 0xFFFFFFFF
-        block = self._manager._block_arrays[slot]  # a uint8 array of the block, made once
+        block = self._manager.block_arrays[slot]  # a uint8 array of the block, made once
         if block is None:
-            block = self._manager._block_array(slot)
+            block = self._manager.block_array(slot)
         if recorded is not None:  # the common case of a stream: checked when it was recorded
             dtype, shape, nbytes = recorded
             if nbytes > self._size:
@@ -238,7 +248,7 @@ class Buffer(_native.BufferBase):
         """The pool id, read from the metadata the first time it is needed."""
         if self._pool_id < 0:
             self._check()
-            link = self._manager._meta_Q[(self._id & 0xFFFFFFFF) * _ENTRY_WORDS + _W_LINK]
+            link = self._manager.metadata_u64[(self._id & 0xFFFFFFFF) * _ENTRY_WORDS + _W_LINK]
             self._pool_id = (link >> 32) & 0xFFFF
         return self._pool_id
 
@@ -253,7 +263,7 @@ class Buffer(_native.BufferBase):
                 f"buffer {self._id:#x} was released; take a new reference with "
                 "manager.get(id) before using it again"
             )
-        if self._ctx is not self._manager.context or not self._manager._initialized:
+        if self._ctx is not self._manager.context or not self._manager.is_initialized():
             # shutdown() released every reference of the process, this one included
             raise InvalidBufferError(
                 f"buffer {self._id:#x} belongs to a ShmManager of domain "
@@ -266,7 +276,7 @@ class Buffer(_native.BufferBase):
 
     def _meta(self):
         self._check()
-        return self._manager._meta_q
+        return self._manager.metadata_i64
 
     def _word(self, index: int) -> int:
         return self._meta()[(self._id & 0xFFFFFFFF) * _ENTRY_WORDS + index]

@@ -1,13 +1,8 @@
 """The shared-memory layout of a domain, mirrored from ``_native.c`` with ctypes.
 
-The C structs are the source of truth; ``_native.layout()`` exports their sizes and
-offsets and ``tests/test_layout.py`` checks that these mirrors agree field by field.
-Python uses the mirrors on slow paths only (setup, registry, stats, reaping).
-
-A domain's control segment is laid out as::
-
-    Control header | Process[max_processes] | Pool[max_pools] |
-    Entry[max_buffers] (page aligned) | ledger: uint64[max_processes][max_buffers]
+The C structs are the source of truth; ``tests/shm/test_layout.py`` checks these
+mirrors against ``_native.layout()`` field by field.  Python uses them on slow paths
+only.  The control segment's layout: docs/shm.md, "The C extension".
 """
 
 import ctypes as C

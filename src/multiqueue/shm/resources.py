@@ -1,12 +1,8 @@
 """Preflight: will a domain's configuration fit this machine's limits?
 
-Checked before a domain is created, so a configuration that cannot work fails at
-once with what to change, instead of later in the middle of a stream:
-
-- /dev/shm must have room for the control segment and every pool's first segment
-  (an error); expandable pools that could not grow to their limit get a warning;
-- the process must be able to map every segment its pools may have (vm.max_map_count)
-  and keep a descriptor for each (RLIMIT_NOFILE).
+Checked before a domain is created (``/dev/shm`` space, ``vm.max_map_count``,
+RLIMIT_NOFILE), so a configuration that cannot work fails at once, with what to
+change, as ResourceLimitError.  See docs/shm.md, "Resource limits".
 """
 
 import errno

@@ -1,10 +1,8 @@
 """Named shared-memory segments under /dev/shm: create, open, check, remove.
 
-Segments are plain files on the tmpfs at /dev/shm, mapped with mmap; we do not use
-``multiprocessing.shared_memory``, whose resource tracker (Python < 3.13) unlinks
-segments that other processes still use.  A segment is published atomically: it is
-built under a temporary name and hard-linked into place, so no process ever opens a
-half-initialized segment, and creating never replaces an existing one.
+Plain files on the tmpfs, mapped with mmap (not ``multiprocessing.shared_memory``),
+built under a temporary name and hard-linked into place, so no process opens a
+half-built segment and creating never replaces one.  See docs/shm.md, "Domains".
 """
 
 import ctypes

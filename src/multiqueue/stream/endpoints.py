@@ -1,21 +1,9 @@
-"""The convenience layer: Producer and Consumer over named queues, and stage decorators.
+"""Producer and Consumer over named port queues, and the stage decorators.
 
-For code that wants numpy arrays in and out and no buffer handling::
-
-    with Producer("demo", "raw") as out:
-        out.push(np.zeros(1024, np.float32))        # allocated, filled, sent
-
-    for frame in Consumer("demo", "raw"):           # numpy views of shared memory
-        print(frame.mean())
-
-    @consumer("demo", "raw")
-    @producer("demo", "scaled")
-    def scale(frame):                               # a processing stage
-        return frame * 0.5
-
-    scale.run()                                     # until "raw" closes; then closes "scaled"
-
-A frame's dtype and shape travel with the buffer, so readers need not repeat them.
+For code that wants numpy arrays in and out and no buffer handling: ``Producer.push``
+allocates, copies once and sends; ``Consumer`` yields numpy views of shared memory;
+``@producer`` / ``@consumer`` make a processing stage. See docs/streams.md,
+"Convenience layer".
 """
 
 import importlib
@@ -28,7 +16,7 @@ from ..checks import check_capacity, check_int, check_number, check_shape
 from ..errors import InvalidBufferError
 from ..shm import Buffer, ShmConfig, ShmManager
 from ..shm.segment import check_domain
-from .queue import POLICIES, PortQueue, _check_name
+from .queue import POLICIES, PortQueue, check_queue_name
 
 _STARTS = ("latest", "oldest")
 
@@ -39,7 +27,7 @@ def _check_queue_args(domain, queue, capacity, config, *, domain_used: bool = Tr
     ``domain_used``: False when a manager is given (the domain name is then not used)."""
     if domain_used:
         check_domain(domain)
-    _check_name(queue)
+    check_queue_name(queue)
     check_capacity(capacity)
     if config is not None and not isinstance(config, ShmConfig):
         raise TypeError(f"config must be None or a ShmConfig, not {type(config).__name__}")
@@ -146,7 +134,7 @@ class Producer(_Endpoint):
 
     def close(self) -> None:
         """Close the queue (readers drain, then stop) and leave the domain if we joined it."""
-        if self.queue._native is not None:
+        if not self.queue.released:
             if self._close_queue:
                 self.queue.close()
             self.queue.release()
@@ -201,7 +189,7 @@ class Consumer(_Endpoint):
 
     def close(self) -> None:
         self._drop_current()
-        if self.queue._native is not None:
+        if not self.queue.released:
             self.reader.detach()
             self.queue.release()
         self._close_manager()

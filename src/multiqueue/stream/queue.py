@@ -1,16 +1,12 @@
 """PortQueue: a multicast ring of buffer ids in shared memory, named inside a domain.
 
-One producer pushes buffers; any number of readers (up to ``max_readers``), in any
-processes, each see every item in order from their own cursor.  Only buffer ids
-travel: the payload stays where the producer wrote it.  The queue holds one
-reference per unread item per reader, so a buffer lives exactly as long as some
-reader still has to read it (or some process holds it).
+One producer, up to ``max_readers`` readers (each ``block`` or ``drop_oldest``, each
+with its own cursor); only buffer ids travel, and the queue holds one reference per
+unread item per reader. The ring itself is ``_native.Queue``. See docs/streams.md.
 """
 
-import ctypes as C
 import errno
 import os
-import re
 import time
 import weakref
 from dataclasses import dataclass
@@ -22,73 +18,32 @@ from ..errors import MultiQueueError, QueueClosedError, ReadersFullError, Segmen
 from ..shm import layout as L
 from ..shm.buffer import Buffer
 from ..shm.manager import ShmManager
-from ..shm.segment import (
-    create_segment,
-    domain_segments,
-    is_alive,
-    open_segment,
-    process_start_time,
-    segment_path,
-    unlink_quietly,
+from ..shm.segment import is_alive, unlink_quietly
+from .ring import (
+    KIND_QUEUE,
+    LOCK_SLOT_MASK,
+    MAGIC_QUEUE,
+    Item,
+    QueueHeader,
+    ReaderRecord,
+    check_queue_name,
+    open_or_create_ring,
+    own_start_time,
+    queue_names,
+    reader_records,
 )
 
-MAGIC_QUEUE = int.from_bytes(b"MQQUEUE1", "little")
-KIND_QUEUE = 3
+# the ring's layout and names, for the modules that read them from here
+__all__ = ["CLOCKS", "KIND_QUEUE", "LOCK_SLOT_MASK", "MAGIC_QUEUE", "POLICIES", "Item", "PortQueue",
+           "QueueHeader", "QueueReader", "QueueStats", "ReaderRecord", "ReaderStats", "check_queue_name",
+           "queue_names", "reap_dead_readers_everywhere"]
+
 POLICIES = {"block": 0, "drop_oldest": 1}
 CLOCKS = {"monotonic": 0, "wall": 1}
-LOCK_SLOT_MASK = 0x1FFF  # a lock word is incarnation << 13 | process slot + 1 (_native.c lock_id)
 _LOCK_STUCK_S = 5.0  # a live process holding a queue lock this long is stopped or corrupt
 _SPIN_S = 50e-6  # spin this long before sleeping: a kernel wake-up costs ~40 us here
 _LIVENESS_S = 0.2  # while waiting, look at the other side's liveness this often
 
-
-class QueueHeader(C.Structure):
-    _fields_ = [
-        ("seg", L.SegmentHeader),
-        ("capacity", C.c_uint32),
-        ("mask", C.c_uint32),
-        ("max_readers", C.c_uint32),
-        ("readers_hw", C.c_uint32),
-        ("name", C.c_char * 32),
-        ("clock", C.c_uint32),
-        ("reserved0", C.c_uint32),
-        ("reserved", C.c_uint64 * 1),
-        ("head", C.c_uint64),
-        ("lock", C.c_uint32),
-        ("closed", C.c_uint32),
-        ("producer", C.c_uint64),
-        ("producer_start", C.c_uint64),
-        ("pushed", C.c_uint64),
-        ("blocked_ns", C.c_uint64),
-        ("pad0", C.c_uint64 * 2),
-        ("data_event", C.c_uint32),
-        ("data_waiters", C.c_uint32),
-        ("space_event", C.c_uint32),
-        ("space_waiters", C.c_uint32),
-        ("pad1", C.c_uint64 * 6),
-    ]
-
-
-class ReaderRecord(C.Structure):
-    _fields_ = [
-        ("cursor", C.c_uint64),
-        ("state", C.c_uint32),
-        ("policy", C.c_uint32),
-        ("proc", C.c_uint32),
-        ("pid", C.c_uint32),
-        ("start_time", C.c_uint64),
-        ("popped", C.c_uint64),
-        ("drops", C.c_uint64),
-        ("joined_seq", C.c_uint64),
-        ("pad", C.c_uint64 * 1),
-    ]
-
-
-class Item(C.Structure):
-    _fields_ = [("id", C.c_uint64), ("timestamp_ns", C.c_int64)]
-
-
-L.C_NAMES.update({"mq_queue": QueueHeader, "mq_reader": ReaderRecord, "mq_item": Item})
 
 
 @dataclass
@@ -130,11 +85,11 @@ class PortQueue:
             raise ValueError(f"max_readers must be an int 1..1024, not {max_readers!r}")
         if not isinstance(clock, str) or clock not in CLOCKS:
             raise ValueError(f"clock must be one of {sorted(CLOCKS)}, not {clock!r}")
-        _check_name(name)
-        manager._check()
+        check_queue_name(name)
+        manager.check_usable()
         self.manager = manager
         self.name = name
-        self._segment = _open_or_create(manager, name, capacity, max_readers, CLOCKS[clock], create)
+        self._segment = open_or_create_ring(manager, name, capacity, max_readers, CLOCKS[clock], create)
         self._path = self._segment.path
         try:
             self._native = _native.Queue(manager.context, self._segment.mmap)
@@ -144,8 +99,7 @@ class PortQueue:
                                "if no process uses it any more") from None
         self._lock_stuck = (0, 0.0, 0.0)  # (holder, since, last seen): see _break_dead_lock
         self._header = QueueHeader.from_buffer(self._segment.mmap)
-        self._readers = (ReaderRecord * self._header.max_readers).from_buffer(
-            self._segment.mmap, C.sizeof(QueueHeader))
+        self._readers = reader_records(self._segment)
         self._push_buffer = self._native.push_buffer
         # multi_producer: any process may push (the C push takes the queue lock); no
         # producer is recorded, so readers must not judge the queue abandoned by one
@@ -162,6 +116,19 @@ class PortQueue:
     @property
     def closed(self) -> bool:
         return bool(self._header.closed)
+
+    @property
+    def released(self) -> bool:
+        """True once this handle was released in this process (the queue lives on)."""
+        return self._native is None
+
+    @property
+    def reader_count(self) -> int:
+        """Readers attached now, in any process (dead ones until reaped); 0 once released."""
+        try:
+            return len(self._active_readers())
+        except (AttributeError, TypeError):  # released, by another thread meanwhile say
+            return 0
 
     @property
     def pushed(self) -> int:
@@ -228,7 +195,7 @@ class PortQueue:
         check_number("spin", spin, minimum=0)
         pid = os.getpid()
         while True:
-            index = self._native.join(POLICIES[policy], start == "oldest", pid, _start_time())
+            index = self._native.join(POLICIES[policy], start == "oldest", pid, own_start_time())
             if index >= 0:
                 reader = QueueReader(self, index, policy, busy_poll, spin, watch_producer)
                 self._my_readers.add(reader)
@@ -319,10 +286,10 @@ class PortQueue:
         """Raise the error push_buffer's codes -5, -6 and -7 stand for."""
         if buffer.__class__ is not Buffer:
             raise TypeError(f"push takes a Buffer, not {type(buffer).__name__}")
-        buffer._check()
-        if buffer._ctx is not self.manager.context:
+        buffer.check_usable()  # so its manager's context is the current one: compare managers
+        if buffer.manager is not self.manager:
             raise MultiQueueError(
-                f"buffer {buffer.id:#x} belongs to domain {buffer._manager.domain!r} (or another "
+                f"buffer {buffer.id:#x} belongs to domain {buffer.manager.domain!r} (or another "
                 f"manager); queue {self.name!r} carries buffers of its own manager only")
 
     def _push_slow(self, buffer: Buffer, result: int, timeout: float | None) -> None:
@@ -366,7 +333,7 @@ class PortQueue:
         swapped, seen = _native.atomic_cas_u64(self._segment.mmap, offset, current, me)
         if not swapped and seen != me:
             raise MultiQueueError(f"queue {self.name!r}: another process became its producer")
-        h.producer_start = _start_time()
+        h.producer_start = own_start_time()
         self._producer_checked = True
 
     def _producer_alive(self) -> bool:
@@ -512,6 +479,11 @@ class QueueReader:
                 continue  # dropped or consumed meanwhile: look again
 
     @property
+    def attached(self) -> bool:
+        """False once detached (by detach(), or by the release of its queue here)."""
+        return self._attached
+
+    @property
     def lag(self) -> int:
         """Items pushed and not yet read by this reader."""
         record = self.queue._readers[self.index]
@@ -586,32 +558,6 @@ class QueueReader:
         return f"queue {self.queue.name!r} is closed and every item was read"
 
 
-_NAME_RE = re.compile(rf"^[A-Za-z0-9_-]{{1,{L.MAX_NAME}}}$")
-
-
-def _check_name(name) -> None:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(f"invalid queue name {name!r}: 1-{L.MAX_NAME} letters, digits, '_' or '-'")
-
-
-_START_TIME: list = []
-
-
-def _start_time() -> int:
-    """This process's start time (cached; reset by fork through the pid check)."""
-    pid = os.getpid()
-    if not _START_TIME or _START_TIME[0] != pid:
-        _START_TIME[:] = [pid, process_start_time(pid) or 0]
-    return _START_TIME[1]
-
-
-def queue_names(manager) -> list[str]:
-    """Names of every queue of the manager's domain (port queues and bus topics)."""
-    start = segment_path(manager.prefix, manager.domain, "q.")
-    return [path[len(start):] for path in domain_segments(manager.prefix, manager.domain)
-            if path.startswith(start) and "." not in path[len(start):]]  # "." : a temporary
-
-
 def reap_dead_readers_everywhere(manager, skip=()) -> int:
     """Detach the readers of dead processes from every queue of the domain but ``skip``
     (names of queues the caller reaps itself); returns how many were detached.
@@ -632,29 +578,3 @@ def reap_dead_readers_everywhere(manager, skip=()) -> int:
         finally:
             queue.release()
     return reaped
-
-
-def _open_or_create(manager, name, capacity, max_readers, clock, create):
-    path = segment_path(manager.prefix, manager.domain, f"q.{name}")
-    for _ in range(100):
-        try:
-            return open_segment(path, MAGIC_QUEUE, KIND_QUEUE)
-        except SegmentError:
-            if os.path.exists(path):
-                raise
-            if not create:
-                raise SegmentError(2, f"queue {name!r} does not exist in domain {manager.domain!r}") from None
-
-        def init(mm):
-            h = QueueHeader.from_buffer(mm)
-            h.capacity, h.mask, h.max_readers = capacity, capacity - 1, max_readers
-            h.name = name.encode()
-            h.clock = clock
-            del h
-
-        size = C.sizeof(QueueHeader) + max_readers * C.sizeof(ReaderRecord) + capacity * C.sizeof(Item)
-        segment = create_segment(path, L.align(size, L.PAGE), MAGIC_QUEUE, KIND_QUEUE,
-                                 C.sizeof(QueueHeader), init, manager.access)
-        if segment is not None:
-            return segment
-    raise SegmentError(0, f"could not create or open queue {name!r}")

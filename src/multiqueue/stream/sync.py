@@ -1,78 +1,9 @@
 """Timestamp sync: align the buffers of several port readers into tuples.
 
-``SyncReader(readers, policy=...)`` pulls from each reader and yields one tuple per
-alignment, in reader order: a ``Buffer`` per port, or ``None`` for an optional port
-that had nothing matching.  The tuple's buffers belong to the caller (release them,
-or use the tuple as a context manager).  Every other buffer the SyncReader takes is
-released by it, exactly once, as soon as it is certain it can never match.
-
-Policies (``tolerance_ns`` >= 0 is an integer number of nanoseconds):
-
-``exact``
-    Every timestamp of the tuple lies within ``tolerance_ns`` of every other one.
-    Greedy on the oldest pending buffer of each port: a head too old for another
-    port's head (older than it by more than the tolerance) can never match, since
-    that port only moves forward, so it is dropped; when all required heads agree,
-    the tuple is emitted at once.
-``nearest``
-    One tuple per buffer of the ``reference`` port: for every other port the buffer
-    whose timestamp is nearest to it (ties go to the earlier one), if within
-    ``tolerance_ns``.  The nearest one is certain once the port has a buffer at or
-    after the reference time (anything later is farther).  A buffer may be nearest
-    to several reference buffers (a 50 Hz stream against a 100 Hz reference): each
-    tuple then gets its own handle (``share()``) and the SyncReader keeps one until
-    the buffer cannot be nearest to a later reference buffer.
-``overlap``
-    The time ranges of the tuple all overlap: ``[s1, e1)`` and ``[s2, e2)`` overlap
-    iff ``s1 < e2 + tol and s2 < e1 + tol`` (``tol`` = ``tolerance_ns``, usually 0).
-    A buffer without a ``time_range`` (or with an empty one) is the instant
-    ``[timestamp, timestamp + 1)``.  Greedy like ``exact`` (which is the same rule on
-    instants), ordered by range start.
-
-Streams are assumed to be in timestamp (range start) order per port.
-
-Counters, per port (``SyncReader.stats.ports[name]``).  Every buffer taken from a
-reader is counted once in ``taken`` and ends in exactly one of the next five, so
-``taken == matched + dropped + late + unmatched + pending`` at all times:
-
-``matched``
-    put into at least one emitted tuple (a ``nearest`` buffer shared by two tuples
-    counts once, and the handle the SyncReader kept is later released uncounted);
-``dropped``
-    released because other buffers prove it can never match: another required
-    port has moved past it, or (``nearest``) a later buffer of its own port is
-    nearer to every possible reference, or the reference buffer has no partner
-    within tolerance on a required port that has data past it; also the oldest
-    buffer released when a port holds more than ``max_pending``;
-``late``
-    released on arrival because a tuple beyond its time was already emitted: older
-    than the latest buffer this port gave to a tuple, or, if a tuple had ``None``
-    for it, older than that tuple's time (exact/overlap: the latest start among the
-    required buffers; nearest: the reference timestamp);
-``unmatched``
-    released without a partner because waiting for one ended: a required port's
-    timeout passed, a required port was closed and drained, or ``close()``;
-``pending``
-    held now, not yet in any tuple.
-
-``missing`` counts tuples emitted with ``None`` for the port; ``SyncStats.tuples``
-counts emitted tuples.
-
-Waiting: the SyncReader pulls from a port only when the next decision needs that
-port's data, so it holds a few buffers per port and the port queues do the
-buffering.  The per-port ``timeout`` (seconds, None = wait forever) says how long an
-alignment in progress waits for a port that has nothing yet.  Its clock starts when
-an alignment first waits for that port and restarts when the port delivers; once
-it passed, the port counts as stalled and later alignments only check it without
-waiting, until it delivers again.  A stalled required port makes the waiting buffer
-unmatched (exact/overlap: the oldest head; nearest: the reference buffer, unless a
-partner within tolerance is already pending); a stalled optional port gives
-``None`` (nearest: or the best pending candidate).  While no alignment is in
-progress (exact/overlap: every required port empty; nearest: no reference buffer)
-the SyncReader waits on the first required port (nearest: the reference port), and
-that port's timeout only sets how often the others are looked at.
-
-Async mode needs nothing from this module: read each reader on its own.
+``SyncReader(readers, policy=...)`` yields one tuple per alignment (a ``Buffer`` per
+port, or ``None`` for an optional port); policies ``exact``, ``nearest`` and
+``overlap``. The policies, the per-port counters and how it waits: docs/streams.md,
+"Timestamp sync".
 """
 
 import bisect
@@ -171,29 +102,9 @@ class SyncReader:
     def __init__(self, readers, policy: str = "exact", tolerance_ns: int = 0, reference=0,
                  optional=(), timeout=None, names=None, max_pending: int = 64,
                  clock: Callable[[], float] = time.monotonic):
-        if isinstance(readers, Mapping):
-            if names is not None:
-                raise ValueError("names come from the keys when readers is a dict; don't pass names")
-            names, readers = list(readers), list(readers.values())
-        elif isinstance(readers, (str, bytes)) or not isinstance(readers, Iterable):
-            raise TypeError(f"readers must be a list or a dict (name -> reader) of readers, not "
-                            f"{type(readers).__name__}")
-        readers = list(readers)
-        if not readers:
-            raise ValueError("SyncReader needs at least one reader")
-        for i, reader in enumerate(readers):
-            if not callable(getattr(reader, "pop", None)):
-                raise TypeError(f"readers[{i}] is a {type(reader).__name__}: a reader needs pop(timeout)")
+        readers, names = _readers_and_names(readers, names)
         n = len(readers)
-        names = [f"port{i}" for i in range(n)] if names is None else [str(x) for x in names]
-        if len(names) != n or len(set(names)) != n:
-            raise ValueError(f"names must be {n} distinct names, got {names!r}")
-        if policy not in POLICIES:
-            raise ValueError(f"unknown sync policy {policy!r}; use one of {', '.join(POLICIES)}")
-        if isinstance(tolerance_ns, bool) or not isinstance(tolerance_ns, Integral) or tolerance_ns < 0:
-            raise ValueError(f"tolerance_ns must be an int >= 0 (nanoseconds), not {tolerance_ns!r}")
-        if isinstance(max_pending, bool) or not isinstance(max_pending, Integral) or max_pending < 1:
-            raise ValueError(f"max_pending must be an int >= 1, not {max_pending!r}")
+        _check_sync_args(policy, tolerance_ns, max_pending)
         self._readers = readers
         self.names = tuple(names)
         self.policy = policy
@@ -210,7 +121,7 @@ class SyncReader:
             raise ValueError(f"the reference port {names[self.reference]!r} cannot be optional")
         if not self._required:
             raise ValueError("at least one port must be required (not optional)")
-        self._timeouts = self._per_port_timeouts(timeout)
+        self._timeouts = _per_port_timeouts(self.names, timeout)
 
         self._pending: list[list[_Item]] = [[] for _ in range(n)]  # sorted by start
         self._closed = [False] * n  # the reader raised QueueClosedError
@@ -493,28 +404,65 @@ class SyncReader:
             raise error
 
     def _port(self, key) -> int:
-        if isinstance(key, str):
-            if key not in self.names:
-                raise ValueError(f"no port named {key!r}; ports are {list(self.names)}")
-            return self.names.index(key)
-        if isinstance(key, bool) or not isinstance(key, int) or not -len(self.names) <= key < len(self.names):
-            raise ValueError(f"no port {key!r}: use a name or an index below {len(self.names)}")
-        return key % len(self.names)
+        return _port_index(self.names, key)
 
-    def _per_port_timeouts(self, timeout) -> list[float | None]:
-        n = len(self.names)
-        if timeout is None or isinstance(timeout, Real):
-            values = [timeout] * n
-        elif isinstance(timeout, Mapping):
-            values = [None] * n
-            for key, value in timeout.items():
-                values[self._port(key)] = value
-        else:
-            values = list(timeout)
-            if len(values) != n:
-                raise ValueError(f"timeout has {len(values)} entries for {n} ports")
-        for value in values:
-            if value is not None and (isinstance(value, bool) or not isinstance(value, Real)
-                                      or not value >= 0):
-                raise ValueError(f"a port timeout must be None or >= 0 seconds, not {value!r}")
-        return [None if value is None else float(value) for value in values]
+
+def _readers_and_names(readers, names) -> tuple[list, list[str]]:
+    """The readers as a list and their port names (a dict's keys, ``names``, or portN)."""
+    if isinstance(readers, Mapping):
+        if names is not None:
+            raise ValueError("names come from the keys when readers is a dict; don't pass names")
+        names, readers = list(readers), list(readers.values())
+    elif isinstance(readers, (str, bytes)) or not isinstance(readers, Iterable):
+        raise TypeError(f"readers must be a list or a dict (name -> reader) of readers, not "
+                        f"{type(readers).__name__}")
+    readers = list(readers)
+    if not readers:
+        raise ValueError("SyncReader needs at least one reader")
+    for i, reader in enumerate(readers):
+        if not callable(getattr(reader, "pop", None)):
+            raise TypeError(f"readers[{i}] is a {type(reader).__name__}: a reader needs pop(timeout)")
+    n = len(readers)
+    names = [f"port{i}" for i in range(n)] if names is None else [str(x) for x in names]
+    if len(names) != n or len(set(names)) != n:
+        raise ValueError(f"names must be {n} distinct names, got {names!r}")
+    return readers, names
+
+
+def _check_sync_args(policy, tolerance_ns, max_pending) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown sync policy {policy!r}; use one of {', '.join(POLICIES)}")
+    if isinstance(tolerance_ns, bool) or not isinstance(tolerance_ns, Integral) or tolerance_ns < 0:
+        raise ValueError(f"tolerance_ns must be an int >= 0 (nanoseconds), not {tolerance_ns!r}")
+    if isinstance(max_pending, bool) or not isinstance(max_pending, Integral) or max_pending < 1:
+        raise ValueError(f"max_pending must be an int >= 1, not {max_pending!r}")
+
+
+def _port_index(names, key) -> int:
+    """The index of a port given by name or index (negative ones count from the end)."""
+    if isinstance(key, str):
+        if key not in names:
+            raise ValueError(f"no port named {key!r}; ports are {list(names)}")
+        return names.index(key)
+    if isinstance(key, bool) or not isinstance(key, int) or not -len(names) <= key < len(names):
+        raise ValueError(f"no port {key!r}: use a name or an index below {len(names)}")
+    return key % len(names)
+
+
+def _per_port_timeouts(names, timeout) -> list[float | None]:
+    """One timeout per port from None, a number, a sequence or a mapping (name or index)."""
+    n = len(names)
+    if timeout is None or isinstance(timeout, Real):
+        values = [timeout] * n
+    elif isinstance(timeout, Mapping):
+        values = [None] * n
+        for key, value in timeout.items():
+            values[_port_index(names, key)] = value
+    else:
+        values = list(timeout)
+        if len(values) != n:
+            raise ValueError(f"timeout has {len(values)} entries for {n} ports")
+    for value in values:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not value >= 0):
+            raise ValueError(f"a port timeout must be None or >= 0 seconds, not {value!r}")
+    return [None if value is None else float(value) for value in values]

@@ -1,46 +1,32 @@
 """`mq doctor`: who holds every buffer of a domain, and what is wrong with that.
 
-:func:`diagnose` maps the domain's control segment and its port queues read-only
-(``PROT_READ``: it cannot change anything, registers no process and reaps nobody, so
-dead holders are shown before anyone reclaims them) and accounts for every
-reference of every buffer::
-
-    ref_count = sum of the ledger rows naming the slot at its generation   (processes)
-              + unread items of the active readers of every port queue     (queues)
-              + leftover
-
-A positive leftover is a *leak*: references nobody accounts for, e.g. from a process
-killed inside one of the one-instruction windows of docs/shm.md; they can never be
-released.  A negative one is an *inconsistency*.  Dead processes still registered and
-queue readers of dead processes are reported with the references they pin.  Every
-finding carries a sentence saying how to fix it.
-
-The snapshot is taken without locks.  On a busy domain a reference moving between a
-ledger and a queue, or a count being changed, can show as a one-off difference; such
-differences are only reported when they are the same in several snapshots in a row.
+:func:`diagnose` reads the domain read-only (tools.inspect: it registers, reaps and
+changes nothing, so dead holders are shown before anyone reclaims them), accounts for
+every reference of every buffer and every block of every pool, and says how to fix
+each problem it finds.
 """
 
-import ctypes as C
 import errno
-import mmap
 import os
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..errors import SegmentError, SegmentVersionError
+from ..errors import SegmentError
 from ..shm import layout as L
 from ..shm.segment import DEFAULT_PREFIX, check_domain, check_prefix, domain_segments, is_alive, segment_path
-from ..stream.queue import KIND_QUEUE, MAGIC_QUEUE, Item, QueueHeader, ReaderRecord
+from ..stream.queue import KIND_QUEUE, MAGIC_QUEUE, ReaderRecord
+from .inspect import (
+    MASK32,
+    DomainSnapshot,
+    QueueSnapshot,
+    ReadOnlySegment,
+    queue_segments,
+    snapshot_domain,
+    split_words,
+)
 
-_ITEM_WORDS = C.sizeof(Item) // 8  # an item is (id, timestamp)
-_READER_ACTIVE = 1
 _SNAPSHOTS = 3  # a difference must show in this many snapshots in a row to be reported
-_WALK_TRIES = 5  # attempts at reading a busy pool's free list while it stands still
-_HEAD_WORD = C.sizeof(L.Pool) // 8  # u64 words per pool record; the head is the first
-_NEXT_FREE = L.Entry.next_free.offset // 4  # u32 index of next_free inside an entry
-_MASK32 = 0xFFFFFFFF
 
 
 # ---------------------------------------------------------------------- report
@@ -176,40 +162,10 @@ class DoctorReport:
 
     def format(self) -> str:
         lines = [f"mq doctor: domain {self.domain!r} ({self.control_path})"]
-        lines.append(f"processes ({len(self.processes)} registered):")
-        if self.processes:
-            lines.append(f"  {'slot':>4}  {'pid':>8}  {'name':<20} {'state':<9} {'refs':>6} {'buffers':>8}")
-        for p in self.processes:
-            state = ("alive" if p.alive else "DEAD") + (" (reaping)" if p.state == "reaping" else "")
-            lines.append(f"  {p.slot:>4}  {p.pid:>8}  {p.name[:20]:<20} {state:<9} {p.references:>6} "
-                         f"{p.buffers:>8}" + (f"  +{p.unpublished} unpublished" if p.unpublished else ""))
-        lines.append(f"queues ({len(self.queues)}):")
-        for q in self.queues:
-            lines.append(f"  {q.name}: capacity {q.capacity}, {q.pushed} pushed, {q.closed}, "
-                         f"{len(q.readers)} reader(s)")
-            for r in q.readers:
-                who = f"pid {r.pid}" + (f" {r.name!r}" if r.name else "")
-                lines.append(f"    reader {r.index}: {who}, {'alive' if r.alive else 'DEAD'}, {r.policy}, "
-                             f"{r.unread} unread")
+        lines += _format_processes(self.processes) + _format_queues(self.queues)
         lines.append(f"pools ({len(self.pools)}):")
         lines.extend(f"  {p.describe()}" for p in self.pools)
-        lines.append(f"held buffers ({len(self.buffers)}):")
-        if self.buffers:
-            lines.append(f"  {'id':<20}{'pool':<12}{'size/capacity':>16}{'refs':>6}  "
-                         f"{'holder':<52}{'count':>6}")
-        for b in self.buffers:
-            size = f"{'-' if b.size is None else b.size}/{b.capacity}"
-            rows = [(h.describe(), h.count) for h in b.holders]
-            if b.unpublished:
-                rows = [(f"{d} took it, never published", c) for d, c in rows]
-            if b.leftover > 0:
-                rows.append(("UNACCOUNTED (leak)", b.leftover))
-            elif b.leftover < 0:
-                rows.append(("OVERCOUNTED (inconsistent)", b.leftover))
-            rows = rows or [("-", 0)]
-            head = f"  {b.id:<#20x}{b.pool[:11]:<12}{size:>16}{b.ref_count:>6}  "
-            for i, (desc, count) in enumerate(rows):
-                lines.append((head if i == 0 else " " * len(head)) + f"{desc:<52}{count:>6}")
+        lines += _format_buffers(self.buffers)
         if self.ok:
             lines.append("no problems found: every reference and every block is accounted for and every "
                          "holder is alive")
@@ -221,348 +177,310 @@ class DoctorReport:
         return "\n".join(lines)
 
 
+def _format_processes(processes: list[ProcessInfo]) -> list[str]:
+    lines = [f"processes ({len(processes)} registered):"]
+    if processes:
+        lines.append(f"  {'slot':>4}  {'pid':>8}  {'name':<20} {'state':<9} {'refs':>6} {'buffers':>8}")
+    for p in processes:
+        state = ("alive" if p.alive else "DEAD") + (" (reaping)" if p.state == "reaping" else "")
+        lines.append(f"  {p.slot:>4}  {p.pid:>8}  {p.name[:20]:<20} {state:<9} {p.references:>6} "
+                     f"{p.buffers:>8}" + (f"  +{p.unpublished} unpublished" if p.unpublished else ""))
+    return lines
+
+
+def _format_queues(queues: list[QueueInfo]) -> list[str]:
+    lines = [f"queues ({len(queues)}):"]
+    for q in queues:
+        lines.append(f"  {q.name}: capacity {q.capacity}, {q.pushed} pushed, {q.closed}, "
+                     f"{len(q.readers)} reader(s)")
+        for r in q.readers:
+            who = f"pid {r.pid}" + (f" {r.name!r}" if r.name else "")
+            lines.append(f"    reader {r.index}: {who}, {'alive' if r.alive else 'DEAD'}, {r.policy}, "
+                         f"{r.unread} unread")
+    return lines
+
+
+def _format_buffers(buffers: list[BufferInfo]) -> list[str]:
+    """One row per holder of each buffer, plus one for references nobody accounts for."""
+    lines = [f"held buffers ({len(buffers)}):"]
+    if buffers:
+        lines.append(f"  {'id':<20}{'pool':<12}{'size/capacity':>16}{'refs':>6}  {'holder':<52}{'count':>6}")
+    for b in buffers:
+        size = f"{'-' if b.size is None else b.size}/{b.capacity}"
+        rows = [(h.describe(), h.count) for h in b.holders]
+        if b.unpublished:
+            rows = [(f"{d} took it, never published", c) for d, c in rows]
+        if b.leftover > 0:
+            rows.append(("UNACCOUNTED (leak)", b.leftover))
+        elif b.leftover < 0:
+            rows.append(("OVERCOUNTED (inconsistent)", b.leftover))
+        rows = rows or [("-", 0)]
+        head = f"  {b.id:<#20x}{b.pool[:11]:<12}{size:>16}{b.ref_count:>6}  "
+        for i, (desc, count) in enumerate(rows):
+            lines.append((head if i == 0 else " " * len(head)) + f"{desc:<52}{count:>6}")
+    return lines
+
+
 # ---------------------------------------------------------------------- diagnose
 
 
 def diagnose(domain: str, name_prefix: str = DEFAULT_PREFIX) -> DoctorReport:
-    """Explain every held buffer of ``domain``: its holders, whether they live, leaks.
+    """Explain every held buffer of ``domain``: its holders, whether they live, leaks::
 
-    Reads the shared memory only (nothing is registered, reaped or changed).  Raises
-    SegmentError if the domain does not exist or its control segment is unusable.
+        ref_count = sum of the ledger rows naming the slot at its generation   (processes)
+                  + unread items of the active readers of every port queue     (queues)
+                  + leftover
+
+    A positive leftover is a *leak* (references nobody accounts for, e.g. from a process
+    killed inside one of the one-instruction windows of docs/shm.md), a negative one an
+    *inconsistency*.  The snapshot is taken without locks, so on a busy domain a reference
+    moving between a ledger and a queue can show as a one-off difference: differences are
+    only reported when they are the same in several snapshots in a row.
+
+    Reads the shared memory only.  Raises SegmentError if the domain does not exist or
+    its control segment is unusable.
     """
     check_domain(domain)
     check_prefix(name_prefix)
-    control_path = segment_path(name_prefix, domain, "ctl")
-    control = _open_readonly(control_path, L.MAGIC_CONTROL, L.KIND_CONTROL, domain, name_prefix)
-    queue_maps: list[tuple[str, str, mmap.mmap]] = []
-    unreadable: list[Finding] = []
+    control = _open_control(name_prefix, domain)
+    queues: dict[str, ReadOnlySegment] = {}
     try:
-        queue_start = segment_path(name_prefix, domain, "q.")
-        for path in domain_segments(name_prefix, domain):
-            name = path[len(queue_start):]
-            if not path.startswith(queue_start) or not name or "." in name:  # "." : a temporary
-                continue
-            try:
-                queue_maps.append((name, path, _open_readonly(path, MAGIC_QUEUE, KIND_QUEUE, domain,
-                                                              name_prefix)))
-            except SegmentError as e:
-                if os.path.exists(path):  # else removed meanwhile: nothing to say
-                    unreadable.append(Finding(
-                        "unreadable-segment", f"queue segment {path} cannot be read: {e}",
-                        f"if no process uses queue {name!r} any more, remove {path}"))
-        analysis = _analyze(_snapshot(control, queue_maps, control_path))
-        persistent = set(analysis.anomalies)
+        unreadable = _open_queues(name_prefix, domain, queues)
+        accounting = _Accounting(snapshot_domain(control, queues))
+        persistent = set(accounting.anomalies)
         for _ in range(_SNAPSHOTS - 1):
             if not persistent:
                 break
-            analysis = _analyze(_snapshot(control, queue_maps, control_path))
-            persistent &= set(analysis.anomalies)
-        return _report(domain, name_prefix, control_path, analysis, persistent, unreadable)
+            accounting = _Accounting(snapshot_domain(control, queues))
+            persistent &= set(accounting.anomalies)
+        return _report(domain, name_prefix, control.path, accounting, persistent, unreadable)
     finally:
-        for _name, _path, mm in queue_maps:
-            mm.close()
+        for segment in queues.values():
+            segment.close()
         control.close()
 
 
-# ---------------------------------------------------------------------- internals
-
-
-def _open_readonly(path: str, magic: int, kind: int, domain: str, prefix: str) -> mmap.mmap:
-    """Map a segment read-only after the checks open_segment makes."""
+def _open_control(prefix: str, domain: str) -> ReadOnlySegment:
+    path = segment_path(prefix, domain, "ctl")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        if kind == L.KIND_CONTROL:
-            others = domain_segments(prefix, domain)
-            hint = (f"; its other segments are left over ({', '.join(others)}): remove them with "
-                    f"`mq cleanup {domain}`" if others else "")
-            raise SegmentError(errno.ENOENT, f"domain {domain!r} does not exist (no {path}){hint}") from None
-        raise SegmentError(errno.ENOENT, f"segment {path} does not exist") from None
-    except PermissionError:
-        raise SegmentError(errno.EACCES, f"permission denied reading segment {path}: it belongs to "
-                           "another user (segments are created owner-only); run as that user") from None
-    try:
-        size = os.fstat(fd).st_size
-        if size < C.sizeof(L.SegmentHeader):
-            raise SegmentError(errno.EINVAL, f"segment {path} is truncated ({size} bytes)")
-        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)  # the mapping keeps its own reference
-    hdr = L.SegmentHeader.from_buffer_copy(mm, 0)
-    problem = None
-    if hdr.magic != magic or hdr.kind != kind:
-        problem = SegmentError(errno.EINVAL, f"segment {path} is not a multiqueue segment of the "
-                               f"expected kind (magic {hdr.magic:#x} kind {hdr.kind})")
-    elif hdr.version != L.LAYOUT_VERSION:
-        problem = SegmentVersionError(errno.EINVAL, f"segment {path} has layout version {hdr.version}, "
-                                      f"this multiqueue reads version {L.LAYOUT_VERSION}")
-    elif hdr.total_size != size:
-        problem = SegmentError(errno.EINVAL, f"segment {path} is truncated: header says "
-                               f"{hdr.total_size} bytes, file has {size}")
-    if problem is not None:
-        mm.close()
-        raise problem
-    return mm
+        return ReadOnlySegment(path, L.MAGIC_CONTROL, L.KIND_CONTROL)
+    except SegmentError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    others = domain_segments(prefix, domain)
+    hint = (f"; its other segments are left over ({', '.join(others)}): remove them with "
+            f"`mq cleanup {domain}`" if others else "")
+    raise SegmentError(errno.ENOENT, f"domain {domain!r} does not exist (no {path}){hint}")
 
 
-@dataclass
-class _QueueSnap:
-    name: str
-    path: str
-    header: QueueHeader
-    readers: list[tuple[int, ReaderRecord]]  # the active ones
-    ring: np.ndarray  # item ids
+def _open_queues(prefix: str, domain: str, queues: dict[str, ReadOnlySegment]) -> list[Finding]:
+    """Map every queue segment of the domain into ``queues`` (name -> segment; the
+    caller closes them, also after an error); a finding for each that cannot be."""
+    unreadable = []
+    for name, path in queue_segments(prefix, domain).items():
+        try:
+            queues[name] = ReadOnlySegment(path, MAGIC_QUEUE, KIND_QUEUE)
+        except SegmentError as e:
+            if os.path.exists(path):  # else removed meanwhile: nothing to say
+                unreadable.append(Finding(
+                    "unreadable-segment", f"queue segment {path} cannot be read: {e}",
+                    f"if no process uses queue {name!r} any more, remove {path}"))
+    return unreadable
 
 
-@dataclass
-class _Snap:
-    ctl: L.Control
-    procs: list[tuple[int, L.Process]]  # the registered ones
-    pools: C.Array
-    states: np.ndarray  # state word per used slot
-    rows: dict[int, np.ndarray]  # process slot -> its ledger row (used slots)
-    queues: list[_QueueSnap]
-    control: mmap.mmap  # the mapping, to read the entries of held slots
-    taken_ns: int
-    free: dict[int, list[int] | None]  # active pool id -> slots in its free list (None: busy)
+# ---------------------------------------------------------------------- accounting
 
 
-def _snapshot(control: mmap.mmap, queues: list[tuple[str, str, mmap.mmap]], control_path: str) -> _Snap:
-    ctl = L.Control.from_buffer_copy(control, 0)
-    n_procs, n_pools, n_bufs, used = ctl.max_processes, ctl.max_pools, ctl.max_buffers, ctl.slots_used
-    problem = L.control_problem(ctl, len(control))
-    if problem is not None:
-        raise SegmentError(errno.EINVAL, f"the control segment {control_path} is corrupt: {problem}")
-    procs = (L.Process * n_procs).from_buffer_copy(control, ctl.procs_offset)
-    pools = (L.Pool * n_pools).from_buffer_copy(control, ctl.pools_offset)
-    states = np.frombuffer(control, np.uint64, used * L.ENTRY_WORDS, ctl.meta_offset)[::L.ENTRY_WORDS].copy()
-    registered = [(s, p) for s, p in enumerate(procs) if p.state != L.PROC_FREE]
-    rows = {s: np.frombuffer(control, np.uint64, used, ctl.ledger_offset + s * n_bufs * 8).copy()
-            for s, _p in registered}
-    snaps = []
-    for name, path, mm in queues:
-        h = QueueHeader.from_buffer_copy(mm, 0)
-        readers_at = C.sizeof(QueueHeader)
-        ring_at = readers_at + h.max_readers * C.sizeof(ReaderRecord)
-        if (h.capacity == 0 or h.capacity & (h.capacity - 1) or h.mask != h.capacity - 1
-                or not 0 < h.max_readers <= 1024 or h.readers_hw > h.max_readers
-                or ring_at + h.capacity * C.sizeof(Item) > len(mm)):
-            continue  # corrupt: _report cannot say more than open_segment would
-        records = (ReaderRecord * h.readers_hw).from_buffer_copy(mm, readers_at)
-        ring = np.frombuffer(mm, np.uint64, h.capacity * _ITEM_WORDS, ring_at)[::_ITEM_WORDS].copy()
-        active = [(i, r) for i, r in enumerate(records) if r.state == _READER_ACTIVE]
-        snaps.append(_QueueSnap(name, path, h, active, ring))
-    active = [i for i, p in enumerate(pools) if p.state in (L.POOL_ACTIVE, L.POOL_REMOVING)]
-    return _Snap(ctl, registered, pools, states, rows, snaps, control, time.monotonic_ns(),
-                 _free_lists(control, ctl, active))
+class _Accounting:
+    """One snapshot accounted for: every reference of every buffer put with its holder,
+    every block of every pool put in one place.  ``anomalies`` are keyed so that one
+    persisting across snapshots has the same key: ("leftover", slot, state word,
+    leftover), ("stale-ledger", proc slot, slot, word, state word), ("stale-item",
+    queue, reader, id, state word), ("lost-block", pool, slot, state word)..."""
 
+    def __init__(self, snap: DomainSnapshot):
+        self.snap = snap
+        self.gens, self.refs = split_words(snap.states)
+        self.buffers: dict[int, BufferInfo] = {}  # slot -> buffer
+        self.anomalies: dict[tuple, str] = {}
+        self.allocating: set[int] = set()  # slots live processes are publishing right now
+        registered = snap.tables.processes
+        self.names = {s: p.name.decode(errors="replace") for s, p in registered}
+        self.pids = {s: p.pid for s, p in registered}
+        self.alive = {s: is_alive(p.pid, p.start_time) for s, p in registered}
+        for slot in np.flatnonzero(self.refs > 0).tolist():
+            self.buffer(slot, int(self.gens[slot]))
+        self.processes = [self._account_process(s, p) for s, p in registered]
+        self.queues = [self._account_queue(q) for q in snap.queues]
+        self._account_leftovers()
+        self.pools = [self._account_pool(pool_id) for pool_id in snap.free_lists]
+        self.buffers = dict(sorted(self.buffers.items()))
 
-def _free_lists(control: mmap.mmap, ctl: L.Control, pool_ids: list[int]) -> dict[int, list[int] | None]:
-    """The slots in each pool's free list, read without locks.
-
-    The head word carries a tag that changes on every push and pop, so a list whose
-    head reads the same before and after the links were copied did not change in
-    between: the walk is of one consistent list.  A pool that never stands still for
-    _WALK_TRIES attempts is reported as busy (None).  A walk that leaves the table or
-    loops returns what it saw plus -1, which the analysis reports as corrupt.
-    """
-    heads = np.frombuffer(control, np.uint64, ctl.max_pools * _HEAD_WORD, ctl.pools_offset)[::_HEAD_WORD]
-    used = ctl.slots_used
-    result: dict[int, list[int] | None] = {p: None for p in pool_ids}
-    for _ in range(_WALK_TRIES):
-        pending = [p for p in pool_ids if result[p] is None]
-        if not pending:
-            break
-        before = heads[pending].copy()
-        links = np.frombuffer(control, np.uint32, used * L.ENTRY_WORDS * 2, ctl.meta_offset)
-        links = links[_NEXT_FREE::L.ENTRY_WORDS * 2].copy()
-        after = heads[pending].copy()
-        for pool_id, head, again in zip(pending, before.tolist(), after.tolist(), strict=True):
-            if head == again:
-                result[pool_id] = _walk(head & _MASK32, links)
-    return result
-
-
-def _walk(top: int, links: np.ndarray) -> list[int]:
-    slots: list[int] = []
-    seen: set[int] = set()
-    while top:
-        slot = top - 1
-        if slot >= len(links) or slot in seen:
-            return slots + [-1]
-        seen.add(slot)
-        slots.append(slot)
-        top = int(links[slot])
-    return slots
-
-
-@dataclass
-class _Analysis:
-    snap: _Snap
-    processes: list[ProcessInfo]
-    queues: list[QueueInfo]
-    buffers: dict[int, BufferInfo]  # slot -> buffer
-    # anomalies, keyed so that one persisting across snapshots has the same key:
-    # ("leftover", slot, state word, leftover), ("stale-ledger", proc slot, slot, word, state word),
-    # ("stale-item", queue, reader, id, state word)
-    anomalies: dict[tuple, str]
-    pools: list[PoolInfo]
-
-
-def _analyze(snap: _Snap) -> _Analysis:
-    used = len(snap.states)
-    gens = (snap.states >> np.uint64(32)).astype(np.int64)
-    refs = (snap.states & np.uint64(_MASK32)).astype(np.int64)
-    buffers: dict[int, BufferInfo] = {}
-    anomalies: dict[tuple, str] = {}
-    names = {s: p.name.decode(errors="replace") for s, p in snap.procs}
-    pids = {s: p.pid for s, p in snap.procs}
-    alive = {s: is_alive(p.pid, p.start_time) for s, p in snap.procs}
-
-    def buffer(slot: int, gen: int, unpublished: bool = False) -> BufferInfo:
-        if slot not in buffers:
-            e = L.Entry.from_buffer_copy(snap.control, snap.ctl.meta_offset + slot * C.sizeof(L.Entry))
-            pool = snap.pools[e.pool_id] if e.pool_id < len(snap.pools) else None
-            buffers[slot] = BufferInfo(
+    def buffer(self, slot: int, gen: int, unpublished: bool = False) -> BufferInfo:
+        """The buffer at ``slot`` (described from its metadata entry the first time)."""
+        if slot not in self.buffers:
+            e = self.snap.entry(slot)
+            pools = self.snap.tables.pools
+            pool = pools[e.pool_id] if e.pool_id < len(pools) else None
+            self.buffers[slot] = BufferInfo(
                 id=(gen << 32) | slot, slot=slot, generation=gen,
                 pool=pool.name.decode(errors="replace") if pool is not None else f"#{e.pool_id}",
                 pool_id=e.pool_id, size=None if unpublished else e.size,
                 capacity=pool.block_size if pool is not None else 0,
-                ref_count=0 if unpublished else int(refs[slot]),
+                ref_count=0 if unpublished else int(self.refs[slot]),
                 creator_pid=0 if unpublished else e.creator_pid,
-                age_s=None if unpublished or not e.alloc_time_ns else (snap.taken_ns - e.alloc_time_ns) / 1e9,
+                age_s=(None if unpublished or not e.alloc_time_ns
+                       else (self.snap.taken_ns - e.alloc_time_ns) / 1e9),
                 unpublished=unpublished)
-        return buffers[slot]
+        return self.buffers[slot]
 
-    for slot in np.flatnonzero(refs > 0).tolist():
-        buffer(slot, int(gens[slot]))
-
-    processes = []
-    allocating: set[int] = set()  # slots live processes are publishing right now
-    for s, p in snap.procs:
-        row = snap.rows[s]
-        counts = (row & np.uint64(_MASK32)).astype(np.int64)
-        row_gens = (row >> np.uint64(32)).astype(np.int64)
-        total = n_buffers = n_unpublished = 0
+    def _account_process(self, s: int, p: L.Process) -> ProcessInfo:
+        age = (self.snap.taken_ns - p.heartbeat_ns) / 1e9 if p.heartbeat_ns else 0.0
+        info = ProcessInfo(s, p.pid, self.names[s], "reaping" if p.state == L.PROC_REAPING else "registered",
+                           self.alive[s], 0, 0, 0, age)
+        row = self.snap.ledger_rows[s]
+        row_gens, counts = split_words(row)
         for slot in np.flatnonzero(counts > 0).tolist():
-            gen, count = int(row_gens[slot]), int(counts[slot])
-            holder = Holder("process", p.pid, alive[s], count, names[s], proc_slot=s)
-            if gen == gens[slot] and refs[slot] > 0:
-                buffer(slot, gen).holders.append(holder)
-                total += count
-                n_buffers += 1
-            elif refs[slot] == 0 and int(gens[slot]) in ((gen - 1,) if gen > 1 else (_MASK32, 0)):
-                # popped but not published: a live process is allocating it right now
-                if not alive[s]:
-                    buffer(slot, gen, unpublished=True).holders.append(holder)
-                    n_unpublished += 1
-                else:
-                    allocating.add(slot)
-            elif alive[s]:  # a dead process's stale words are dropped harmlessly when it is reaped
-                anomalies[("stale-ledger", s, slot, int(row[slot]), int(snap.states[slot]))] = (
-                    f"process {p.pid} {names[s]!r} records {count} reference(s) of buffer "
-                    f"{(gen << 32) | slot:#x}, but slot {slot} is at generation {int(gens[slot])} "
-                    f"with {int(refs[slot])} reference(s)")
-        processes.append(ProcessInfo(
-            s, p.pid, names[s], "reaping" if p.state == L.PROC_REAPING else "registered", alive[s], total,
-            n_buffers, n_unpublished, (snap.taken_ns - p.heartbeat_ns) / 1e9 if p.heartbeat_ns else 0.0))
+            self._account_ledger_word(info, slot, int(row_gens[slot]), int(counts[slot]), int(row[slot]))
+        return info
 
-    queues = []
-    for q in snap.queues:
+    def _account_ledger_word(self, info: ProcessInfo, slot: int, gen: int, count: int, word: int) -> None:
+        """One word of a process's ledger: references it holds, a block it is taking, or stale."""
+        holder = Holder("process", info.pid, info.alive, count, info.name, proc_slot=info.slot)
+        current, refs = int(self.gens[slot]), int(self.refs[slot])
+        if gen == current and refs > 0:
+            self.buffer(slot, gen).holders.append(holder)
+            info.references += count
+            info.buffers += 1
+        elif refs == 0 and current in ((gen - 1,) if gen > 1 else (MASK32, 0)):
+            # popped but not published: a live process is allocating it right now
+            if not info.alive:
+                self.buffer(slot, gen, unpublished=True).holders.append(holder)
+                info.unpublished += 1
+            else:
+                self.allocating.add(slot)
+        elif info.alive:  # a dead process's stale words are dropped harmlessly when it is reaped
+            self.anomalies[("stale-ledger", info.slot, slot, word, int(self.snap.states[slot]))] = (
+                f"process {info.pid} {info.name!r} records {count} reference(s) of buffer "
+                f"{(gen << 32) | slot:#x}, but slot {slot} is at generation {current} with "
+                f"{refs} reference(s)")
+
+    def _account_queue(self, q: QueueSnapshot) -> QueueInfo:
         h = q.header
         closed = ("open", "closed", "abandoned")[min(h.closed, 2)]
         info = QueueInfo(q.name, q.path, h.capacity, h.pushed, closed)
         for index, r in q.readers:
-            low = max(r.cursor, h.head - h.capacity)
-            held: dict[int, int] = {}
-            for seq in range(low, max(low, h.head)):
-                buffer_id = int(q.ring[seq & h.mask])
-                held[buffer_id] = held.get(buffer_id, 0) + 1
-            owner = r.proc if pids.get(r.proc) == r.pid else None  # else its slot was reused
-            name = names.get(owner, "")
-            reader_alive = is_alive(r.pid, r.start_time)
-            info.readers.append(ReaderInfo(index, r.pid, name, reader_alive,
-                                           "drop_oldest" if r.policy else "block", sum(held.values())))
+            held = _unread_items(q, r)
+            owner = r.proc if self.pids.get(r.proc) == r.pid else None  # else its slot was reused
+            name = self.names.get(owner, "")
+            alive = is_alive(r.pid, r.start_time)
+            info.readers.append(ReaderInfo(index, r.pid, name, alive, "drop_oldest" if r.policy else "block",
+                                           sum(held.values())))
             for buffer_id, count in held.items():
-                slot, gen = buffer_id & _MASK32, buffer_id >> 32
-                if slot < used and gen == gens[slot] and refs[slot] > 0:
-                    buffer(slot, gen).holders.append(Holder("queue", r.pid, reader_alive, count, name,
-                                                            proc_slot=owner, queue=q.name, reader=index))
-                else:
-                    state = int(snap.states[slot]) if slot < used else -1
-                    anomalies[("stale-item", q.name, index, buffer_id, state)] = (
-                        f"reader {index} of queue {q.name!r} has {count} unread item(s) of buffer "
-                        f"{buffer_id:#x}, which is no longer valid (freed or reused)")
-        queues.append(info)
-
-    for slot, b in buffers.items():
-        if b.unpublished:
-            continue
-        b.leftover = b.ref_count - b.accounted
-        if b.leftover:
-            anomalies[("leftover", slot, int(snap.states[slot]), b.leftover)] = ""
-    pools = [_account_pool(snap, pool_id, refs, buffers, allocating, anomalies) for pool_id in snap.free]
-    return _Analysis(snap, processes, queues, dict(sorted(buffers.items())), anomalies, pools)
-
-
-def _account_pool(snap: _Snap, pool_id: int, refs: np.ndarray, buffers: dict[int, BufferInfo],
-                  allocating: set[int], anomalies: dict[tuple, str]) -> PoolInfo:
-    """Put every block of a pool in one place: free, held, unpublished or (else) lost.
-
-    Lost blocks and blocks both free and held become anomalies (reported when they
-    persist): a lost block is one a process took from the free list and was killed
-    before recording it in its ledger (docs/shm.md), or a sign of corruption."""
-    rec = snap.pools[pool_id]
-    name = rec.name.decode(errors="replace")
-    slots = [first for c in rec.chunks[: min(rec.n_chunks, L.MAX_CHUNKS)]
-             for first in range(c.first_slot, min(c.first_slot + c.count, len(refs)))]
-    info = PoolInfo(name, pool_id, len(slots), None, 0, 0, 0)
-    free_list = snap.free[pool_id]
-    for slot in slots:
-        if refs[slot] > 0:
-            info.held += 1
-        elif slot in buffers and buffers[slot].unpublished:
-            info.unpublished += 1
-    if free_list is None:
+                self._account_queue_item(Holder("queue", r.pid, alive, count, name, proc_slot=owner,
+                                                 queue=q.name, reader=index), buffer_id)
         return info
-    free = set(free_list)
-    info.free = len(free - {-1})
-    if -1 in free or not free <= set(slots):
-        anomalies[("free-list", pool_id, tuple(free_list))] = (
-            f"the free list of pool {name!r} loops or leaves the pool's slots")
-    for slot in free & set(slots):
-        if refs[slot] > 0:
-            anomalies[("free-and-held", slot, int(snap.states[slot]))] = (
-                f"block slot {slot} of pool {name!r} is in the free list but has {int(refs[slot])} "
-                "reference(s)")
-    for slot in slots:
-        if slot not in free and refs[slot] == 0 and slot not in buffers and slot not in allocating:
-            anomalies[("lost-block", pool_id, slot, int(snap.states[slot]))] = ""
-    return info
+
+    def _account_queue_item(self, holder: Holder, buffer_id: int) -> None:
+        slot, gen = buffer_id & MASK32, buffer_id >> 32
+        used = len(self.snap.states)
+        if slot < used and gen == self.gens[slot] and self.refs[slot] > 0:
+            self.buffer(slot, gen).holders.append(holder)
+            return
+        state = int(self.snap.states[slot]) if slot < used else -1
+        self.anomalies[("stale-item", holder.queue, holder.reader, buffer_id, state)] = (
+            f"reader {holder.reader} of queue {holder.queue!r} has {holder.count} unread item(s) of buffer "
+            f"{buffer_id:#x}, which is no longer valid (freed or reused)")
+
+    def _account_leftovers(self) -> None:
+        for slot, b in self.buffers.items():
+            if b.unpublished:
+                continue
+            b.leftover = b.ref_count - b.accounted
+            if b.leftover:
+                self.anomalies[("leftover", slot, int(self.snap.states[slot]), b.leftover)] = ""
+
+    def _account_pool(self, pool_id: int) -> PoolInfo:
+        """Put every block of a pool in one place: free, held, unpublished or (else) lost.
+
+        Lost blocks and blocks both free and held become anomalies (reported when they
+        persist): a lost block is one a process took from the free list and was killed
+        before recording it in its ledger (docs/shm.md), or a sign of corruption."""
+        rec = self.snap.tables.pools[pool_id]
+        slots = [first for c in rec.chunks[: min(rec.n_chunks, L.MAX_CHUNKS)]
+                 for first in range(c.first_slot, min(c.first_slot + c.count, len(self.refs)))]
+        info = PoolInfo(rec.name.decode(errors="replace"), pool_id, len(slots), None, 0, 0, 0)
+        for slot in slots:
+            if self.refs[slot] > 0:
+                info.held += 1
+            elif slot in self.buffers and self.buffers[slot].unpublished:
+                info.unpublished += 1
+        free_list = self.snap.free_lists[pool_id]
+        if free_list is not None:
+            self._check_free_list(info, slots, free_list)
+        return info
+
+    def _check_free_list(self, info: PoolInfo, slots: list[int], free_list: list[int]) -> None:
+        free = set(free_list)
+        info.free = len(free - {-1})
+        if -1 in free or not free <= set(slots):
+            self.anomalies[("free-list", info.pool_id, tuple(free_list))] = (
+                f"the free list of pool {info.name!r} loops or leaves the pool's slots")
+        for slot in free & set(slots):
+            if self.refs[slot] > 0:
+                self.anomalies[("free-and-held", slot, int(self.snap.states[slot]))] = (
+                    f"block slot {slot} of pool {info.name!r} is in the free list but has "
+                    f"{int(self.refs[slot])} reference(s)")
+        for slot in slots:
+            if slot not in free and self.refs[slot] == 0 and slot not in self.buffers \
+                    and slot not in self.allocating:
+                self.anomalies[("lost-block", info.pool_id, slot, int(self.snap.states[slot]))] = ""
+
+
+def _unread_items(q: QueueSnapshot, r: ReaderRecord) -> dict[int, int]:
+    """buffer id -> items of it a reader has not read (one reference each)."""
+    h = q.header
+    low = max(r.cursor, h.head - h.capacity)
+    held: dict[int, int] = {}
+    for seq in range(low, max(low, h.head)):
+        buffer_id = int(q.ring[seq & h.mask])
+        held[buffer_id] = held.get(buffer_id, 0) + 1
+    return held
+
+
+# ---------------------------------------------------------------------- findings
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _report(domain: str, prefix: str, control_path: str, a: _Analysis, persistent: set,
+def _report(domain: str, prefix: str, control_path: str, a: _Accounting, persistent: set,
             unreadable: list[Finding]) -> DoctorReport:
-    findings: list[Finding] = []
     any_alive = any(p.alive for p in a.processes)
-    cleanup = f"`mq cleanup {domain}`"
-    if any_alive:
-        reap_how = (f"call ShmManager.reap() in any process attached to {domain!r} (every manager with a "
-                    "reaper_interval does it on its own within that interval) or attach a new "
-                    "ShmManager to it (attaching reaps)")
-    else:
-        reap_how = (f"no process of {domain!r} is alive: run {cleanup} to remove the stale domain, or "
-                    "attach a ShmManager to it (attaching reaps the dead and reuses the domain)")
+    findings = _dead_process_findings(domain, a, any_alive) + _dead_reader_findings(domain, a, any_alive)
+    findings += _reference_findings(domain, a, persistent) + _lost_block_findings(domain, a, persistent)
+    findings += _other_inconsistencies(domain, a, persistent) + unreadable
+    return DoctorReport(domain, prefix, control_path, a.processes, a.queues, list(a.buffers.values()),
+                        findings, a.pools)
 
+
+def _reap_how(domain: str, any_alive: bool) -> str:
+    if any_alive:
+        return (f"call ShmManager.reap() in any process attached to {domain!r} (every manager with a "
+                "reaper_interval does it on its own within that interval) or attach a new "
+                "ShmManager to it (attaching reaps)")
+    return (f"no process of {domain!r} is alive: run `mq cleanup {domain}` to remove the stale domain, or "
+            "attach a ShmManager to it (attaching reaps the dead and reuses the domain)")
+
+
+def _dead_process_findings(domain: str, a: _Accounting, any_alive: bool) -> list[Finding]:
+    findings = []
     for p in a.processes:
         if p.alive:
             continue
-        ids = [b.id for b in a.buffers.values() if any(h.kind == "process" and h.proc_slot == p.slot
-                                                        for h in b.holders)]
+        ids = [b.id for b in a.buffers.values()
+               if any(h.kind == "process" and h.proc_slot == p.slot for h in b.holders)]
         what = (f"it holds {_plural(p.references, 'reference')} on {_plural(p.buffers, 'buffer')}"
                 if p.references else "it holds no references")
         if p.unpublished:
@@ -577,9 +495,14 @@ def _report(domain: str, prefix: str, control_path: str, a: _Analysis, persisten
         releases.append(f"frees its slot {p.slot}")
         findings.append(Finding(
             "dead-process", f"process {p.pid} {p.name!r} (slot {p.slot}) is dead but {state}; {what}",
-            f"{reap_how}: that {', '.join(releases[:-1]) + ' and ' if releases[:-1] else ''}{releases[-1]}",
+            f"{_reap_how(domain, any_alive)}: that "
+            f"{', '.join(releases[:-1]) + ' and ' if releases[:-1] else ''}{releases[-1]}",
             pid=p.pid, references=p.references, buffers=ids))
+    return findings
 
+
+def _dead_reader_findings(domain: str, a: _Accounting, any_alive: bool) -> list[Finding]:
+    findings = []
     for q in a.queues:
         for r in q.readers:
             if r.alive:
@@ -591,24 +514,31 @@ def _report(domain: str, prefix: str, control_path: str, a: _Analysis, persisten
                    f"create=False)) and call reap_dead_readers() (or close() it): that detaches reader "
                    f"{r.index} and releases its {_plural(r.unread, 'reference')}")
             if not any_alive:
-                fix = f"no process of {domain!r} is alive: run {cleanup} to remove the stale domain"
+                fix = f"no process of {domain!r} is alive: run `mq cleanup {domain}` to remove the stale " \
+                      "domain"
             findings.append(Finding(
                 "dead-reader",
                 f"reader {r.index} ({r.policy}) of queue {q.name!r} belongs to dead process {r.pid}; it "
                 f"holds {_plural(r.unread, 'unread item')} (one reference each)"
                 + ("; its full ring blocks the producer" if blocking else ""),
                 fix, pid=r.pid, references=r.unread, buffers=ids))
+    return findings
 
+
+def _reference_findings(domain: str, a: _Accounting, persistent: set) -> list[Finding]:
+    """A leak or an inconsistency for each buffer whose leftover persisted."""
+    findings = []
+    cleanup = f"`mq cleanup {domain}`"
     for b in a.buffers.values():
         key = ("leftover", b.slot, (b.generation << 32) | b.ref_count, b.leftover)
         if not b.leftover or key not in persistent:
             continue
         held = f"{b.accounted} held by {_plural(len(b.holders), 'holder')}" if b.holders else "no holder"
+        where = f"buffer {b.id:#x} (pool {b.pool!r}, slot {b.slot}) has {b.ref_count} reference(s)"
         if b.leftover > 0:
             findings.append(Finding(
                 "leak",
-                f"buffer {b.id:#x} (pool {b.pool!r}, slot {b.slot}) has {b.ref_count} reference(s), "
-                f"{held}: {_plural(b.leftover, 'reference')} nobody accounts for (a process was "
+                f"{where}, {held}: {_plural(b.leftover, 'reference')} nobody accounts for (a process was "
                 "probably killed inside the one-instruction window of a get/share or release, "
                 "see docs/shm.md)",
                 f"a leaked reference cannot be released while the domain lives: the block stays in use "
@@ -618,28 +548,16 @@ def _report(domain: str, prefix: str, control_path: str, a: _Analysis, persisten
         else:
             findings.append(Finding(
                 "inconsistent",
-                f"buffer {b.id:#x} (pool {b.pool!r}, slot {b.slot}) has {b.ref_count} reference(s) but "
-                f"its holders account for {b.accounted}: {_plural(-b.leftover, 'reference')} too many",
+                f"{where} but its holders account for {b.accounted}: {_plural(-b.leftover, 'reference')} "
+                "too many",
                 f"the shared state is inconsistent (a bug, or the memory was written by something else): "
                 f"the last release will fail with InvalidBufferError; stop the processes of {domain!r}, "
                 f"run {cleanup} and report it",
                 references=-b.leftover, buffers=[b.id]))
-
-    findings.extend(_lost_blocks(domain, a, persistent))
-    for key, message in a.anomalies.items():
-        if key[0] in ("leftover", "lost-block") or key not in persistent:
-            continue
-        findings.append(Finding(
-            "inconsistent", message,
-            f"the shared state is inconsistent (a bug, or the memory was written by something else): stop "
-            f"the processes of {domain!r}, run {cleanup} and report it"))
-
-    findings.extend(unreadable)
-    return DoctorReport(domain, prefix, control_path, a.processes, a.queues, list(a.buffers.values()),
-                        findings, a.pools)
+    return findings
 
 
-def _lost_blocks(domain: str, a: _Analysis, persistent: set) -> list[Finding]:
+def _lost_block_findings(domain: str, a: _Accounting, persistent: set) -> list[Finding]:
     """One finding per pool with blocks that are neither free nor held in every snapshot."""
     lost: dict[int, list[int]] = {}
     for key in persistent:
@@ -661,3 +579,11 @@ def _lost_blocks(domain: str, a: _Analysis, persistent: set) -> list[Finding]:
             f"{_plural(len(slots), 'block')} less) until every process of {domain!r} stops and "
             f"`mq cleanup {domain}` removes the domain; harmless unless it recurs"))
     return findings
+
+
+def _other_inconsistencies(domain: str, a: _Accounting, persistent: set) -> list[Finding]:
+    return [Finding("inconsistent", message,
+                    f"the shared state is inconsistent (a bug, or the memory was written by something else): "
+                    f"stop the processes of {domain!r}, run `mq cleanup {domain}` and report it")
+            for key, message in a.anomalies.items()
+            if key[0] not in ("leftover", "lost-block") and key in persistent]

@@ -1,0 +1,34 @@
+"""`mq demo`, `mq stream-demo` and `mq dashboard`: the demos (each parses its own
+options) and the live web dashboard of a running graph."""
+
+import threading
+
+from ..demos import spectrum, stream
+from .common import domain_name, start_dashboard
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="the spectrum monitor: a graph of blocks in several processes",
+                              add_help=False)
+    p.set_defaults(func=spectrum.main, own_options=True)
+    p = subparsers.add_parser("stream-demo", help="two processes sharing buffers through a port queue",
+                              add_help=False)
+    p.set_defaults(func=stream.main, own_options=True)
+    p = subparsers.add_parser("dashboard", help="serve the live web dashboard of a running graph")
+    p.add_argument("domain", type=domain_name)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    p.set_defaults(func=dashboard)
+
+
+def dashboard(args) -> int:
+    """Serve the live dashboard of a running graph until Ctrl-C."""
+    dash = start_dashboard(args.domain, args.host, args.port)
+    print(f"dashboard of domain {args.domain!r}: {dash.url}  (Ctrl-C stops it)", flush=True)
+    try:
+        threading.Event().wait()  # the server runs on its thread; Ctrl-C ends this wait
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dash.stop()
+    return 0
