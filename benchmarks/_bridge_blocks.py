@@ -24,14 +24,13 @@ each process that hosts a side reads the CPU time of the side's processes every
 import contextlib
 import cProfile
 import os
-import signal
 import struct
-import sys
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
+from _common import clock, exit_on_sigterm, ignore_ctrl_c
 
 from multiqueue import PoolConfig, ShmConfig
 from multiqueue.graph import DONE, Block, Port, Runtime
@@ -44,7 +43,6 @@ HEAD = struct.Struct("<qqqq")  # raw attachment: seq, run, phase, send time
 SEQ, RUN, PHASE = range(3)  # bridged: int64 words at the start of the frame
 CPU_PERIOD_S = 0.02
 START_TIMEOUT_S = 60.0
-clock = time.monotonic_ns  # CLOCK_MONOTONIC: one clock for every process of the machine
 
 
 def header_size(size: int) -> int:
@@ -56,15 +54,14 @@ def header_size(size: int) -> int:
 class Options:
     """How the sides run: --express, --placement, --threads, --profile DIR."""
 
-    def where(self, side: str) -> str:
-        """The Runtime placement of a side's blocks."""
-        return "process" if self.placement == "process" else f"{side}_blocks"
-
-
     express: bool = False  # Zenoh express puts (no batching) on both sides
     placement: str = "process"  # "process": a worker per block; "shared": one worker per side
     threads: bool = False  # sample every thread's CPU time too
     profile_dir: str | None = None  # cProfile the bridge blocks' threads
+
+    def where(self, side: str) -> str:
+        """The Runtime placement of a side's blocks."""
+        return "process" if self.placement == "process" else f"{side}_blocks"
 
 
 # -- the schedule ---------------------------------------------------------------------------
@@ -266,12 +263,8 @@ class Profiles:
 def _quiet_worker() -> None:
     """A worker process: Ctrl-C is the parent's business; the first SIGTERM runs the finally
     clauses (a Runtime's orderly stop), which a second one does not interrupt."""
-    def on_term(*_):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        sys.exit(143)
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, on_term)
+    ignore_ctrl_c()
+    exit_on_sigterm()
 
 
 def raw_receiver(settings: ZenohSettings, key: str, schedule: Schedule, opts: Options, conn) -> None:
@@ -352,13 +345,18 @@ def raw_sender(settings: ZenohSettings, key: str, size: int, schedule: Schedule,
 # -- the bridged path: blocks ---------------------------------------------------------------------
 
 
-class StampSource(Block):
-    """Frames of ``size`` uint8 from the pool as fast as the graph takes them (and paced
-    ones), seq/run/phase in the first words, stamped with the send time."""
+class _StreamBlock(Block):
+    """A block at one end of the bridged stream: frames of ``size`` uint8, the stream
+    ``schedule``, and where its records go when it stops."""
 
     def __init__(self, size: int, schedule: Schedule, out_path: str):
         super().__init__()
         self.size, self.schedule, self.out_path = size, schedule, out_path
+
+
+class StampSource(_StreamBlock):
+    """Frames of ``size`` uint8 from the pool as fast as the graph takes them (and paced
+    ones), seq/run/phase in the first words, stamped with the send time."""
 
     def output_ports(self):
         return {"out": Port(np.uint8, (self.size,))}
@@ -386,12 +384,8 @@ class StampSource(Block):
         np.save(self.out_path, np.array(self.plan.sent, np.int64))
 
 
-class CountSink(Block):
+class CountSink(_StreamBlock):
     """Records every frame: receipt time, run, phase, seq, latency (now - frame.timestamp)."""
-
-    def __init__(self, size: int, schedule: Schedule, out_path: str):
-        super().__init__()
-        self.size, self.schedule, self.out_path = size, schedule, out_path
 
     def input_ports(self):
         return {"in": Port(np.uint8, (self.size,))}
@@ -410,8 +404,10 @@ class CountSink(Block):
         np.save(self.out_path, self.records.result())
 
 
-class ProfiledBridgeSink(BridgeSink):
-    """BridgeSink with a cProfile of its block thread (--profile)."""
+class _ProfiledWork:
+    """A bridge block with a cProfile of its block thread, from start() to stop() (--profile)."""
+
+    profile_name = ""
 
     def __init__(self, key, profile_dir, **kw):
         super().__init__(key, **kw)
@@ -419,7 +415,7 @@ class ProfiledBridgeSink(BridgeSink):
 
     def start(self) -> None:
         super().start()
-        self.profiles = Profiles(self.profile_dir, "bridge-sink-work")
+        self.profiles = Profiles(self.profile_dir, self.profile_name)
         self.profiles.enable_here()
 
     def stop(self) -> None:
@@ -427,12 +423,14 @@ class ProfiledBridgeSink(BridgeSink):
         self.profiles.dump()
 
 
-class ProfiledBridgeSource(BridgeSource):
-    """BridgeSource with a cProfile of its block thread and of Zenoh's callback thread(s)."""
+class ProfiledBridgeSink(_ProfiledWork, BridgeSink):
+    profile_name = "bridge-sink-work"
 
-    def __init__(self, key, profile_dir, **kw):
-        super().__init__(key, **kw)
-        self.profile_dir = profile_dir
+
+class ProfiledBridgeSource(_ProfiledWork, BridgeSource):
+    """Its block thread and Zenoh's callback thread(s) profiled."""
+
+    profile_name = "bridge-source-work"
 
     def initialize(self) -> None:
         self.cb_profiles = Profiles(self.profile_dir, "bridge-source-callback")
@@ -441,15 +439,6 @@ class ProfiledBridgeSource(BridgeSource):
     def _on_sample(self, sample) -> None:
         self.cb_profiles.enable_here()
         super()._on_sample(sample)
-
-    def start(self) -> None:
-        super().start()
-        self.profiles = Profiles(self.profile_dir, "bridge-source-work")
-        self.profiles.enable_here()
-
-    def stop(self) -> None:
-        super().stop()
-        self.profiles.dump()
 
     def cleanup(self) -> None:
         super().cleanup()
@@ -472,13 +461,35 @@ def _sample_runtime(rt: Runtime, side: str, threads: bool) -> CpuSampler:
     return CpuSampler(pids, threads)
 
 
+@contextlib.contextmanager
+def _side(domain: str, size: int, out: str):
+    """This worker's Runtime for one side (SIGTERM stops it in order); stopped, and the
+    records file ``out`` its blocks write removed, whatever happens."""
+    _quiet_worker()
+    rt = Runtime(domain, pools=_pools(size), start_timeout=START_TIMEOUT_S)
+    try:
+        yield rt
+    finally:
+        with contextlib.suppress(Exception):
+            rt.stop(3)
+        with contextlib.suppress(OSError):
+            os.unlink(out)
+
+
+def _ended(rt: Runtime, schedule: Schedule, conn, side: str) -> bool:
+    """Wait for the side's graph to end; False (and an error to the parent) if it does not."""
+    if rt.wait(schedule.seconds + START_TIMEOUT_S):
+        return True
+    rt.stop(10)
+    conn.send(("error", f"the {side} graph did not end"))
+    return False
+
+
 def bridged_receiver(domain: str, settings: ZenohSettings, key: str, size: int, schedule: Schedule,
                      workdir: str, opts: Options, conn) -> None:
     """Runtime: BridgeSource -> CountSink; "ready" once the subscriber listens."""
-    _quiet_worker()
     out = os.path.join(workdir, f"{domain}-records.npy")
-    rt = Runtime(domain, pools=_pools(size), start_timeout=START_TIMEOUT_S)
-    try:
+    with _side(domain, size, out) as rt:
         if opts.profile_dir:
             rx = ProfiledBridgeSource(key, opts.profile_dir, dtype=np.uint8, shape=(size,), zenoh=settings)
         else:
@@ -489,29 +500,20 @@ def bridged_receiver(domain: str, settings: ZenohSettings, key: str, size: int, 
         rt.start()
         sampler = _sample_runtime(rt, "rx", opts.threads)
         conn.send("ready")
-        if not rt.wait(schedule.seconds + START_TIMEOUT_S):
-            rt.stop(10)
-            conn.send(("error", "the receiving graph did not end"))
+        if not _ended(rt, schedule, conn, "receiving"):
             return
         cpu = sampler.result()
         records = np.load(out)
         counters = rt.final_stats.blocks["rx"].counters
         conn.send(("records", records, cpu, counters, rt.final_stats.format()))
         conn.recv()  # "bye"
-    finally:
-        with contextlib.suppress(Exception):
-            rt.stop(3)
-        with contextlib.suppress(OSError):
-            os.unlink(out)
 
 
 def bridged_sender(domain: str, settings: ZenohSettings, key: str, size: int, schedule: Schedule,
                    workdir: str, opts: Options, conn) -> None:
     """Runtime: StampSource -> BridgeSink; runs the schedule to its end."""
-    _quiet_worker()
     out = os.path.join(workdir, f"{domain}-sent.npy")
-    rt = Runtime(domain, pools=_pools(size), start_timeout=START_TIMEOUT_S)
-    try:
+    with _side(domain, size, out) as rt:
         rt.add(StampSource(size, schedule, out), "src", placement=opts.where("tx"))
         if opts.profile_dir:
             tx = ProfiledBridgeSink(key, opts.profile_dir, zenoh=settings, express=opts.express)
@@ -521,16 +523,9 @@ def bridged_sender(domain: str, settings: ZenohSettings, key: str, size: int, sc
         rt.connect(rt["src"]["out"], rt["tx"]["in"])
         rt.start()
         sampler = _sample_runtime(rt, "tx", opts.threads)
-        if not rt.wait(schedule.seconds + START_TIMEOUT_S):
-            rt.stop(10)
-            conn.send(("error", "the sending graph did not end"))
+        if not _ended(rt, schedule, conn, "sending"):
             return
         cpu = sampler.result()
         conn.send(("sent", np.load(out).tolist(), cpu, rt.final_stats.blocks["tx"].counters,
                    rt.final_stats.format()))
         conn.recv()  # "bye"
-    finally:
-        with contextlib.suppress(Exception):
-            rt.stop(3)
-        with contextlib.suppress(OSError):
-            os.unlink(out)

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from _common import clock, ignore_ctrl_c
 
 from multiqueue.graph import DONE, Block, Port
 
@@ -47,7 +48,6 @@ HEADER = 5
 SEQ, PHASE, HOPS, T_SRC, T_HOP = range(HEADER)
 WARMUP, LOAD, SETTLE, PACED, WINDOW = range(5)
 PHASE_NAMES = ("warmup", "load", "settle", "paced", "window")
-clock = time.monotonic_ns  # CLOCK_MONOTONIC: one clock for every process of the machine
 
 
 @dataclass(frozen=True)
@@ -408,7 +408,5 @@ def mp_sink(q_in, window, received, profile_dir: str | None, conn) -> None:
 def mp_worker(target, *args) -> None:
     """Entry point of an mp.Queue chain process: Ctrl-C is the parent's business (it
     terminates the chain); then ``target(*args)``."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_ctrl_c()
     target(*args)

@@ -1,6 +1,6 @@
 """Allocate+release pairs per second: one process, and two processes at once on one pool.
 
-    python benchmarks/alloc.py [--runs 5] [--pairs 1000000] [--json PATH] [--quick]
+    python benchmarks/alloc.py [--runs 5] [--pairs 1000000] [--json [PATH]] [--quick]
 
 The original C++ manager reported 265,000 allocations/s.  Target: >= 1,000,000
 allocate+release pairs/s (<= 1 us per pair) in one process, and >= 1,000,000/s in
@@ -11,13 +11,12 @@ figure is the median (and min, max) over --runs runs of --pairs pairs per proces
 import argparse
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
 from itertools import repeat
 
-from _common import machine_info, print_machine, print_table, summarize, write_json
+from _common import Harness, add_json_option, clock, exit_on_sigterm, print_header, spread, verdict
 
 from multiqueue import PoolConfig, ShmConfig, ShmManager
 
@@ -27,7 +26,6 @@ POOL = PoolConfig("bench", 4096, 1024)
 BLOCK = POOL.block_size
 WARMUP = 20_000  # untimed pairs before measuring (first-touch, caches, branch predictors)
 START_DELAY_NS = 50_000_000  # workers are told to start this far in the future
-clock = time.monotonic_ns  # CLOCK_MONOTONIC: one clock for every process on the machine
 
 
 def loop_plain(m: ShmManager, size: int, pairs: int) -> None:
@@ -57,7 +55,7 @@ def timed(loop, m: ShmManager, size: int, pairs: int) -> float:
 def worker(domain: str) -> None:
     """Attach to `domain`; for each "start_ns pairs size" line on stdin wait for start_ns,
     run the pairs and answer "begin_ns end_ns".  EOF, SIGINT or SIGTERM: leave the domain."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    exit_on_sigterm(1)
     m = ShmManager(domain, create=False, reaper_interval=None, name=f"alloc-worker-{os.getpid()}")
     try:
         loop_plain(m, BLOCK, WARMUP)
@@ -116,6 +114,25 @@ def two_processes(domain: str, pairs: int, runs: int) -> dict:
     return out
 
 
+# -- report -------------------------------------------------------------------------------
+
+
+def summarize(name: str, rates: list[float], target: float | None, reference: float) -> dict:
+    """One result row: per-run rates (operations/s) -> median/min/max, ns per operation."""
+    s = spread(rates)
+    return {"name": name, "runs": rates, **s, "ns_per_op": 1e9 / s["median"], "target": target,
+            "target_met": None if target is None else s["median"] >= target,
+            "vs_reference": s["median"] / reference}
+
+
+def print_table(rows: list[dict], reference_label: str) -> None:
+    print_header(f"{'scenario':<40} {'median/s':>11} {'min/s':>11} {'max/s':>11} "
+                 f"{'ns/pair':>8} {reference_label:>8} {'target':>6}")
+    for r in rows:
+        print(f"{r['name']:<40} {r['median']:>11,.0f} {r['min']:>11,.0f} {r['max']:>11,.0f} "
+              f"{r['ns_per_op']:>8.0f} {r['vs_reference']:>7.2f}x {verdict(r['target_met']):>6}")
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -124,9 +141,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="runs per scenario (default 5)")
     ap.add_argument("--pairs", type=int, default=1_000_000,
                     help="allocate+release pairs per run per process (default 1,000,000)")
-    ap.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 20,000 pairs, 2 runs (overrides --pairs/--runs)")
+    add_json_option(ap, "alloc")
     ap.add_argument("--worker", metavar="DOMAIN", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -134,8 +151,8 @@ def main() -> None:
     if args.quick:
         args.pairs, args.runs = 20_000, 2
 
-    info = machine_info()
-    print_machine(info)
+    domain = f"bench-{os.getpid()}"
+    h = Harness("alloc", shm_prefixes=[f"mq.{domain}."])
     print(f"pool {POOL.name!r}: {POOL.block_count} x {BLOCK} B; {args.runs} runs x "
           f"{args.pairs:,} pairs per process\n")
 
@@ -144,18 +161,20 @@ def main() -> None:
         ("1 proc: allocate(64) + release", loop_plain, 64),
         (f"1 proc: with allocate({BLOCK})", loop_with, BLOCK),
     ]
-    domain = f"bench-{os.getpid()}"
-    m = ShmManager(domain, ShmConfig(pools=[POOL]), reaper_interval=None, name="alloc-bench")
-    try:
-        for _, loop, size in single:
-            loop(m, size, WARMUP)
-        rates = {name: [] for name, _, _ in single}
-        for _ in range(args.runs):  # interleaved, so drift affects every scenario alike
-            for name, loop, size in single:
-                rates[name].append(timed(loop, m, size, args.pairs))
-        two = two_processes(domain, args.pairs, args.runs)
-    finally:
-        m.shutdown()
+    with h:
+        m = ShmManager(domain, ShmConfig(pools=[POOL]), reaper_interval=None, name="alloc-bench")
+        try:
+            for _, loop, size in single:
+                loop(m, size, WARMUP)
+            rates = {name: [] for name, _, _ in single}
+            for _ in range(args.runs):  # interleaved, so drift affects every scenario alike
+                for name, loop, size in single:
+                    rates[name].append(timed(loop, m, size, args.pairs))
+            two = two_processes(domain, args.pairs, args.runs)
+        finally:
+            m.shutdown()
+    if h.interrupted:  # nothing to report: every scenario needs all its runs
+        h.finish(None)
 
     rows = [summarize(name, r, TARGET, CPP_REFERENCE) for name, r in rates.items()]
     rows.append(summarize(f"2 procs: aggregate, allocate({BLOCK})+rel", two["aggregate"],
@@ -168,23 +187,18 @@ def main() -> None:
     print(f"target: >= {TARGET:,} pairs/s (<= {1e9 / TARGET:,.0f} ns/pair); "
           f"C++ manager: {CPP_REFERENCE:,} allocations/s")
     for label, row in (("one process", rows[0]), ("two processes, aggregate", rows[len(single)])):
-        verdict = "PASS" if row["target_met"] else "FAIL"
-        print(f"  {label:<25} {row['median']:>11,.0f}/s  {verdict}  "
+        print(f"  {label:<25} {row['median']:>11,.0f}/s  {verdict(row['target_met'])}  "
               f"({row['vs_reference']:.2f}x C++)")
 
-    if args.json:
-        write_json(args.json, {
-            "benchmark": "alloc",
-            "unit": "allocate+release pairs/s",
-            "machine": info,
-            "params": {"runs": args.runs, "pairs": args.pairs, "quick": args.quick,
-                       "pool": {"name": POOL.name, "block_size": BLOCK,
-                                "block_count": POOL.block_count}},
-            "target_pairs_per_s": TARGET,
-            "cpp_reference_per_s": CPP_REFERENCE,
-            "results": rows,
-            "two_process_start_skew_us": two["start_skew_us"],
-        })
+    h.finish(args.json, {
+        "unit": "allocate+release pairs/s",
+        "params": {"runs": args.runs, "pairs": args.pairs, "quick": args.quick,
+                   "pool": {"name": POOL.name, "block_size": BLOCK, "block_count": POOL.block_count}},
+        "target_pairs_per_s": TARGET,
+        "cpp_reference_per_s": CPP_REFERENCE,
+        "results": rows,
+        "two_process_start_skew_us": two["start_skew_us"],
+    })
 
 
 if __name__ == "__main__":

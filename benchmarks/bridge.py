@@ -1,6 +1,6 @@
 """Bridge benchmark: frames over Zenoh between two processes, raw Zenoh pub/sub vs the bridge blocks.
 
-    python benchmarks/bridge.py [--quick] [--json PATH] [--runs 3] [--load 1.5] [--rate 200]
+    python benchmarks/bridge.py [--quick] [--json [PATH]] [--runs 3] [--load 1.5] [--rate 200]
                                 [--paced 300] [--sizes 4096,1048576] [--transports tcp,shm]
                                 [--sides raw,bridged] [--express] [--placement process|shared]
                                 [--threads] [--profile DIR]
@@ -57,19 +57,25 @@ import argparse
 import contextlib
 import multiprocessing
 import os
-import signal
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
 import _bridge_blocks as B
 import numpy as np
-from _common import Session, Worker, machine_info, print_machine, remove_leftovers, write_json
+from _common import (
+    Harness,
+    Session,
+    add_json_option,
+    fmt_ratio,
+    fmt_size,
+    fmt_us,
+    median,
+    p50_p99_us,
+    print_errors,
+    print_header,
+)
 
-from multiqueue import ShmManager
 from multiqueue.net import ZenohSettings
 
 SIZES = [4096, 1 << 20]
@@ -86,10 +92,6 @@ PACED_WARMUP = 20
 STREAM_TIMEOUT_S = 120.0
 
 
-def size_label(size: int) -> str:
-    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,48 +105,6 @@ def schedule_for(size: int, args) -> B.Schedule:
         load_s=args.load,
         max_load_frames=int(args.load * min(400_000, 8e9 / size)),
         gap_s=GAP_S, paced_warmup=PACED_WARMUP, paced_frames=args.paced, rate=args.rate)
-
-
-class Domains:
-    """The Session's resource: the bridged side's domains, removed if a worker was killed."""
-
-    def __init__(self, *domains: str):
-        self.domains = domains
-
-    def close(self) -> None:
-        for domain in self.domains:
-            with contextlib.suppress(Exception):
-                ShmManager.cleanup(domain)
-
-
-class RuntimeHost(Worker):
-    """A worker that hosts a Runtime: not a daemon (daemonic processes cannot start the
-    Runtime's block workers); stopped by the Session like the others."""
-
-    def __init__(self, ctx, target, *args):
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=target, args=(*args, child), daemon=False)
-        self.name = self.process.name
-        self.process.start()
-        child.close()
-
-
-def start_host(session: Session, target, *args) -> Worker:
-    worker = RuntimeHost(session.ctx, target, *args)
-    session.workers.append(worker)
-    return worker
-
-
-@contextlib.contextmanager
-def _terminate_on_interrupt(session: Session):
-    """Ctrl-C: SIGTERM every worker at once (they stop in order), then the Session joins them."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        for worker in session.workers:
-            with contextlib.suppress(Exception):
-                worker.process.terminate()
-        raise
 
 
 def _expect(worker, what: str, timeout: float):
@@ -170,7 +130,7 @@ def run_stream(ctx, side: str, transport: str, size: int, args, tag: str, workdi
                      profile_dir=args.profile)
     timeout = schedule.seconds + STREAM_TIMEOUT_S
     prefix = f"zb{os.getpid()}-{tag}"
-    with Session(ctx, Domains(f"{prefix}-rx", f"{prefix}-tx")) as s, _terminate_on_interrupt(s):
+    with Session(ctx, domains=(f"{prefix}-rx", f"{prefix}-tx")) as s:
         if side == "raw":
             rx = s.start(B.raw_receiver, rx_settings, key, schedule, opts)
             _expect(rx, "ready", B.START_TIMEOUT_S)
@@ -179,11 +139,12 @@ def run_stream(ctx, side: str, transport: str, size: int, args, tag: str, workdi
             _, records, rx_cpu = _expect(rx, "records", timeout)
             counters = stats = None
         else:
-            rx = start_host(s, B.bridged_receiver, f"{prefix}-rx", rx_settings, key, size, schedule, workdir,
-                         opts)
+            # not daemons: daemonic processes cannot start the Runtime's block workers
+            rx = s.start(B.bridged_receiver, f"{prefix}-rx", rx_settings, key, size, schedule, workdir, opts,
+                         daemon=False)
             _expect(rx, "ready", B.START_TIMEOUT_S + 10)
-            tx = start_host(s, B.bridged_sender, f"{prefix}-tx", tx_settings, key, size, schedule, workdir,
-                         opts)
+            tx = s.start(B.bridged_sender, f"{prefix}-tx", tx_settings, key, size, schedule, workdir, opts,
+                         daemon=False)
             _, sent, tx_cpu, tx_counters, tx_stats = _expect(tx, "sent", timeout)
             _, records, rx_cpu, rx_counters, rx_stats = _expect(rx, "records", timeout)
             counters = {"BridgeSink": tx_counters, "BridgeSource": rx_counters}
@@ -258,8 +219,8 @@ def analyze(stream: dict, size: int, runs: int) -> tuple[list[dict], list[str]]:
         else:
             errors.append(f"run {run}: {len(load)} frames in the load phase")
         if len(paced):
-            p50, p99 = np.percentile(paced[:, 4], [50, 99]) / 1e3
-            r.update(p50_us=float(p50), p99_us=float(p99), max_us=float(paced[:, 4].max() / 1e3))
+            p50, p99 = p50_p99_us(paced[:, 4])
+            r.update(p50_us=p50, p99_us=p99, max_us=float(paced[:, 4].max() / 1e3))
         else:
             errors.append(f"run {run}: no paced frames")
         out.append(r)
@@ -267,11 +228,6 @@ def analyze(stream: dict, size: int, runs: int) -> tuple[list[dict], list[str]]:
 
 
 # -- report -----------------------------------------------------------------------------------------
-
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -296,22 +252,12 @@ def fmt(x, spec: str = ",.0f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def fmt_us(x) -> str:
-    return "-" if x is None else f"{x:,.0f}" if x >= 1000 else f"{x:.1f}"
-
-
-def ratio(a, b, spec: str = ".2f") -> str:
-    return "-" if not a or not b else f"{a / b:{spec}}x"
-
-
 def report(summary: dict, transports, sizes, sides, args, errors) -> None:
     print(f"\nLoad phase: {args.load} s as fast as the receiver takes frames (back-pressure), frames/s "
           f"median [min..max] of {args.runs} run(s); latency: one-way, sender's stamp to receipt, "
           f"{args.paced} frames paced at {args.rate:g}/s (one in flight), median of the runs' p50 / p99:")
-    header = (f"{'transport':<10}{'size':<8}{'side':<13}{'frames/s':>24}{'MB/s':>9}{'CPU us/fr':>11}"
-              f"{'cores':>7}{'p50 us':>9}{'p99 us':>9}")
-    print(header)
-    print("-" * len(header))
+    print_header(f"{'transport':<10}{'size':<8}{'side':<13}{'frames/s':>24}{'MB/s':>9}{'CPU us/fr':>11}"
+                 f"{'cores':>7}{'p50 us':>9}{'p99 us':>9}")
     for transport in transports:
         for size in sizes:
             got = {side: summary.get((transport, size, side)) for side in sides}
@@ -320,36 +266,33 @@ def report(summary: dict, transports, sizes, sides, args, errors) -> None:
                 if x is None:
                     continue
                 rate = f"{fmt(x['frames_per_s'])} [{fmt(x['min'])}..{fmt(x['max'])}]"
-                print(f"{transport:<10}{size_label(size):<8}{side:<13}{rate:>24}{fmt(x['mb_per_s']):>9}"
+                print(f"{transport:<10}{fmt_size(size):<8}{side:<13}{rate:>24}{fmt(x['mb_per_s']):>9}"
                       f"{fmt(x['cpu_us_per_frame'], '.1f'):>11}{fmt(x['cores'], '.2f'):>7}"
                       f"{fmt_us(x['p50_us']):>9}{fmt_us(x['p99_us']):>9}")
             raw, bridged = got.get("raw"), got.get("bridged")
             if raw and bridged:
-                print(f"{transport:<10}{size_label(size):<8}{'bridged/raw':<13}"
-                      f"{ratio(bridged['frames_per_s'], raw['frames_per_s']):>24}"
-                      f"{ratio(bridged['mb_per_s'], raw['mb_per_s']):>9}"
-                      f"{ratio(bridged['cpu_us_per_frame'], raw['cpu_us_per_frame'], '.1f'):>11}{'':>7}"
-                      f"{ratio(bridged['p50_us'], raw['p50_us'], '.1f'):>9}"
-                      f"{ratio(bridged['p99_us'], raw['p99_us'], '.1f'):>9}")
+                print(f"{transport:<10}{fmt_size(size):<8}{'bridged/raw':<13}"
+                      f"{fmt_ratio(bridged['frames_per_s'], raw['frames_per_s']):>24}"
+                      f"{fmt_ratio(bridged['mb_per_s'], raw['mb_per_s']):>9}"
+                      f"{fmt_ratio(bridged['cpu_us_per_frame'], raw['cpu_us_per_frame'], '.1f'):>11}{'':>7}"
+                      f"{fmt_ratio(bridged['p50_us'], raw['p50_us'], '.1f'):>9}"
+                      f"{fmt_ratio(bridged['p99_us'], raw['p99_us'], '.1f'):>9}")
     print("\nCPU us per frame in the load phase, by process, and (in brackets) minor page faults per "
           "frame (median of the runs):")
     for key, x in summary.items():
         faults = x["faults_per_frame_by_process"]
         by = ", ".join(f"{n} {v:.1f} [{fmt(faults.get(n), '.1f')}]"
                        for n, v in x["cpu_us_per_frame_by_process"].items() if v is not None)
-        print(f"  {key[0]:<4} {size_label(key[1]):<7} {key[2]:<8} {by}")
+        print(f"  {key[0]:<4} {fmt_size(key[1]):<7} {key[2]:<8} {by}")
     if any("cpu_us_per_frame_by_thread" in x for x in summary.values()):
         print("\nCPU us per frame in the load phase, by thread (--threads; >= 0.5 us; threads of one name "
               "summed):")
         for key, x in summary.items():
             by = x.get("cpu_us_per_frame_by_thread", {})
-            print(f"  {key[0]:<4} {size_label(key[1]):<7} {key[2]:<8} "
+            print(f"  {key[0]:<4} {fmt_size(key[1]):<7} {key[2]:<8} "
                   + ", ".join(f"{n} {v:.1f}" for n, v in sorted(by.items(), key=lambda kv: -(kv[1] or 0))
                               if v is not None and v >= 0.5))
-    if errors:
-        print("\nErrors:")
-        for e in errors:
-            print(f"  {e}")
+    print_errors(errors)
 
 
 # -- Zenoh's own files in /dev/shm ----------------------------------------------------------------
@@ -366,10 +309,6 @@ def zenoh_gc() -> None:
     with contextlib.suppress(subprocess.SubprocessError):
         subprocess.run([sys.executable, "-c", "import zenoh; zenoh.open(zenoh.Config()).close()"],
                        timeout=30, check=False)
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -393,7 +332,7 @@ def main() -> None:
                          "worker per side (source + BridgeSink, BridgeSource + sink: threads of one process)")
     ap.add_argument("--threads", action="store_true",
                     help="also sample the CPU time of every thread (where the CPU goes; costs some CPU)")
-    ap.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    add_json_option(ap, "bridge")
     args = ap.parse_args()
     if args.quick:
         args.runs, args.load, args.paced = 1, 0.5, 100
@@ -410,86 +349,63 @@ def main() -> None:
 
     import zenoh
 
-    info = machine_info()
-    info["zenoh"] = getattr(zenoh, "__version__", None) or _zenoh_version()
-    print_machine(info)
-    print(f"eclipse-zenoh {info['zenoh']}; {args.runs} run(s) per figure (median), loopback 127.0.0.1, "
-          "peers, multicast scouting off")
+    harness = Harness("bridge", shm_prefixes=[f"mq.zb{os.getpid()}-"],
+                      zenoh=getattr(zenoh, "__version__", None) or _zenoh_version())
+    print(f"eclipse-zenoh {harness.info['zenoh']}; {args.runs} run(s) per figure (median), loopback "
+          "127.0.0.1, peers, multicast scouting off")
     for name in transports:
         print(f"  {name:<4} {TRANSPORTS[name]}")
     sys.stdout.flush()
 
     ctx = multiprocessing.get_context("spawn")
-    signal.signal(signal.SIGTERM, _interrupt)
-    workdir = tempfile.mkdtemp(prefix=f"bridge-bench-{os.getpid()}-")
     zenoh_before = zenoh_files()
     streams: dict = {}
     summary: dict = {}
-    errors: list[str] = []
-    started = time.monotonic()
-    interrupted = False
-    counter = iter(range(10**6))
-    try:
+
+    def measure(transport: str, size: int, side: str) -> list[dict]:
+        stream = run_stream(ctx, side, transport, size, args, harness.tag(), harness.workdir)
+        runs, errs = analyze(stream, size, args.runs)
+        harness.errors.extend(f"{transport} {fmt_size(size)} {side}: {e}" for e in errs)
+        key = (transport, size, side)
+        streams[key] = {"runs": runs, "sent": stream["sent"], "counters": stream["counters"],
+                        "received": int(len(stream["records"]))}
+        summary[key] = summarize(runs)
+        return runs
+
+    with harness:
         for transport in transports:
             for i, size in enumerate(sizes):
                 order = sides if i % 2 == 0 else sides[::-1]  # which side goes first alternates
                 for side in order:
-                    key = (transport, size, side)
-                    t = time.monotonic()
-                    try:
-                        stream = run_stream(ctx, side, transport, size, args, str(next(counter)), workdir)
-                    except Exception as e:  # one side failing must not lose the others' figures
-                        errors.append(f"{transport} {size_label(size)} {side}: {type(e).__name__}: {e}")
-                        print(f"  ERROR {transport} {size_label(size)} {side}: {e}", flush=True)
-                        continue
-                    runs, errs = analyze(stream, size, args.runs)
-                    errors.extend(f"{transport} {size_label(size)} {side}: {e}" for e in errs)
-                    streams[key] = {"runs": runs, "sent": stream["sent"], "counters": stream["counters"],
-                                    "received": int(len(stream["records"]))}
-                    summary[key] = summarize(runs)
-                    brief = ", ".join(f"{fmt(r.get('frames_per_s'))}/s p50 {fmt_us(r.get('p50_us'))} us"
-                                      for r in runs)
-                    print(f"  {transport:<4} {size_label(size):<7} {side:<8} {brief}  "
-                          f"({time.monotonic() - t:.1f} s)", flush=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted: cleaning up", flush=True)
-    finally:
-        leftovers = remove_leftovers(f"mq.zb{os.getpid()}-", workdir)
+                    shown = f"{transport:<4} {fmt_size(size):<7} {side:<8}"
+                    harness.measure(f"{transport} {fmt_size(size)} {side}", measure, transport, size, side,
+                                    brief=lambda runs, shown=shown: f"{shown} {brief(runs)}")
+    zenoh_left = sorted(zenoh_files() - zenoh_before)
+    if zenoh_left:  # Zenoh's shared memory of our dead processes: Zenoh removes them itself
+        zenoh_gc()
         zenoh_left = sorted(zenoh_files() - zenoh_before)
-        if zenoh_left:  # Zenoh's shared memory of our dead processes: Zenoh removes them itself
-            zenoh_gc()
-            zenoh_left = sorted(zenoh_files() - zenoh_before)
-    elapsed = time.monotonic() - started
 
-    report(summary, transports, sizes, sides, args, errors)
-    print(f"\nelapsed {elapsed:.0f} s; /dev/shm after the run: "
-          f"{'clean' if not leftovers else 'removed leftovers ' + ', '.join(leftovers)}; "
-          f"Zenoh files left: {', '.join(zenoh_left) or 'none'}")
-    if args.json:
-        write_json(args.json, {
-            "benchmark": "bridge",
-            "machine": info,
-            "params": {"runs": args.runs, "load_s": args.load, "warmup_s": args.warmup, "gap_s": GAP_S,
-                       "paced_warmup": PACED_WARMUP, "paced_frames": args.paced, "rate": args.rate,
-                       "sizes": sizes, "transports": {t: TRANSPORTS[t] for t in transports},
-                       "attachment_bytes": {str(s): B.header_size(s) for s in sizes}, "quick": args.quick},
-            "results": [{"transport": k[0], "size": k[1], "side": k[2], **summary[k], **streams[k]}
-                        for k in summary],
-            "ratios": [{"transport": t, "size": size,
-                        **{f"bridged_over_raw_{q}": (summary[(t, size, "bridged")][q]
-                                                     / summary[(t, size, "raw")][q])
-                           for q in ("frames_per_s", "p50_us", "p99_us", "cpu_us_per_frame")
-                           if summary[(t, size, "bridged")][q] and summary[(t, size, "raw")][q]}}
-                       for t in transports for size in sizes
-                       if (t, size, "raw") in summary and (t, size, "bridged") in summary],
-            "errors": errors,
-            "dev_shm_leftovers": leftovers,
-            "zenoh_files_left": zenoh_left,
-            "elapsed_s": elapsed,
-        })
-    if interrupted:
-        sys.exit(130)
+    report(summary, transports, sizes, sides, args, harness.errors)
+    harness.finish(args.json, lambda: {
+        "params": {"runs": args.runs, "load_s": args.load, "warmup_s": args.warmup, "gap_s": GAP_S,
+                   "paced_warmup": PACED_WARMUP, "paced_frames": args.paced, "rate": args.rate,
+                   "sizes": sizes, "transports": {t: TRANSPORTS[t] for t in transports},
+                   "attachment_bytes": {str(s): B.header_size(s) for s in sizes}, "quick": args.quick},
+        "results": [{"transport": k[0], "size": k[1], "side": k[2], **summary[k], **streams[k]}
+                    for k in summary],
+        "ratios": [{"transport": t, "size": size,
+                    **{f"bridged_over_raw_{q}": (summary[(t, size, "bridged")][q]
+                                                 / summary[(t, size, "raw")][q])
+                       for q in ("frames_per_s", "p50_us", "p99_us", "cpu_us_per_frame")
+                       if summary[(t, size, "bridged")][q] and summary[(t, size, "raw")][q]}}
+                   for t in transports for size in sizes
+                   if (t, size, "raw") in summary and (t, size, "bridged") in summary],
+        "zenoh_files_left": zenoh_left,
+    }, extra=f"; Zenoh files left: {', '.join(zenoh_left) or 'none'}")
+
+
+def brief(runs: list[dict]) -> str:
+    return ", ".join(f"{fmt(r.get('frames_per_s'))}/s p50 {fmt_us(r.get('p50_us'))} us" for r in runs)
 
 
 def _zenoh_version() -> str | None:

@@ -1,6 +1,6 @@
 """Message bus benchmark: messages/s and round trips between two processes, side by side with pyzmq.
 
-    python benchmarks/bus.py [--quick] [--json PATH] [--runs 3] [--duration 1.0]
+    python benchmarks/bus.py [--quick] [--json [PATH]] [--runs 3] [--duration 1.0]
                              [--round-trips 20000] [--transports bus,zmq-pubsub,...]
 
 Every publisher, subscriber and echo side is a separate process (multiprocessing "spawn")
@@ -23,7 +23,8 @@ the run left in /dev/shm.
   p50/p99 over --round-trips after a tenth as many for warm-up, blocking receives.  Bus:
   two topics (A publishes on "ping" and reads "pong", B the reverse) and, separately,
   ``bus.request()`` against a server answering with ``bus.reply()`` from a callback
-  subscription (a reply topic made and removed per request; a tenth of the round trips);
+  subscription (answers on the client Bus's own reply topic, matched by request id; a tenth
+  of the round trips);
   pyzmq: REQ/REP and PAIR over ipc://.
 """
 
@@ -33,17 +34,28 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 import statistics
 import struct
 import sys
-import tempfile
 import threading
-import time
 from dataclasses import dataclass
 
-import numpy as np
-from _common import Session, machine_info, print_machine, remove_leftovers, write_json
+from _common import (
+    Harness,
+    Session,
+    add_json_option,
+    add_message_options,
+    attach,
+    clock,
+    fmt_rate,
+    fmt_ratio,
+    print_errors,
+    print_header,
+    remove_domains,
+    spread,
+    time_round_trips,
+    worker,
+)
 
 from multiqueue import ShmManager
 from multiqueue.control import Bus
@@ -55,7 +67,6 @@ RT_SIZE = 64
 HELLO, END, QUIT = 2**63 - 3, 2**63 - 2, 2**63 - 1  # marker sequence numbers (above any seq)
 HEAD = struct.Struct("<IQ")  # bytes payloads: run, seq
 JSON_SEPARATORS = (",", ":")  # the bus's own encoding; pyzmq messages are encoded the same way
-clock = time.monotonic_ns  # CLOCK_MONOTONIC: one clock for every process of the machine
 
 
 # -- payloads -------------------------------------------------------------------------------
@@ -81,9 +92,6 @@ def parse_payload(kind: str):
 # -- transports: a picklable link, opened in the worker processes -----------------------------
 
 
-_MANAGERS: list[ShmManager] = []
-
-
 @dataclass
 class BusLink:
     """Two processes on a topic (round trip: two topics) of a domain made for them."""
@@ -91,9 +99,7 @@ class BusLink:
     domain: str
 
     def _bus(self) -> Bus:
-        m = ShmManager(self.domain, create=False, reaper_interval=None, name=f"bus-bench-{os.getpid()}")
-        _MANAGERS.append(m)
-        return Bus(m)
+        return Bus(attach(self.domain, f"bus-bench-{os.getpid()}", reuse=False))
 
     def open_sender(self, kind: str, topic: str = "tp"):
         bus = self._bus()
@@ -205,8 +211,7 @@ class BusTransport:
     def close(self) -> None:
         self.bus.close()
         self.manager.shutdown()
-        with contextlib.suppress(Exception):
-            ShmManager.cleanup(self.domain)  # in case a worker was killed
+        remove_domains(self.domain)  # in case a worker was killed
 
 
 class ZmqTransport:
@@ -257,19 +262,6 @@ ROUND_TRIP = [BusTransport, BusRequest, ZmqReqRep, ZmqPair]
 # -- worker processes -------------------------------------------------------------------------
 
 
-def _worker(body):
-    """Run a worker body: SIGTERM -> SystemExit so the finally clauses run; quiet on Ctrl-C."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        body()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for m in _MANAGERS:
-            with contextlib.suppress(Exception):
-                m.shutdown()
-
-
 def repeat_until_told(send_marker, marker, conn) -> None:
     """Send a marker, again every 50 ms until the parent says it arrived (PUB/SUB may drop it)."""
     send_marker(marker)
@@ -278,150 +270,132 @@ def repeat_until_told(send_marker, marker, conn) -> None:
     conn.recv()
 
 
+@worker
 def subscriber_main(link, kind: str, conn) -> None:
     """Count each run's messages until its END; report (count, out-of-order, last receipt)."""
-    def body():
-        recv, close = link.open_receiver(kind)
-        parse = parse_payload(kind)
-        conn.send("ready")
-        run, count, bad, last, t_last, greeted = 0, 0, 0, -1, 0, False
-        while True:
-            run_of, seq = parse(recv())
-            if seq >= HELLO:
-                if seq == QUIT:
-                    break
-                if seq == HELLO and not greeted:
-                    greeted = True
-                    conn.send("hello")
-                elif seq == END and run_of == run:
-                    conn.send((count, bad, t_last))
-                    run, count, bad, last = run + 1, 0, 0, -1
-                continue  # (a repeated marker of a run that is over)
-            if run_of != run:
-                continue
-            t_last = clock()
-            count += 1
-            if seq <= last:
-                bad += 1
-            last = seq
-        conn.send("bye")
-        close()
-    _worker(body)
+    recv, close = link.open_receiver(kind)
+    parse = parse_payload(kind)
+    conn.send("ready")
+    run, count, bad, last, t_last, greeted = 0, 0, 0, -1, 0, False
+    while True:
+        run_of, seq = parse(recv())
+        if seq >= HELLO:
+            if seq == QUIT:
+                break
+            if seq == HELLO and not greeted:
+                greeted = True
+                conn.send("hello")
+            elif seq == END and run_of == run:
+                conn.send((count, bad, t_last))
+                run, count, bad, last = run + 1, 0, 0, -1
+            continue  # (a repeated marker of a run that is over)
+        if run_of != run:
+            continue
+        t_last = clock()
+        count += 1
+        if seq <= last:
+            bad += 1
+        last = seq
+    conn.send("bye")
+    close()
 
 
+@worker
 def publisher_main(link, kind: str, size: int, conn) -> None:
     """For each ("run", seconds, max): send 0, 1, 2... for the seconds (at most max), then END."""
-    def body():
-        send, marker, close = link.open_sender(kind)
-        make = make_payload(kind, size)
-        conn.send("ready")
-        repeat_until_told(marker, make(0, HELLO), conn)
-        run = 0
-        while (command := conn.recv())[0] == "run":
-            _, seconds, max_messages = command
-            seq = 0
-            t0 = clock()
-            deadline = t0 + int(seconds * 1e9)
-            while seq < max_messages:
-                send(make(run, seq))
-                seq += 1
-                if not seq & 63 and clock() >= deadline:
-                    break
-            conn.send((seq, t0))
-            repeat_until_told(marker, make(run, END), conn)
-            run += 1
-        repeat_until_told(marker, make(run, QUIT), conn)
-        close()
-    _worker(body)
+    send, marker, close = link.open_sender(kind)
+    make = make_payload(kind, size)
+    conn.send("ready")
+    repeat_until_told(marker, make(0, HELLO), conn)
+    run = 0
+    while (command := conn.recv())[0] == "run":
+        _, seconds, max_messages = command
+        seq = 0
+        t0 = clock()
+        deadline = t0 + int(seconds * 1e9)
+        while seq < max_messages:
+            send(make(run, seq))
+            seq += 1
+            if not seq & 63 and clock() >= deadline:
+                break
+        conn.send((seq, t0))
+        repeat_until_told(marker, make(run, END), conn)
+        run += 1
+    repeat_until_told(marker, make(run, QUIT), conn)
+    close()
 
 
+@worker
 def echo_main(link, conn) -> None:
     """Round trip, side B: send back every message received, until QUIT (sent back too)."""
-    def body():
-        bus = isinstance(link, BusLink)
-        if bus:
-            recv, close_rx = link.open_receiver("json", "ping")
-        else:
-            send, recv, close_tx = link.open_pair("json", "b")
-            close_rx = None
-        conn.send("ready")
-        conn.recv()  # "connect": side A is ready to receive
-        if bus:
-            send, _, close_tx = link.open_sender("json", "pong")
-        conn.send("ready")
-        while True:
-            value = recv()
-            send(value)
-            if value["s"] == QUIT:
-                break
-        conn.send("bye")
-        close_tx()
-        if close_rx is not None:
-            close_rx()
-    _worker(body)
+    bus = isinstance(link, BusLink)
+    if bus:
+        recv, close_rx = link.open_receiver("json", "ping")
+    else:
+        send, recv, close_tx = link.open_pair("json", "b")
+        close_rx = None
+    conn.send("ready")
+    conn.recv()  # "connect": side A is ready to receive
+    if bus:
+        send, _, close_tx = link.open_sender("json", "pong")
+    conn.send("ready")
+    while True:
+        value = recv()
+        send(value)
+        if value["s"] == QUIT:
+            break
+    conn.send("bye")
+    close_tx()
+    if close_rx is not None:
+        close_rx()
 
 
+@worker
 def server_main(link, conn) -> None:
     """bus.request() round trip, side B: a callback subscription answering until QUIT."""
-    def body():
-        done, close = link.open_server("json")
-        conn.send("ready")
-        conn.recv()
-        conn.send("ready")
-        done.wait()
-        conn.send("bye")
-        close()
-    _worker(body)
+    done, close = link.open_server("json")
+    conn.send("ready")
+    conn.recv()
+    conn.send("ready")
+    done.wait()
+    conn.send("bye")
+    close()
 
 
+@worker
 def ping_main(link, mode: str, conn) -> None:
     """Round trip, side A: for ("run", warm-up, count): time count round trips -> p50, p99 (us)."""
-    def body():
-        if mode == "request":
-            exchange, close = link.open_client("json")
-            conn.send("ready")
-            conn.recv()
-        elif isinstance(link, BusLink):
-            recv, close_rx = link.open_receiver("json", "pong")
-            conn.send("ready")
-            conn.recv()  # "connect": side B reads "ping" now
-            send, _, close_tx = link.open_sender("json", "ping")
+    if mode == "request":
+        request, close = link.open_client("json")
+        replies: list = []
 
-            def exchange(value):
-                send(value)
-                return recv()
-
-            def close():
-                close_tx()
-                close_rx()
-        else:
-            send, recv, close = link.open_pair("json", "a")
-            conn.send("ready")
-            conn.recv()
-
-            def exchange(value):
-                send(value)
-                return recv()
+        def send(value):
+            replies.append(request(value))
+        recv = replies.pop
         conn.send("ready")
-        make = make_payload("json", RT_SIZE)
-        now = time.perf_counter_ns
-        _, warmup, count = conn.recv()
-        times = np.empty(count, np.int64)
-        bad = 0
-        for i in range(warmup + count):
-            value = make(0, i)
-            t0 = now()
-            got = exchange(value)
-            t1 = now()
-            if got["s"] != i:
-                bad += 1
-            if i >= warmup:
-                times[i - warmup] = t1 - t0
-        exchange(make(0, QUIT))
-        p50, p99 = np.percentile(times, [50, 99]) / 1e3
-        conn.send((float(p50), float(p99), bad))
-        close()
-    _worker(body)
+        conn.recv()
+    elif isinstance(link, BusLink):
+        recv, close_rx = link.open_receiver("json", "pong")
+        conn.send("ready")
+        conn.recv()  # "connect": side B reads "ping" now
+        send, _, close_tx = link.open_sender("json", "ping")
+
+        def close():
+            close_tx()
+            close_rx()
+    else:
+        send, recv, close = link.open_pair("json", "a")
+        conn.send("ready")
+        conn.recv()
+    conn.send("ready")
+    make = make_payload("json", RT_SIZE)
+    _, warmup, count = conn.recv()
+    result = time_round_trips(send, recv, warmup, count, make=lambda i: make(0, i),
+                              seq_of=lambda got: got["s"])
+    send(make(0, QUIT))
+    recv()
+    conn.send(result)
+    close()
 
 
 # -- measurements -------------------------------------------------------------------------------
@@ -478,21 +452,10 @@ def round_trip(ctx, transport_class, args, tag, workdir) -> list[dict]:
 # -- report ---------------------------------------------------------------------------------------
 
 
-def fmt_rate(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x / 1e6:.3f} M" if x >= 1e6 else f"{x / 1e3:.1f} k" if x >= 1e3 else f"{x:.0f}"
-
-
-def fmt_ratio(a: float | None, b: float | None) -> str:
-    return "-" if not a or not b else f"{a / b:.2f}x"
-
-
 def tp_summary(runs: list[dict] | None) -> dict | None:
     if not runs:
         return None
-    return {"median": statistics.median(r["rate"] for r in runs), "min": min(r["rate"] for r in runs),
-            "max": max(r["rate"] for r in runs), "lost": statistics.median(r["lost"] for r in runs)}
+    return {**spread([r["rate"] for r in runs]), "lost": statistics.median(r["lost"] for r in runs)}
 
 
 def rt_summary(runs: list[dict] | None) -> dict | None:
@@ -509,8 +472,7 @@ def report(results: dict, tp_names: list[str], rt_names: list[str], kinds, sizes
               "of the runs; lost: median share of the messages sent that never arrived):")
         header = f"{'payload':<12}" + "".join(f"{n:>14}{'lost':>7}" for n in tp_names)
         header += "  |" + "".join(f"{'bus/' + n:>18}" for n in peers)
-        print(header)
-        print("-" * len(header))
+        print_header(header)
         for kind in kinds:
             for size in sizes:
                 summary = {n: tp_summary(tp.get((n, kind, size))) for n in tp_names}
@@ -524,25 +486,18 @@ def report(results: dict, tp_names: list[str], rt_names: list[str], kinds, sizes
     if rt:
         print(f"\nRound trip, {RT_SIZE} B JSON ping-pong between two processes, microseconds (median over "
               "runs of each run's p50 / p99; peer/bus: the peer's p50 over the bus's two-topic p50):")
-        header = f"{'transport':<14}{'p50':>10}{'p99':>10}{'peer/bus':>10}"
-        print(header)
-        print("-" * len(header))
+        print_header(f"{'transport':<14}{'p50':>10}{'p99':>10}{'peer/bus':>10}")
         bus = rt_summary(rt.get("bus"))
         for n in rt_names:
             x = rt_summary(rt.get(n))
             cells = "".join(f"{'-' if x is None else f'{x[k]:.1f}':>10}" for k in ("p50", "p99"))
             ratio = "-" if n == "bus" else fmt_ratio(x and x["p50"], bus and bus["p50"])
             print(f"{n:<14}{cells}{ratio:>10}")
-    if errors:
-        print("\nErrors:")
-        for e in errors:
-            print(f"  {e}")
+    print_errors(errors)
 
 
-def to_json(results, args, info, kinds, sizes, transports, errors, elapsed) -> dict:
+def to_json(results, args, kinds, sizes, transports) -> dict:
     return {
-        "benchmark": "bus",
-        "machine": info,
         "params": {"runs": args.runs, "duration_s": args.duration, "warmup_s": args.warmup,
                    "max_messages": args.max_messages, "round_trips": args.round_trips,
                    "round_trip_size": RT_SIZE, "depth": DEPTH, "quick": args.quick,
@@ -552,34 +507,19 @@ def to_json(results, args, info, kinds, sizes, transports, errors, elapsed) -> d
                        for (n, kind, size), runs in results["tp"].items()],
         "round_trip_us": [{"transport": n, "runs": runs, **rt_summary(runs)}
                           for n, runs in results["rt"].items()],
-        "errors": errors,
-        "elapsed_s": elapsed,
     }
-
-
-def cleanup(workdir: str) -> list[str]:
-    """Remove what the run left: bus domains in /dev/shm (a bug if any) and the ipc directory."""
-    return remove_leftovers(f"mq.bb{os.getpid()}-", workdir)
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3, help="runs per figure (default 3)")
-    ap.add_argument("--duration", type=float, default=1.0, help="seconds per throughput run (default 1)")
-    ap.add_argument("--warmup", type=float, default=0.2, help="seconds of the unmeasured first run")
-    ap.add_argument("--max-messages", type=int, default=2_000_000, help="messages per run at most")
-    ap.add_argument("--round-trips", type=int, default=20_000, help="round trips per run (default 20,000)")
+    add_message_options(ap)
     ap.add_argument("--transports", help="comma-separated subset of: "
                     + ", ".join(t.name for t in dict.fromkeys(THROUGHPUT + ROUND_TRIP)))
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: tp,rt")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run (< 1 min): JSON only, 1 run of 0.2 s, 2,000 round trips "
                          "(overrides --runs, --duration, --warmup, --round-trips)")
-    ap.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    add_json_option(ap, "bus")
     args = ap.parse_args()
     kinds, sizes = KINDS, SIZES
     if args.quick:
@@ -590,11 +530,11 @@ def main() -> None:
     tp_transports = [t for t in THROUGHPUT if wanted is None or t.name in wanted]
     rt_transports = [t for t in ROUND_TRIP if wanted is None or t.name in wanted]
 
-    info = machine_info()
     import zmq
 
-    info["pyzmq"], info["libzmq"] = zmq.__version__, zmq.zmq_version()
-    print_machine(info)
+    harness = Harness("bus", shm_prefixes=[f"mq.bb{os.getpid()}-"], pyzmq=zmq.__version__,
+                      libzmq=zmq.zmq_version())
+    info = harness.info
     print(f"pyzmq {info['pyzmq']} (libzmq {info['libzmq']}); {args.runs} run(s) per figure (median); "
           f"throughput runs of {args.duration} s (<= {args.max_messages:,} messages) after a "
           f"{args.warmup} s warm-up run; round trips: {args.round_trips:,} per run after "
@@ -605,30 +545,15 @@ def main() -> None:
     sys.stdout.flush()
 
     ctx = multiprocessing.get_context("spawn")
-    signal.signal(signal.SIGTERM, _interrupt)  # kill PID cleans up like Ctrl-C
-    workdir = tempfile.mkdtemp(prefix=f"bus-bench-{os.getpid()}-")
     results: dict = {"tp": {}, "rt": {}}
-    errors: list[str] = []
-    started = time.monotonic()
-    counter = iter(range(10**6))
 
     def measure(part, label, key, fn, *fn_args):
-        t = time.monotonic()
-        try:
-            runs = fn(ctx, *fn_args, args, f"{next(counter)}", workdir)
-        except Exception as e:  # one transport failing must not lose the others' figures
-            errors.append(f"{part} {label}: {type(e).__name__}: {e}")
-            print(f"  ERROR {part} {label}: {e}", flush=True)
-            return
-        results[part].setdefault(key, []).extend(runs)
-        if part == "tp":
-            brief = ", ".join(f"{fmt_rate(r['rate'])} ({r['lost']:.1%} lost)" for r in runs)
-        else:
-            brief = ", ".join(f"p50 {r['p50']:.1f} / p99 {r['p99']:.1f} us" for r in runs)
-        print(f"  {part:<3} {label:<30} {brief}  ({time.monotonic() - t:.1f} s)", flush=True)
+        runs = harness.measure(f"{part} {label}", fn, ctx, *fn_args, args, harness.tag(), harness.workdir,
+                               brief=lambda runs: f"{part:<3} {label:<30} {brief(part, runs)}")
+        if runs is not None:
+            results[part].setdefault(key, []).extend(runs)
 
-    interrupted = False
-    try:
+    with harness:
         if "tp" not in skip:
             for kind in kinds:
                 for size in sizes:
@@ -639,21 +564,17 @@ def main() -> None:
             for run in range(args.runs):  # the transports' runs interleaved
                 for t in rt_transports:
                     measure("rt", f"run {run + 1} {t.name}", t.name, round_trip, t)
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted: cleaning up", flush=True)
-    finally:
-        leftovers = cleanup(workdir)
-    elapsed = time.monotonic() - started
 
-    report(results, [t.name for t in tp_transports], [t.name for t in rt_transports], kinds, sizes, errors)
-    print(f"\nelapsed {elapsed:.0f} s; /dev/shm after the run: "
-          f"{'clean' if not leftovers else 'removed leftovers ' + ', '.join(leftovers)}")
-    if args.json:
-        write_json(args.json, to_json(results, args, info, kinds, sizes,
-                                      list(dict.fromkeys(tp_transports + rt_transports)), errors, elapsed))
-    if interrupted:
-        sys.exit(130)
+    report(results, [t.name for t in tp_transports], [t.name for t in rt_transports], kinds, sizes,
+           harness.errors)
+    harness.finish(args.json, lambda: to_json(results, args, kinds, sizes,
+                                              list(dict.fromkeys(tp_transports + rt_transports))))
+
+
+def brief(part: str, runs: list[dict]) -> str:
+    if part == "tp":
+        return ", ".join(f"{fmt_rate(r['rate'])} ({r['lost']:.1%} lost)" for r in runs)
+    return ", ".join(f"p50 {r['p50']:.1f} / p99 {r['p99']:.1f} us" for r in runs)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Pipeline benchmark: a 4-block chain in 4 processes moving 1 MiB float32 frames, multiqueue vs mp.Queue.
 
-    python benchmarks/pipeline.py [--quick] [--json PATH] [--runs 3] [--duration 2.5]
+    python benchmarks/pipeline.py [--quick] [--json [PATH]] [--runs 3] [--duration 2.5]
                                   [--rate 50] [--window 2] [--pool 64] [--depth 16]
                                   [--sides multiqueue,mp.Queue] [--profile DIR]
 
@@ -57,15 +57,24 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
-import statistics
 import sys
-import tempfile
 import time
 
 import _pipeline_blocks as B
 import numpy as np
-from _common import Worker, machine_info, print_machine, remove_leftovers, write_json
+from _common import (
+    Harness,
+    Session,
+    add_json_option,
+    fmt_ratio,
+    fmt_us,
+    median,
+    p50_p99_us,
+    print_errors,
+    print_verdicts,
+    spread,
+    target,
+)
 
 from multiqueue import PoolConfig, ShmConfig
 from multiqueue.graph import Runtime
@@ -121,33 +130,24 @@ def _read_json(path: str):
         return json.load(f)
 
 
-def chain_worker(ctx, name: str, target, *args) -> Worker:
-    """A spawned process of the mp.Queue chain (run through B.mp_worker)."""
-    return Worker(ctx, B.mp_worker, target, *args, name=f"pipeline-mp-{name}")
-
-
 def run_mp(schedule: B.Schedule, args, tag: str, workdir: str) -> dict:
     """One run of the mp.Queue chain: the records of its 4 processes."""
     ctx = multiprocessing.get_context("spawn")
     q1, q2, q3 = (ctx.Queue(maxsize=args.depth) for _ in range(3))
     window, received = ctx.Semaphore(1), ctx.RawValue("q", 0)  # the WINDOW phase's
-    workers: dict[str, Worker] = {}
-    try:
-        workers["sink"] = chain_worker(ctx, "sink", B.mp_sink, q3, window, received, args.profile)
-        workers["stage2"] = chain_worker(ctx, "stage2", B.mp_stage, q2, q3, "stage2", args.profile)
-        workers["stage1"] = chain_worker(ctx, "stage1", B.mp_stage, q1, q2, "stage1", args.profile)
-        workers["source"] = chain_worker(ctx, "source", B.mp_source, q1, schedule, window, received,
-                                   args.profile)
+    chain = {"sink": (B.mp_sink, q3, window, received),
+             "stage2": (B.mp_stage, q2, q3, "stage2"),
+             "stage1": (B.mp_stage, q1, q2, "stage1"),
+             "source": (B.mp_source, q1, schedule, window, received)}
+    with Session(ctx) as s:
+        workers = {name: s.start(B.mp_worker, *target, args.profile, name=f"pipeline-mp-{name}")
+                   for name, target in chain.items()}
         for w in workers.values():
             if w.expect(START_TIMEOUT_S) != "ready":
                 raise RuntimeError(f"mp.Queue chain: {w.name} did not get ready")
-        workers["source"].conn.send("go")
+        workers["source"].send("go")
         deadline = time.monotonic() + schedule.total_s + 60
-        records = {name: workers[name].expect(max(1.0, deadline - time.monotonic())) for name in PROCESSES}
-    finally:
-        for w in workers.values():
-            w.stop()
-    return records
+        return {name: workers[name].expect(max(1.0, deadline - time.monotonic())) for name in PROCESSES}
 
 
 # -- per-run figures ----------------------------------------------------------------------
@@ -156,8 +156,8 @@ def run_mp(schedule: B.Schedule, args, tag: str, workdir: str) -> dict:
 def percentiles_us(ns: np.ndarray) -> dict | None:
     if not len(ns):
         return None
-    p50, p99 = np.percentile(ns, [50, 99]) / 1e3
-    return {"p50": float(p50), "p99": float(p99), "max": float(ns.max() / 1e3), "n": int(len(ns))}
+    p50, p99 = p50_p99_us(ns)
+    return {"p50": p50, "p99": p99, "max": float(ns.max() / 1e3), "n": int(len(ns))}
 
 
 def cpu_per_frame_us(cpu: dict, phase: int) -> float | None:
@@ -206,23 +206,12 @@ def analyze(records: dict) -> dict:
 # -- report -------------------------------------------------------------------------------
 
 
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def fmt_rate(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
 
-def fmt_us(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:,.0f}" if x >= 1000 else f"{x:.1f}"
-
-
-def fmt_ratio(a: float | None, b: float | None) -> str:
-    return "-" if not a or not b else f"{a / b:.1f}x"
+def ratio(a: float | None, b: float | None) -> str:
+    return fmt_ratio(a, b, ".1f")
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
@@ -232,7 +221,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         if not side_runs:
             continue
         rates = [r["frames_per_s"] for r in side_runs]
-        s = {"frames_per_s": median(rates), "frames_per_s_runs": rates, "min": min(rates), "max": max(rates),
+        m = spread(rates)
+        s = {"frames_per_s": m["median"], "frames_per_s_runs": rates, "min": m["min"], "max": m["max"],
              "hops": {}, "e2e": {}, "cpu_us": {}}
         for phase in LATENCY_PHASES:
             s["hops"][phase] = [
@@ -256,13 +246,13 @@ def targets(summary: dict) -> list[dict]:
     out = []
 
     def line(ok, text):
-        out.append({"verdict": "-" if ok is None else "PASS" if ok else "FAIL", "ok": ok, "text": text})
+        out.append(target(ok, text))
 
     mq, mp = summary.get("multiqueue"), summary.get("mp.Queue")
     a, b = mq and mq["frames_per_s"], mp and mp["frames_per_s"]
     line(None if not a or not b else a >= TARGET_VS_MP * b,
          f"multiqueue frames/s >= {TARGET_VS_MP:.0f}x mp.Queue's: {fmt_rate(a)} vs {fmt_rate(b)} "
-         f"({fmt_ratio(a, b)})")
+         f"({ratio(a, b)})")
     p50s = [h["p50"] for h in mq["hops"]["window"]] if mq else []
     ok = None if not p50s or None in p50s else max(p50s) < TARGET_HOP_P50_US
     line(ok, f"multiqueue per-hop p50 < {TARGET_HOP_P50_US:.0f} us (one frame in flight, every hop): "
@@ -289,7 +279,7 @@ def report(summary: dict, args, errors: list[str]) -> None:
     mq_fps = summary.get("multiqueue", {}).get("frames_per_s")
     mp_fps = summary.get("mp.Queue", {}).get("frames_per_s")
     row("frames/s", [f"{fmt_rate(summary[s]['frames_per_s'])} [{fmt_rate(summary[s]['min'])}.."
-                     f"{fmt_rate(summary[s]['max'])}]" for s in sides], fmt_ratio(mq_fps, mp_fps))
+                     f"{fmt_rate(summary[s]['max'])}]" for s in sides], ratio(mq_fps, mp_fps))
     row("GB/s through each hop", [f"{summary[s]['frames_per_s'] * FRAME_BYTES / 1e9:.2f}" for s in sides])
 
     for phase, title in (("window", f"with one frame in flight ({args.window} s back to back: no "
@@ -304,10 +294,10 @@ def report(summary: dict, args, errors: list[str]) -> None:
         for i, hop in enumerate(HOP_NAMES):
             cells = [summary[s]["hops"][phase][i] for s in sides]
             row(hop, [f"{fmt_us(c['p50'])} / {fmt_us(c['p99'])}" for c in cells],
-                fmt_ratio(cells[-1]["p50"], cells[0]["p50"]) if both else "")
+                ratio(cells[-1]["p50"], cells[0]["p50"]) if both else "")
         cells = [summary[s]["e2e"][phase] for s in sides]
         row("end to end (3 hops)", [f"{fmt_us(c['p50'])} / {fmt_us(c['p99'])}" for c in cells],
-            fmt_ratio(cells[-1]["p50"], cells[0]["p50"]) if both else "")
+            ratio(cells[-1]["p50"], cells[0]["p50"]) if both else "")
 
     print("\nCPU time per frame, load phase, us (process CPU, all its threads):")
     row("process", sides)
@@ -324,13 +314,8 @@ def report(summary: dict, args, errors: list[str]) -> None:
         print("multiqueue frames per work() call (whole run): "
               + ", ".join(f"{n} {fmt_us(v)}" for n, v in fpc.items()))
 
-    print("\nTargets:")
-    for t in targets(summary):
-        print(f"  {t['verdict']:<4} {t['text']}")
-    if errors:
-        print("\nErrors:")
-        for e in errors:
-            print(f"  {e}")
+    print_verdicts(targets(summary))
+    print_errors(errors)
 
 
 def brief(result: dict) -> str:
@@ -341,15 +326,6 @@ def brief(result: dict) -> str:
 
 
 # -- main ---------------------------------------------------------------------------------
-
-
-def cleanup(workdir: str) -> list[str]:
-    """Remove the run's files: its temporary directory and any domain left in /dev/shm."""
-    return remove_leftovers(f"mq.pl{os.getpid()}-", workdir)
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -372,7 +348,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run (< 30 s): 1 run, 0.2 s warm-up, 0.5 s load, 0.3 s settle, 1 s paced, "
                          "0.5 s window (overrides --runs, --warmup, --duration, --settle, --paced, --window)")
-    ap.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    add_json_option(ap, "pipeline")
     args = ap.parse_args()
     if args.quick:
         args.runs, args.warmup, args.duration = 1, 0.2, 0.5
@@ -387,8 +363,7 @@ def main() -> None:
         ap.error("--pool: at least 2 blocks")
     schedule = B.Schedule(args.warmup, args.duration, args.settle, args.paced, args.window, args.rate)
 
-    info = machine_info()
-    print_machine(info)
+    harness = Harness("pipeline", shm_prefixes=[f"mq.pl{os.getpid()}-"])
     print(f"4 processes: source -> stage1 -> stage2 -> sink, frames of {B.FRAME} float32 (1 MiB); "
           f"queues of {args.depth} frames; multiqueue pool of {args.pool} x 1 MiB.")
     print(f"{args.runs} run(s) per side, alternating; each: {args.warmup} s warm-up, {args.duration} s "
@@ -398,60 +373,38 @@ def main() -> None:
         print(f"NOTE: profiling into {args.profile}: these figures are not comparable with others")
     sys.stdout.flush()
 
-    signal.signal(signal.SIGTERM, _interrupt)  # kill PID cleans up like Ctrl-C
-    workdir = tempfile.mkdtemp(prefix=f"pipeline-bench-{os.getpid()}-")
     runs: dict[str, list[dict]] = {s: [] for s in sides}
-    errors: list[str] = []
-    started = time.monotonic()
-    interrupted = False
     runners = {"multiqueue": run_multiqueue, "mp.Queue": run_mp}
-    try:
+
+    def one_run(run: int, side: str) -> dict:
+        result = analyze(runners[side](schedule, args, f"{run}", harness.workdir))
+        harness.errors.extend(f"run {run + 1} {side}: {e}" for e in result["errors"])
+        runs[side].append(result)
+        return result
+
+    with harness:
         for run in range(args.runs):
             order = sides if run % 2 == 0 else sides[::-1]
             for side in order:
-                t = time.monotonic()
-                try:
-                    result = analyze(runners[side](schedule, args, f"{run}", workdir))
-                except Exception as e:  # one side failing must not lose the other's figures
-                    errors.append(f"run {run + 1} {side}: {type(e).__name__}: {e}")
-                    print(f"  ERROR run {run + 1} {side}: {e}", flush=True)
-                    continue
-                errors.extend(f"run {run + 1} {side}: {e}" for e in result["errors"])
-                runs[side].append(result)
-                print(f"  run {run + 1} {side:<11} {brief(result)}  ({time.monotonic() - t:.1f} s)",
-                      flush=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted: cleaning up", flush=True)
-    finally:
-        leftovers = cleanup(workdir)
-    elapsed = time.monotonic() - started
+                shown = f"run {run + 1} {side:<11}"
+                harness.measure(f"run {run + 1} {side}", one_run, run, side,
+                                brief=lambda result, shown=shown: f"{shown} {brief(result)}")
 
     summary = summarize(runs)
     if summary:
-        report(summary, args, errors)
-    print(f"\nelapsed {elapsed:.0f} s; /dev/shm after the runs: "
-          f"{'clean' if not leftovers else 'removed leftovers ' + ', '.join(leftovers)}")
-    if args.json:
-        write_json(args.json, {
-            "benchmark": "pipeline",
-            "machine": info,
-            "params": {"runs": args.runs, "warmup_s": args.warmup, "load_s": args.duration,
-                       "settle_s": args.settle, "paced_s": args.paced, "paced_rate": args.rate,
-                       "window_s": args.window,
-                       "depth": args.depth, "pool_blocks": args.pool, "frame_bytes": FRAME_BYTES,
-                       "quick": args.quick, "profiled": bool(args.profile)},
-            "hops": HOP_NAMES,
-            "runs": {side: [{k: v for k, v in r.items() if k != "errors"} for r in side_runs]
-                     for side, side_runs in runs.items()},
-            "summary": summary,
-            "targets": targets(summary) if summary else [],
-            "errors": errors,
-            "leftovers_in_dev_shm": leftovers,
-            "elapsed_s": elapsed,
-        })
-    if interrupted:
-        sys.exit(130)
+        report(summary, args, harness.errors)
+    harness.finish(args.json, lambda: {
+        "params": {"runs": args.runs, "warmup_s": args.warmup, "load_s": args.duration,
+                   "settle_s": args.settle, "paced_s": args.paced, "paced_rate": args.rate,
+                   "window_s": args.window,
+                   "depth": args.depth, "pool_blocks": args.pool, "frame_bytes": FRAME_BYTES,
+                   "quick": args.quick, "profiled": bool(args.profile)},
+        "hops": HOP_NAMES,
+        "runs": {side: [{k: v for k, v in r.items() if k != "errors"} for r in side_runs]
+                 for side, side_runs in runs.items()},
+        "summary": summary,
+        "targets": targets(summary) if summary else [],
+    })
 
 
 if __name__ == "__main__":

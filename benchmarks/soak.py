@@ -1,7 +1,7 @@
 """Soak: the demo streams for --minutes; memory of every process over time, drops, leaks.
 
     python benchmarks/soak.py [--minutes 10] [--interval S] [--warmup S] [--bins N] [--rate HZ]
-                              [--json PATH]
+                              [--json [PATH]]
 
 It runs the main demo (`mq demo`, the spectrum monitor of multiqueue.demos.spectrum:
 source, detector and recorder each in a worker process of its own, the probe a thread
@@ -53,17 +53,16 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
-from _common import machine_info, print_machine, remove_leftovers, write_json
+from _common import Harness, add_json_option, print_header, print_verdicts, target
 
-from multiqueue import doctor
-from multiqueue import spectrum_demo as demo
+from multiqueue.demos import spectrum as demo
 from multiqueue.graph import registry as R
-from multiqueue.graph.runtime import graph_stats
+from multiqueue.graph.stats import graph_stats
 from multiqueue.shm.segment import DEFAULT_PREFIX
+from multiqueue.tools import doctor
 
 PRIVATE_GROWTH_LIMIT_KIB = 2048  # end - start, after the warm-up
 PRIVATE_SLOPE_LIMIT_KIB_MIN = 64.0  # ~27 bytes per frame at 40 frames/s
@@ -375,8 +374,7 @@ def print_process_table(summary: dict) -> None:
     header = (f"{'process':<22}{'pid':>8} |{'private dirty: start':>21}{'end':>8}{'max':>8}{'/min':>7} |"
               f"{'USS: start':>11}{'end':>8}{'/min':>7} |{'RSS end':>8}{'anon':>8} |"
               f"{'fds':>8}{'threads':>8}{'maps':>10}")
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for pid, p in summary.items():
         if JUDGED not in p:
             print(f"{p['label'][:21]:<22}{pid:>8} | (no sample after the warm-up)")
@@ -412,17 +410,7 @@ def print_flow_table(final_blocks: dict, final_edges: list[dict], samples: list[
           + ", ".join(f"{k} max {max(v)}, last {v[-1]}" for k, v in sorted(pools.items())))
 
 
-def print_verdicts(verdicts: list[tuple[bool | None, str]]) -> None:
-    print("\nVerdicts:")
-    for ok, text in verdicts:
-        print(f"  {'-' if ok is None else 'PASS' if ok else 'FAIL':<4} {text}")
-
-
 # -- main -----------------------------------------------------------------------------------
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
 
 
 def parse_args():
@@ -436,7 +424,7 @@ def parse_args():
                     help=f"float32 bins per spectrum: the demo's frame size (default {demo.BINS:,})")
     ap.add_argument("--rate", type=float, default=None,
                     help=f"spectra per second (default the demo's {demo.RATE_HZ:g}; set like `mq param`)")
-    ap.add_argument("--json", metavar="PATH", help="write the results (every sample too) as JSON to PATH")
+    add_json_option(ap, "soak", "the results (every sample too)")
     args = ap.parse_args()
     if args.minutes <= 0:
         ap.error("--minutes must be > 0")
@@ -471,48 +459,43 @@ def run(domain: str, args, workdir: str) -> dict:
 
 def main() -> None:
     args = parse_args()
-    info = machine_info()
-    print_machine(info)
+    domain = f"soak{os.getpid()}"
+    harness = Harness("soak", shm_prefixes=[f"{DEFAULT_PREFIX}{domain}."])
     rate = args.rate or demo.RATE_HZ
     print(f"the demo (spectrum monitor, 3 worker processes + the runtime's): {args.bins:,} float32 bins "
           f"({args.bins * 4 / 1024:,.0f} KiB) at {rate:g} spectra/s for {args.minutes:g} min; "
           f"a sample every {args.interval:g} s, the first {args.warmup:g} s not judged", flush=True)
 
-    signal.signal(signal.SIGTERM, _interrupt)  # kill PID stops the demo like Ctrl-C
-    domain = f"soak{os.getpid()}"
-    workdir = tempfile.mkdtemp(prefix=f"soak-bench-{os.getpid()}-")
-    started = time.monotonic()
     result = error = None
-    try:
-        result = run(domain, args, workdir)
-    except KeyboardInterrupt:
-        error = "interrupted"
-    except RuntimeError as e:
-        error = str(e)
-    finally:
-        leftovers, log, demo_output = collect_and_clean(domain, workdir)
+    with harness:  # kill PID stops the demo like Ctrl-C; what the demo left in /dev/shm is a leak
+        try:
+            result = run(domain, args, harness.workdir)
+        except KeyboardInterrupt:
+            error = "interrupted"
+        except RuntimeError as e:
+            error = str(e)
+        finally:
+            log, demo_output = collect(domain, harness.workdir)
     if error:
         print(f"\nERROR: {error}; the demo was stopped. Its output:\n{demo_output}")
         sys.exit(130 if error == "interrupted" else 1)
-    report(args, info, result, leftovers, log, demo_output, time.monotonic() - started)
+    report(args, harness, result, log, demo_output)
 
 
-def collect_and_clean(domain: str, workdir: str) -> tuple[list[str], tuple, str]:
-    """What the stopped demo left in /dev/shm (a leak: listed, then removed), its log's
-    lines per level and its warnings (log_levels), and its output; then remove all of it."""
-    leftovers = [n for n in os.listdir("/dev/shm") if n.startswith(f"{DEFAULT_PREFIX}{domain}.")]
+def collect(domain: str, workdir: str) -> tuple[tuple, str]:
+    """The stopped demo's log: lines per level and its warnings (log_levels); its output."""
     log = log_levels(workdir, domain)
     try:
         with open(os.path.join(workdir, "demo.out"), errors="replace") as f:
             demo_output = f.read()
     except OSError:
         demo_output = ""
-    remove_leftovers(f"{DEFAULT_PREFIX}{domain}.", workdir)
-    return leftovers, log, demo_output
+    return log, demo_output
 
 
-def report(args, info, result, leftovers, log, demo_output, elapsed) -> None:
+def report(args, harness: Harness, result, log, demo_output) -> None:
     levels, notable = log
+    leftovers = harness.leftovers
     samples = result["samples"]
     seconds = samples[-1]["t"]
     summary = {pid: summarize_process(s, args.warmup, seconds) for pid, s in process_series(samples).items()}
@@ -533,16 +516,15 @@ def report(args, info, result, leftovers, log, demo_output, elapsed) -> None:
     print(f"\nFrames over {seconds:.0f} s of streaming (rows after the stop; fill from the samples):")
     print_flow_table(result["final_blocks"], result["final_edges"], samples)
     print("\nThe demo's final report:\n" + demo_output[demo_output.find("final:"):].rstrip())
-    print_verdicts(verdicts)
+    print_verdicts([target(ok, text) for ok, text in verdicts], "Verdicts:")
     if notable:
         print("\nThe domain log's WARNING / ERROR lines" + (f" (the first {NOTABLE_KEPT})" if
               len(notable) == NOTABLE_KEPT else "") + ":\n" + "\n".join(f"  {line}" for line in notable))
     failed = [text for ok, text in verdicts if ok is False]
-    print(f"\n{'FAIL' if failed else 'PASS'}: {len(failed)} failed verdict(s); elapsed {elapsed:.0f} s")
+    print(f"\n{'FAIL' if failed else 'PASS'}: {len(failed)} failed verdict(s); "
+          f"elapsed {harness.elapsed:.0f} s")
     if args.json:
-        write_json(args.json, {
-            "benchmark": "soak",
-            "machine": info,
+        harness.write_json(args.json, {
             "params": {"minutes": args.minutes, "interval_s": args.interval, "warmup_s": args.warmup,
                        "bins": args.bins, "rate_hz": args.rate or demo.RATE_HZ},
             "limits": {"private_growth_kib": PRIVATE_GROWTH_LIMIT_KIB,
@@ -553,13 +535,11 @@ def report(args, info, result, leftovers, log, demo_output, elapsed) -> None:
             "final_edges": result["final_edges"],
             "doctor_findings": findings,
             "demo_exit_code": result["exit_code"],
-            "leftovers_in_dev_shm": leftovers,
             "log_levels": dict(levels),
             "log_warnings": notable,
-            "verdicts": [{"ok": ok, "text": text} for ok, text in verdicts],
+            "verdicts": [target(ok, text) for ok, text in verdicts],
             "passed": not failed,
             "samples": samples,
-            "elapsed_s": elapsed,
         })
     sys.exit(1 if failed else 0)
 

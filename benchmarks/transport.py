@@ -1,6 +1,6 @@
 """Transport benchmark: multiqueue side by side with multiprocessing.Queue, faster-fifo, pyzmq, iceoryx2.
 
-    python benchmarks/transport.py [--quick] [--json PATH] [--runs 3] [--duration 1.0]
+    python benchmarks/transport.py [--quick] [--json [PATH]] [--runs 3] [--duration 1.0]
                                    [--round-trips 20000] [--transports multiqueue,pyzmq,...]
 
 Every producer and consumer is a separate process (multiprocessing "spawn") attaching
@@ -27,27 +27,41 @@ size, 1->1 and 1->3; busy-poll round trip p50 <= iceoryx2's; blocking round trip
 """
 
 import argparse
-import contextlib
 import math
 import multiprocessing
 import os
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 
 import numpy as np
-from _common import Session, machine_info, print_machine, write_json
+from _common import (
+    Harness,
+    KiB,
+    MiB,
+    Session,
+    add_json_option,
+    add_message_options,
+    attach,
+    clock,
+    fmt_rate,
+    fmt_ratio,
+    fmt_size,
+    median,
+    print_errors,
+    print_header,
+    print_verdicts,
+    remove_domains,
+    target,
+    time_round_trips,
+    worker,
+)
 from _transport_peers import BAD, END, HELLO, QUIT, Endpoint, available_peers, expected_sum, iceoryx_prefix
 
 from multiqueue import PoolConfig, ShmConfig, ShmManager
 from multiqueue.stream import PortQueue
 from multiqueue.stream.queue import _SPIN_S
 
-KiB, MiB = 1024, 1024 * 1024
 SIZES = [64, 4 * KiB, 64 * KiB, 1 * MiB, 8 * MiB]
 FILL_SIZES = [64 * KiB, 1 * MiB, 8 * MiB]
 FANOUTS = [1, 3]
@@ -55,7 +69,6 @@ RT_SIZE = 64
 RT_DEPTH = 16
 TARGET_BLOCKING_RT_US = 25.0
 TARGET_VS_MP = 10.0
-clock = time.monotonic_ns  # CLOCK_MONOTONIC: one clock for every process of the machine
 
 
 def depth_for(size: int) -> int:
@@ -93,20 +106,7 @@ class MultiQueueHub:
     def close(self) -> None:
         self._queues.clear()
         self.manager.shutdown()
-        with contextlib.suppress(Exception):
-            ShmManager.cleanup(self.domain)  # in case a worker was killed
-
-
-_MANAGERS: dict[str, ShmManager] = {}
-
-
-def attach(domain: str) -> ShmManager:
-    """This process's manager of ``domain`` (one per process, shut down by the worker)."""
-    m = _MANAGERS.get(domain)
-    if m is None:
-        m = _MANAGERS[domain] = ShmManager(domain, create=False, reaper_interval=None,
-                                           name=f"transport-{os.getpid()}")
-    return m
+        remove_domains(self.domain)  # in case a worker was killed
 
 
 @dataclass
@@ -117,7 +117,7 @@ class MultiQueueSpec:
     wait: str
 
     def open_sender(self, fill: bool) -> Endpoint:
-        m = attach(self.domain)
+        m = attach(self.domain, f"transport-{os.getpid()}")
         q = PortQueue(m, self.queue, create=False)
         allocate, push, size = m.allocate, q.push, self.size
         if fill:
@@ -136,7 +136,7 @@ class MultiQueueSpec:
         return Endpoint(send=send)
 
     def open_receiver(self, index: int, fill: bool) -> Endpoint:
-        m = attach(self.domain)
+        m = attach(self.domain, f"transport-{os.getpid()}")
         q = PortQueue(m, self.queue, create=False)
         reader = q.reader(policy="block", busy_poll=self.wait == "busy")
         pop = reader.pop
@@ -162,115 +162,85 @@ class MultiQueueSpec:
 # -- worker processes ---------------------------------------------------------------------
 
 
-def _worker(body):
-    """Run a worker body: SIGTERM -> SystemExit so the finally clauses run; quiet on Ctrl-C."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        body()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for m in _MANAGERS.values():
-            with contextlib.suppress(Exception):
-                m.shutdown()
-
-
+@worker
 def consumer_main(spec, index: int, fill: bool, conn) -> None:
     """Receive runs until QUIT; after each run's END report (count, bad, end time)."""
-    def body():
-        endpoint = spec.open_receiver(index, fill)
-        recv = endpoint.recv
-        conn.send("ready")
-        while recv() != HELLO:
-            pass
-        conn.send("hello")
-        while True:
-            n = bad = 0
-            while (seq := recv()) < END:
-                if seq != n:  # every message, in order: the n-th carries n
-                    bad += 1
-                n += 1
-            if seq == QUIT:
-                break
-            conn.send((n, bad, clock()))
-        conn.send("bye")  # got QUIT: the producer may close now
-        endpoint.close()
-    _worker(body)
+    endpoint = spec.open_receiver(index, fill)
+    recv = endpoint.recv
+    conn.send("ready")
+    while recv() != HELLO:
+        pass
+    conn.send("hello")
+    while True:
+        n = bad = 0
+        while (seq := recv()) < END:
+            if seq != n:  # every message, in order: the n-th carries n
+                bad += 1
+            n += 1
+        if seq == QUIT:
+            break
+        conn.send((n, bad, clock()))
+    conn.send("bye")  # got QUIT: the producer may close now
+    endpoint.close()
 
 
+@worker
 def producer_main(spec, size: int, fill: bool, conn) -> None:
     """For each ("run", seconds, min, max): send 0, 1, 2... for the seconds (at least min
     messages, at most max), then END."""
-    def body():
-        endpoint = spec.open_sender(fill)
-        send = endpoint.send
-        check = 0 if size >= 64 * KiB else 15  # look at the clock every message, or every 16
-        send(HELLO)  # every consumer receives one message before the first run (see HELLO)
-        conn.send("ready")
-        while (command := conn.recv())[0] == "run":
-            _, seconds, min_messages, max_messages = command
-            seq = 0
-            t0 = clock()
-            deadline = t0 + int(seconds * 1e9)
-            while seq < max_messages:
-                send(seq)
-                seq += 1
-                if not seq & check and clock() >= deadline and seq >= min_messages:
-                    break
-            send(END)
-            conn.send((seq, t0))
-        send(QUIT)
-        conn.recv()  # "close": every consumer has received QUIT (some transports drop
-        endpoint.close()  # what is in flight when the sender closes)
-    _worker(body)
+    endpoint = spec.open_sender(fill)
+    send = endpoint.send
+    check = 0 if size >= 64 * KiB else 15  # look at the clock every message, or every 16
+    send(HELLO)  # every consumer receives one message before the first run (see HELLO)
+    conn.send("ready")
+    while (command := conn.recv())[0] == "run":
+        _, seconds, min_messages, max_messages = command
+        seq = 0
+        t0 = clock()
+        deadline = t0 + int(seconds * 1e9)
+        while seq < max_messages:
+            send(seq)
+            seq += 1
+            if not seq & check and clock() >= deadline and seq >= min_messages:
+                break
+        send(END)
+        conn.send((seq, t0))
+    send(QUIT)
+    conn.recv()  # "close": every consumer has received QUIT (some transports drop
+    endpoint.close()  # what is in flight when the sender closes)
 
 
+@worker
 def pong_main(ping, pong, conn) -> None:
     """Round trip, side B: receive on ``ping``, reply with the same sequence on ``pong``."""
-    def body():
-        rx = ping.open_receiver(0, False)
-        conn.send("ready")
-        conn.recv()  # "connect": side A's receiver exists now
-        tx = pong.open_sender(False)
-        conn.send("ready")
-        recv, send = rx.recv, tx.send
-        while (seq := recv()) != QUIT:
-            send(seq)
-        conn.send("bye")
-        tx.close()
-        rx.close()
-    _worker(body)
+    rx = ping.open_receiver(0, False)
+    conn.send("ready")
+    conn.recv()  # "connect": side A's receiver exists now
+    tx = pong.open_sender(False)
+    conn.send("ready")
+    recv, send = rx.recv, tx.send
+    while (seq := recv()) != QUIT:
+        send(seq)
+    conn.send("bye")
+    tx.close()
+    rx.close()
 
 
+@worker
 def ping_main(ping, pong, conn) -> None:
     """Round trip, side A: for each ("run", warm-up, count) time count round trips."""
-    def body():
-        rx = pong.open_receiver(0, False)
-        conn.send("ready")
-        conn.recv()
-        tx = ping.open_sender(False)
-        conn.send("ready")
-        recv, send, now = rx.recv, tx.send, time.perf_counter_ns
-        while (command := conn.recv())[0] == "run":
-            _, warmup, count = command
-            times = np.empty(count, np.int64)
-            bad = 0
-            for i in range(warmup + count):
-                t0 = now()
-                send(i)
-                got = recv()
-                t1 = now()
-                if got != i:
-                    bad += 1
-                if i >= warmup:
-                    times[i - warmup] = t1 - t0
-            p50, p99 = np.percentile(times, [50, 99]) / 1e3
-            conn.send((float(p50), float(p99), bad))
-        send(QUIT)
-        conn.recv()  # "close": side B has received QUIT
-        tx.close()
-        rx.close()
-    _worker(body)
+    rx = pong.open_receiver(0, False)
+    conn.send("ready")
+    conn.recv()
+    tx = ping.open_sender(False)
+    conn.send("ready")
+    while (command := conn.recv())[0] == "run":
+        _, warmup, count = command
+        conn.send(time_round_trips(tx.send, rx.recv, warmup, count))
+    tx.send(QUIT)
+    conn.recv()  # "close": side B has received QUIT
+    tx.close()
+    rx.close()
 
 
 # -- measurements -------------------------------------------------------------------------
@@ -334,29 +304,8 @@ def round_trip(ctx, hub_class, wait, args, tag, workdir) -> list[tuple[float, fl
 # -- report -------------------------------------------------------------------------------
 
 
-def fmt_size(size: int) -> str:
-    for unit, scale in (("MiB", MiB), ("KiB", KiB)):
-        if size >= scale:
-            return f"{size // scale} {unit}"
-    return f"{size} B"
-
-
-def fmt_rate(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x / 1e6:.3f} M" if x >= 1e6 else f"{x / 1e3:.1f} k" if x >= 1e3 else f"{x:.0f}"
-
-
-def fmt_us(p50_p99: tuple[float, float] | None) -> str:
+def fmt_p50(p50_p99: tuple[float, float] | None) -> str:
     return "-" if p50_p99 is None else f"{p50_p99[0]:.2f} us"
-
-
-def fmt_ratio(a: float | None, b: float | None) -> str:
-    return "-" if not a or not b else f"{a / b:.2f}x"
-
-
-def median(values: list | None) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def print_rate_table(title: str, results: dict, names: list[str], sizes, unit: str, scale) -> None:
@@ -365,8 +314,7 @@ def print_rate_table(title: str, results: dict, names: list[str], sizes, unit: s
     print(f"\n{title}")
     header = f"{'size':>7} {'fan':>4}" + "".join(f"{n:>12}" for n in names)
     header += "  |" + "".join(f"{'mq/' + n:>15}" for n in peers)
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for size in sizes:
         for fanout in FANOUTS:
             med = {n: median(results.get((n, size, fanout))) for n in names}
@@ -379,18 +327,14 @@ def print_rate_table(title: str, results: dict, names: list[str], sizes, unit: s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3, help="runs per figure (default 3)")
-    ap.add_argument("--duration", type=float, default=1.0, help="seconds per throughput run (default 1)")
-    ap.add_argument("--warmup", type=float, default=0.2, help="seconds of the unmeasured first run")
-    ap.add_argument("--max-messages", type=int, default=2_000_000, help="messages per run at most")
-    ap.add_argument("--round-trips", type=int, default=20_000, help="round trips per run (default 20,000)")
+    add_message_options(ap)
     ap.add_argument("--transports", help="comma-separated subset of the transports")
     ap.add_argument("--sizes", help="comma-separated payload sizes in bytes (default 64 B..8 MiB)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: headtail,fill,rt")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run (< 1 min): 64 B and 1 MiB, 1 run of 0.1 s, 2,000 round trips "
                          "(overrides --sizes, --runs, --duration, --warmup, --round-trips)")
-    ap.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    add_json_option(ap, "transport")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else SIZES
     fill_sizes = [s for s in sizes if s in FILL_SIZES] if args.sizes else FILL_SIZES
@@ -406,8 +350,7 @@ def main() -> None:
         hubs = [h for h in hubs if h.name in wanted]
     names = [h.name for h in hubs]
 
-    info = machine_info()
-    print_machine(info)
+    harness = Harness("transport", shm_prefixes=[f"mq.tb{os.getpid()}-"])
     print(f"{args.runs} run(s) per figure (median); throughput runs of {args.duration} s "
           f"(<= {args.max_messages:,} messages) after a {args.warmup} s warm-up run; "
           f"round trips: {args.round_trips:,} per run after {args.round_trips // 10:,}")
@@ -426,30 +369,21 @@ def main() -> None:
     sys.stdout.flush()
 
     ctx = multiprocessing.get_context("spawn")
-    signal.signal(signal.SIGTERM, _interrupt)  # kill PID cleans up like Ctrl-C
-    workdir = tempfile.mkdtemp(prefix=f"transport-bench-{os.getpid()}-")
     results: dict = {"headtail": {}, "fill": {}, "rt": {}}
-    errors: list[str] = []
-    started = time.monotonic()
-    counter = iter(range(10**6))
 
     def measure(kind, label, key, fn, *fn_args):
-        t = time.monotonic()
-        try:
-            values = fn(ctx, *fn_args, args, f"{next(counter)}", workdir)
-        except Exception as e:  # one transport failing must not lose the others' figures
-            errors.append(f"{kind} {label}: {type(e).__name__}: {e}")
-            print(f"  ERROR {kind} {label}: {e}", flush=True)
-            return
-        results[kind].setdefault(key, []).extend(values)
-        print(f"  {kind:<8} {label:<30} {_brief(kind, values)}  ({time.monotonic() - t:.1f} s)", flush=True)
+        values = harness.measure(f"{kind} {label}", fn, ctx, *fn_args, args, harness.tag(), harness.workdir,
+                                 brief=lambda values: f"{kind:<8} {label:<30} {_brief(kind, values)}")
+        if values is not None:
+            results[kind].setdefault(key, []).extend(values)
 
     # Figures compared with each other are measured close in time (the machine drifts):
     # throughput: every transport for one size and fan-out in turn, iceoryx2 (the target's
     # reference) right after multiqueue; round trips: the runs of all transports interleaved.
     measure_order = sorted(hubs, key=lambda h: (h.name != "multiqueue", h.name != "iceoryx2"))
-    interrupted = False
-    try:
+    with harness:
+        # its iceoryx2 segments are expected (nodes do not remove their global management file)
+        harness.also_remove.append(iceoryx_prefix(harness.workdir))
         for kind, kind_sizes in (("headtail", sizes), ("fill", fill_sizes)):
             if kind in skip:
                 continue
@@ -463,43 +397,15 @@ def main() -> None:
                 for wait in ("block", "busy"):
                     for h in measure_order:
                         measure("rt", f"run {run + 1} {wait} {h.name}", (h.name, wait), round_trip, h, wait)
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted: cleaning up", flush=True)
-    finally:
-        leftovers = cleanup(workdir)
-    elapsed = time.monotonic() - started
 
-    report(results, names, sizes, fill_sizes, errors)
-    print(f"\nelapsed {elapsed:.0f} s; /dev/shm after cleanup: "
-          f"{'clean' if not leftovers else 'removed leftovers ' + ', '.join(leftovers)}")
-    if args.json:
-        write_json(args.json, to_json(results, args, info, notes, hubs, errors, elapsed))
-    if interrupted:
-        sys.exit(130)
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
+    report(results, names, sizes, fill_sizes, harness.errors)
+    harness.finish(args.json, lambda: to_json(results, args, notes, hubs))
 
 
 def _brief(kind: str, values) -> str:
     if kind == "rt":
         return "p50/p99 us: " + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in values)
     return "msgs/s: " + ", ".join(fmt_rate(v) for v in values)
-
-
-def cleanup(workdir: str) -> list[str]:
-    """Remove the run's files: its iceoryx2 segments and any multiqueue domain left behind."""
-    prefixes = (f"mq.tb{os.getpid()}-", iceoryx_prefix(workdir))
-    leftovers = [n for n in os.listdir("/dev/shm") if n.startswith(prefixes)]
-    for name in leftovers:
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join("/dev/shm", name))
-    shutil.rmtree(workdir, ignore_errors=True)
-    # iceoryx2 segments are expected (nodes do not remove their global management file);
-    # multiqueue ones would be a bug
-    return [n for n in leftovers if n.startswith("mq.")]
 
 
 def report(results: dict, names: list[str], sizes, fill_sizes, errors: list[str]) -> None:
@@ -513,10 +419,8 @@ def report(results: dict, names: list[str], sizes, fill_sizes, errors: list[str]
     if rt:
         print(f"\nRound trip, {RT_SIZE} B ping-pong, microseconds (median over runs of each run's "
               "p50 / p99):")
-        header = f"{'transport':<12}{'block p50':>11}{'block p99':>11}{'busy p50':>11}{'busy p99':>11}" \
-                 f"{'block peer/mq':>14}{'busy peer/mq':>13}"
-        print(header)
-        print("-" * len(header))
+        print_header(f"{'transport':<12}{'block p50':>11}{'block p99':>11}{'busy p50':>11}{'busy p99':>11}"
+                     f"{'block peer/mq':>14}{'busy peer/mq':>13}")
         mq = {w: rt_median(rt, "multiqueue", w) for w in ("block", "busy")}
         for n in names:
             cells, ratios = "", ""
@@ -525,13 +429,8 @@ def report(results: dict, names: list[str], sizes, fill_sizes, errors: list[str]
                 cells += "".join(f"{'-' if p is None else f'{x:.1f}':>11}" for x in (p or (None, None)))
                 ratios += f"{fmt_ratio(p and p[0], mq[w] and mq[w][0]):>{14 if w == 'block' else 13}}"
             print(f"{n:<12}{cells}{ratios}")
-    print("\nTargets:")
-    for line in targets(results, sizes):
-        print(f"  {line['verdict']:<4} {line['text']}")
-    if errors:
-        print("\nErrors:")
-        for e in errors:
-            print(f"  {e}")
+    print_verdicts(targets(results, sizes))
+    print_errors(errors)
 
 
 def rt_median(rt: dict, name: str, wait: str) -> tuple[float, float] | None:
@@ -546,7 +445,7 @@ def targets(results: dict, sizes) -> list[dict]:
     out = []
 
     def line(ok: bool | None, text: str):
-        out.append({"verdict": "-" if ok is None else "PASS" if ok else "FAIL", "ok": ok, "text": text})
+        out.append(target(ok, text))
 
     for size in sizes:
         for fanout in FANOUTS:
@@ -557,11 +456,11 @@ def targets(results: dict, sizes) -> list[dict]:
                      f"{fmt_rate(iox)} ({fmt_ratio(mq, iox)})")
     mq, iox = rt_median(rt, "multiqueue", "busy"), rt_median(rt, "iceoryx2", "busy")
     line(None if not mq or not iox else mq[0] <= iox[0],
-         f"busy-poll round trip p50 <= iceoryx2's: {fmt_us(mq)} vs {fmt_us(iox)} "
+         f"busy-poll round trip p50 <= iceoryx2's: {fmt_p50(mq)} vs {fmt_p50(iox)} "
          f"({fmt_ratio(mq and mq[0], iox and iox[0])})")
     mq = rt_median(rt, "multiqueue", "block")
     line(None if not mq else mq[0] <= TARGET_BLOCKING_RT_US,
-         f"blocking round trip p50 <= {TARGET_BLOCKING_RT_US:.0f} us: {fmt_us(mq)}")
+         f"blocking round trip p50 <= {TARGET_BLOCKING_RT_US:.0f} us: {fmt_p50(mq)}")
     for size in sizes:
         if size < 64 * KiB:
             continue
@@ -573,7 +472,7 @@ def targets(results: dict, sizes) -> list[dict]:
     return out
 
 
-def to_json(results, args, info, notes, hubs, errors, elapsed) -> dict:
+def to_json(results, args, notes, hubs) -> dict:
     def rows(kind):
         out = []
         for (name, size, fanout), runs in results[kind].items():
@@ -584,8 +483,6 @@ def to_json(results, args, info, notes, hubs, errors, elapsed) -> dict:
         return out
 
     return {
-        "benchmark": "transport",
-        "machine": info,
         "params": {"runs": args.runs, "duration_s": args.duration, "warmup_s": args.warmup,
                    "max_messages": args.max_messages, "round_trips": args.round_trips,
                    "round_trip_size": RT_SIZE, "round_trip_depth": RT_DEPTH, "quick": args.quick,
@@ -599,8 +496,6 @@ def to_json(results, args, info, notes, hubs, errors, elapsed) -> dict:
                            "median_p99": statistics.median(q for _, q in runs)}
                           for (n, w), runs in results["rt"].items()],
         "targets": targets(results, sorted({s for _, s, _ in results["headtail"]})),
-        "errors": errors,
-        "elapsed_s": elapsed,
     }
 
 
