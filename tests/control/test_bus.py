@@ -4,11 +4,8 @@ The cross-process tests run tests/bus_roles.py in other interpreters that attach
 domain by name (no fork); every wait is on a role's stdout line or on an event.
 """
 
-import json
 import os
-import queue
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -16,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_python
+from helpers import ROLE_WAIT, RoleProcess, run_python
 from multiqueue import PoolConfig, ShmConfig, ShmManager
 from multiqueue.control import MAX_MESSAGE, Bus, Message
 from multiqueue.control.bus import BUS_POOL
@@ -25,59 +22,20 @@ from multiqueue.shm.segment import domain_segments
 from multiqueue.stream import PortQueue
 
 ROLES = str(Path(__file__).with_name("bus_roles.py"))
-WAIT = 60.0  # seconds a role may stay silent before the test fails (a hang, not a slow machine)
+WAIT = ROLE_WAIT
 
 
-class Role:
-    """A tests/bus_roles.py process; its stdout JSON lines arrive on a queue (no polling)."""
+class Role(RoleProcess):
+    """A tests/control/bus_roles.py process."""
 
     def __init__(self, *args):
-        self.proc = subprocess.Popen([sys.executable, ROLES, *map(str, args)], text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        self._lines: queue.Queue = queue.Queue()
-        self._stderr: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        self._stderr_thread = threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr),
-                                               daemon=True)
-        self._stderr_thread.start()
+        super().__init__(str(args[0]), [sys.executable, ROLES, *map(str, args)])
         self.pid = None
 
     def ready(self) -> "Role":
         """Wait until the role is subscribed (or ready to publish)."""
         self.pid = self.expect("ready")["pid"]
         return self
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self._lines.put(json.loads(line))
-        self._lines.put(None)  # end of output: the process exited
-
-    def expect(self, event: str) -> dict:
-        try:
-            report = self._lines.get(timeout=WAIT)
-        except queue.Empty:
-            raise AssertionError(f"role {self.proc.args[2]} silent for {WAIT} s") from None
-        if report is None:
-            self.proc.wait(timeout=WAIT)
-            raise AssertionError(f"role {self.proc.args[2]} exited ({self.proc.returncode}) "
-                                 f"waiting for {event!r}: {self.stderr}")
-        assert report["event"] == event, report
-        return report
-
-    def send(self, text: str) -> None:
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self._stderr)
-
-    def finish(self) -> int:
-        """Wait for a role that is leaving; its exit code (its stderr is complete after)."""
-        code = self.proc.wait(timeout=WAIT)
-        self._stderr_thread.join(WAIT)
-        return code
 
     def stop(self) -> None:
         if self.proc.poll() is None:

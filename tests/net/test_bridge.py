@@ -18,7 +18,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 from bridge_roles import checksum, read_record, stamp
 
+from helpers import ROLE_WAIT, RoleProcess
 from multiqueue import ShmManager, attach
 from multiqueue.control import Bus
 from multiqueue.errors import BlockError, BridgeError, WireError
@@ -36,27 +36,19 @@ from multiqueue.net.settings import close_session, open_session
 from multiqueue.shm.segment import domain_segments, unlink_quietly
 
 ROLES = str(Path(__file__).with_name("bridge_roles.py"))
-WAIT = 60.0  # seconds a role may stay silent before the test fails (a hang, not a slow machine)
+WAIT = ROLE_WAIT
 N = 256  # float32 per frame in the stream tests
 
 
 # -- helpers -----------------------------------------------------------------------------
 
 
-class Role:
-    """A tests/bridge_roles.py process; its stdout JSON lines arrive on a queue (no polling)."""
+class Role(RoleProcess):
+    """A tests/net/bridge_roles.py process."""
 
     def __init__(self, role: str, domain: str, key: str, *args):
+        super().__init__(role, [sys.executable, ROLES, role, domain, key, *map(str, args)])
         self.role, self.domain = role, domain
-        self.proc = subprocess.Popen([sys.executable, ROLES, role, domain, key, *map(str, args)], text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._lines: queue.Queue = queue.Queue()
-        self._stderr: list[str] = []
-        self.other_output: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        self._stderr_thread = threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr),
-                                               daemon=True)
-        self._stderr_thread.start()
         self.pid = None
         self.pids: dict[str, int] = {}  # block -> worker pid
 
@@ -64,31 +56,6 @@ class Role:
         report = self.expect("ready")
         self.pid, self.pids = report["pid"], report["pids"]
         return self
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                report = json.loads(line)
-            except ValueError:
-                report = None
-            if isinstance(report, dict) and "event" in report:
-                self._lines.put(report)
-            else:
-                self.other_output.append(line)
-        self._lines.put(None)  # end of output: the process exited
-
-    def expect(self, event: str, timeout: float = WAIT) -> dict:
-        try:
-            report = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"role {self.role} silent for {timeout} s waiting for {event!r}: "
-                                 f"{self.stderr}") from None
-        if report is None:
-            self.proc.wait(timeout=WAIT)
-            raise AssertionError(f"role {self.role} exited ({self.proc.returncode}) waiting for "
-                                 f"{event!r}: {self.stderr}")
-        assert report["event"] == event, report
-        return report
 
     def done(self) -> dict:
         """The role's final report; it must have ended cleanly (no error, no block failure)."""
@@ -105,15 +72,6 @@ class Role:
             while (report := self._lines.get(timeout=1.0)) is not None:
                 pending.append(report)
         return pending
-
-    def send(self, text: str) -> None:
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-
-    @property
-    def stderr(self) -> str:
-        self._stderr_thread.join(0.5 if self.proc.poll() is not None else 0)
-        return "".join(self._stderr)
 
     def stop(self) -> None:
         """Leave: ask a running role to stop in order; kill it if it does not."""
@@ -469,7 +427,7 @@ def test_the_end_marker_is_never_sent_droppable(monkeypatch):
     session = _FakeSession()
     monkeypatch.setattr(bridge, "open_session", lambda settings: session)
     sink = BridgeSink("a/b", policy="drop")
-    sink._io = _FakeIO()
+    sink.bind(_FakeIO())
     sink.initialize()
     sink.start()
     sink.stop()

@@ -11,14 +11,12 @@ wait is on a role's stdout line or on a process exit.
 import contextlib
 import json
 import os
-import queue
 import random
 import select
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
@@ -26,12 +24,13 @@ import netns_roles  # the roles' frame pattern (tests/ is on sys.path, as for he
 import numpy as np
 import pytest
 
+from helpers import ROLE_WAIT, RoleProcess
 from multiqueue.shm.segment import domain_segments, unlink_quietly
 
 pytest.importorskip("zenoh", reason="the bridge needs eclipse-zenoh")
 
 ROLES = str(Path(__file__).with_name("netns_roles.py"))
-WAIT = 60.0  # seconds a role may stay silent before the test fails (a hang, not a slow machine)
+WAIT = ROLE_WAIT
 COUNT, N = 10_000, 256
 STOP_WAIT = 15.0  # seconds an interrupted role has to stop in order before it is killed
 PORT = 7447  # the namespaces are fresh: nothing else listens there
@@ -111,54 +110,13 @@ def two_domains():
     assert not leftovers, f"test left segments behind: {leftovers}"
 
 
-class Role:
-    """A tests/netns_roles.py runtime under ``ip netns exec``, in a process group of its
-    own (its workers too); its stdout JSON lines arrive on a queue (no polling)."""
+class Role(RoleProcess):
+    """A tests/net/netns_roles.py runtime under ``ip netns exec``, in a process group of its
+    own (its workers too)."""
 
     def __init__(self, ns: str, *args):
-        self.name = f"{args[0]}@{ns}"
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, ROLES, *map(str, args)],
-                                     text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True)
-        self._lines: queue.Queue = queue.Queue()
-        self._stderr: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        self._stderr_thread = threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr),
-                                               daemon=True)
-        self._stderr_thread.start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                self._lines.put(json.loads(line))
-            except ValueError:
-                self._lines.put({"event": "garbage", "line": line})
-        self._lines.put(None)  # end of output: the process exited
-
-    def expect(self, event: str) -> dict:
-        try:
-            report = self._lines.get(timeout=WAIT)
-        except queue.Empty:
-            raise AssertionError(f"role {self.name} silent for {WAIT} s waiting for {event!r}") from None
-        if report is None:
-            self.proc.wait(timeout=WAIT)
-            self._stderr_thread.join(WAIT)
-            raise AssertionError(f"role {self.name} exited ({self.proc.returncode}) waiting for "
-                                 f"{event!r}: {self.stderr}")
-        assert report["event"] == event, f"{self.name}: {report}\n{self.stderr}"
-        return report
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self._stderr)
-
-    def finish(self) -> int:
-        """The exit code, once the runtime exited and every process that shares its stderr
-        (its workers, multiprocessing's resource tracker) has exited or closed it."""
-        code = self.proc.wait(timeout=WAIT)
-        self._stderr_thread.join(WAIT)
-        assert not self._stderr_thread.is_alive(), f"{self.name}: its stderr stays open after it exited"
-        return code
+        command = ["ip", "netns", "exec", ns, sys.executable, ROLES, *map(str, args)]
+        super().__init__(f"{args[0]}@{ns}", command, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def kill(self) -> None:
         """A role still running is interrupted (its runtime stops in order and releases its
