@@ -243,7 +243,7 @@ def test_a_function_level_import_of_the_package_says_why():
                 ours = (isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(
                     "multiqueue"))) or (isinstance(node, ast.Import) and any(
                         a.name.startswith("multiqueue") for a in node.names))
-                said = "#" in lines[node.lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
-                if ours and not said:
+                if ours and not ("#" in lines[node.lineno - 1]
+                                 or lines[node.lineno - 2].strip().startswith("#")):
                     hidden.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert not hidden, "imports hidden in functions, with no comment saying why:\n" + "\n".join(hidden)
