@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from multiqueue.graph import DONE, INSUFFICIENT_INPUT, OK, Block, Port, block
+from multiqueue.graph import DONE, INSUFFICIENT_INPUT, OK, Block, Param, Port, block
 
 
 class Ramp(Block):
@@ -237,3 +237,11 @@ class SendThenCrash(Block):
             if self.pushed("out") == self.at:
                 die_once(self.marker)
         return OK
+
+
+@block(inputs={"in": np.float32}, outputs={"out": np.float32})
+def typed_gain(frames, gain: Param(float, min=0, max=10) = 1.0, label: str = "x", taps=4, on=True,
+               limit: int | None = None):
+    """Forwards its frames; its parameters are typed by annotation (gain, label, limit)
+    and by default (taps, on)."""
+    return frames

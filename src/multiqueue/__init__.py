@@ -23,7 +23,7 @@ from .errors import (
     SegmentVersionError,
     WireError,
 )
-from .graph import Block, Frame, Port, Runtime, attach, block, load_graph
+from .graph import Block, Frame, Param, Port, Runtime, attach, block, load_graph
 from .shm import Buffer, BufferPool, PoolConfig, PoolStats, ReapReport, ShmConfig, ShmManager, ShmStats
 from .stream import Consumer, PortQueue, Producer, SyncReader
 
@@ -32,8 +32,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Block", "BlockError", "BridgeError", "Buffer", "BufferPool", "BufferReleasedError", "Bus", "Consumer",
     "DomainFullError", "DomainInUseError", "Frame", "GraphError", "GraphFileError", "InvalidBufferError",
-    "MessageTooLargeError", "MultiQueueError", "NotInitializedError", "PoolConfig", "PoolExhaustedError",
-    "PoolInUseError", "PoolNotFoundError", "PoolStats", "Port", "PortQueue", "Producer", "QueueClosedError",
+    "MessageTooLargeError", "MultiQueueError", "NotInitializedError", "Param", "PoolConfig",
+    "PoolExhaustedError", "PoolInUseError", "PoolNotFoundError", "PoolStats", "Port", "PortQueue", "Producer",
+    "QueueClosedError",
     "ReadersFullError", "ReapReport", "ResourceLimitError", "Runtime", "SegmentError", "SegmentVersionError",
     "ShmConfig", "ShmManager", "ShmStats", "SyncReader", "WireError", "attach", "block", "load_graph",
 ]

@@ -172,7 +172,8 @@ def check_domain(m: ShmManager, domain: str, holders: dict, leaked: Counter, poo
         assert b.leftover == leaked[b.id] and b.pool == pool_of[b.id], report.format()
     leaks = {(f.buffers[0], f.references) for f in report.findings if f.kind == "leak"}
     assert leaks == {(i, n) for i, n in leaked.items() if n}, report.format()
-    assert all(f.kind == "leak" for f in report.findings), report.format()
+    # a pool the model filled is reported full (a fact to show, not a fault of the domain)
+    assert all(f.kind in ("leak", "pool-full") for f in report.findings), report.format()
     live = Counter(pool_of[i] for i in expected)
     for name, (_size, count) in POOLS.items():
         s = m.get_pool(name).stats()

@@ -13,7 +13,7 @@ from ..tools.inspect import error_text
 TOOL_PREFIX = "mq:"  # the process name of an `mq` tool attached to a domain starts with this
 
 __all__ = ["TOOL_PREFIX", "AttachedTool", "CommandError", "checked_topic", "count", "domain_name",
-           "error_text", "parse_value", "print_json", "seconds", "start_dashboard"]
+           "error_text", "parse_value", "port_number", "print_json", "seconds", "start_dashboard"]
 
 
 class CommandError(Exception):
@@ -68,6 +68,15 @@ def seconds(text: str) -> float:
         return check_number("seconds", float(text), minimum=0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, not {text!r}") from None
+
+
+def port_number(text: str) -> int:
+    """A --port: a TCP port, 0 (any free one) to 65535."""
+    try:
+        return check_int("port", int(text), 0, 65535)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535 (0: any free port), "
+                                         f"not {text!r}") from None
 
 
 def count(text: str) -> int:

@@ -4,7 +4,7 @@ options) and the live web dashboard of a running graph."""
 import threading
 
 from ..demos import spectrum, stream
-from .common import domain_name, start_dashboard
+from .common import CommandError, domain_name, port_number, start_dashboard
 
 
 def add_parser(subparsers) -> None:
@@ -14,19 +14,25 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("stream-demo", help="two processes sharing buffers through a port queue",
                               add_help=False)
     p.set_defaults(func=stream.main, own_options=True)
-    p = subparsers.add_parser("dashboard", help="serve the live web dashboard of a running graph")
+    p = subparsers.add_parser("dashboard", help="serve the live web dashboard of a domain's graph (it "
+                              "waits for the graph to start, and follows its next runs)")
     p.add_argument("domain", type=domain_name)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
-    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
-    p.set_defaults(func=dashboard)
+    p.add_argument("--port", type=port_number, default=8765, help="port (default 8765; 0: any free port)")
+    p.set_defaults(func=dashboard, long_running=True)
 
 
 def dashboard(args) -> int:
-    """Serve the live dashboard of a running graph until Ctrl-C."""
-    dash = start_dashboard(args.domain, args.host, args.port)
-    print(f"dashboard of domain {args.domain!r}: {dash.url}  (Ctrl-C stops it)", flush=True)
+    """Serve the live dashboard of a domain until Ctrl-C or SIGTERM (then it stops in
+    order: connections closed, the domain left)."""
     try:
-        threading.Event().wait()  # the server runs on its thread; Ctrl-C ends this wait
+        dash = start_dashboard(args.domain, args.host, args.port)
+    except OSError as e:
+        raise CommandError(e.strerror or str(e)) from None
+    waiting = "" if dash.graph is not None else "; waiting for its graph to start"
+    print(f"dashboard of domain {args.domain!r}: {dash.url}  (Ctrl-C stops it{waiting})", flush=True)
+    try:
+        threading.Event().wait()  # the server runs on its thread; Ctrl-C (SIGTERM too) ends this wait
     except KeyboardInterrupt:
         pass
     finally:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from ..errors import DomainInUseError, MultiQueueError
 from ..shm import ShmManager
 from ..shm.resources import human_bytes
-from ..shm.segment import DEFAULT_PREFIX, SHM_DIR, domain_segments
+from ..shm.segment import DEFAULT_PREFIX, SHM_DIR, describe_processes, domain_segments, mapped_by
 from ..stream.queue import QueueStats
 from ..tools.doctor import diagnose
 from ..tools.inspect import DomainInfo, GraphWatcher, QueueWatcher, domain_names, error_text, inspect_domain
@@ -36,6 +36,10 @@ def add_parser(subparsers) -> None:
         else:
             p.add_argument("domain", type=domain_name)
         p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+        p.add_argument("--force", action="store_true",
+                       help="with DOMAIN: also remove a damaged domain that live processes still map "
+                       "(they keep their mappings, but nothing new can reach them); never one whose "
+                       "registered processes live")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--prefix", default=DEFAULT_PREFIX, help=argparse.SUPPRESS)
         p.set_defaults(func=clean)
@@ -114,11 +118,14 @@ def format_queues(queues: Iterable[QueueStats]) -> str:
 
 
 def format_graph(g: dict) -> str:
-    lines = [f"{'block':<16}{'state':<13}{'pid':>8}{'in':>10}{'out':>10}{'in/s':>10}{'out/s':>10}"
-             f"{'work s':>9}{'restarts':>9}"]
+    """The blocks (rates over the last second, then averages since each started; "now":
+    what each does, e.g. waiting for pool 'frames') and the edges of graph stats as data."""
+    lines = [f"{'block':<16}{'state':<13}{'pid':>8}{'in':>10}{'out':>10}{'in/s':>9}{'out/s':>9}"
+             f"{'avg in/s':>10}{'avg out/s':>10}{'work s':>9}{'restarts':>9}  now"]
     for b in g["blocks"].values():
         lines.append(f"{b['name']:<16}{b['state']:<13}{b['pid']:>8}{b['items_in']:>10}{b['items_out']:>10}"
-                     f"{b['rate_in']:>10.1f}{b['rate_out']:>10.1f}{b['work_s']:>9.2f}{b['restarts']:>9}")
+                     f"{b['rate_in_now']:>9.1f}{b['rate_out_now']:>9.1f}{b['rate_in']:>10.1f}"
+                     f"{b['rate_out']:>10.1f}{b['work_s']:>9.2f}{b['restarts']:>9}  {b['status']}")
         if b.get("counters"):
             lines.append(" " * 16 + "  ".join(f"{k}={v}" for k, v in b["counters"].items()))
     lines.append(f"{'edge':<36}{'policy':<13}{'fill':>9}{'drops':>8}")
@@ -133,6 +140,8 @@ def format_graph(g: dict) -> str:
 
 def clean(args) -> int:
     """Remove the segments of dead domains (every one, or the one named); never a live one."""
+    if args.force and args.domain is None:
+        raise CommandError("--force removes one damaged domain: name it (mq clean DOMAIN --force)")
     if args.domain is not None and not domain_segments(args.prefix, args.domain):
         if args.command == "cleanup" and not args.json:  # what `mq cleanup` always said
             print(f"removed 0 segment(s) of domain {args.domain!r}")
@@ -140,7 +149,7 @@ def clean(args) -> int:
         raise CommandError(f"no domain {args.domain!r}: nothing under {SHM_DIR} starts with "
                            f"{args.prefix}{args.domain}.")
     names = [args.domain] if args.domain is not None else domain_names(args.prefix)
-    results = [_clean_domain(args.prefix, domain, args.dry_run) for domain in names]
+    results = [_clean_domain(args.prefix, domain, args.dry_run, args.force) for domain in names]
     refused = next((e for e in results if e["action"] == "kept"), None) if args.domain is not None else None
     if args.json:
         print_json({"dry_run": args.dry_run, "domains": results})
@@ -148,28 +157,38 @@ def clean(args) -> int:
         _print_cleaned(results, args, refused)
     if refused is not None:
         print(f"mq {args.command}: domain {refused['domain']!r} is {refused['state']}: {refused['reason']}; "
-              "nothing removed", file=sys.stderr)
+              f"nothing removed{_force_hint(refused)}", file=sys.stderr)
         return 1
     return 0
 
 
-def _clean_domain(prefix: str, domain: str, dry_run: bool) -> dict:
-    """Remove one domain if it is dead or stale; what was done, as data."""
+def _clean_domain(prefix: str, domain: str, dry_run: bool, force: bool = False) -> dict:
+    """Remove one domain if it is dead or stale (or, forced, unreadable); what was done, as data."""
     info = inspect_domain(prefix, domain)
     entry = {"domain": domain, "state": info.state, "reason": info.reason, "segments": info.segments}
-    if info.state not in ("dead", "stale"):
+    if info.state not in ("dead", "stale") and not (force and info.state == "unreadable"):
         entry["action"] = "kept"
     elif dry_run:
         entry["action"] = "would remove"
     else:
         try:
-            entry["segments"] = ShmManager.cleanup(domain, prefix)
+            entry["segments"] = ShmManager.cleanup(domain, prefix, force=force)
             entry["action"] = "removed"
         except DomainInUseError as e:  # a process attached since we looked
             entry.update(action="kept", state="live", reason=error_text(e))
         except (MultiQueueError, OSError) as e:  # e.g. a segment we may not remove
             entry.update(action="kept", reason=f"cannot remove it: {error_text(e)}")
     return entry
+
+
+def _force_hint(refused: dict) -> str:
+    """For a damaged domain that live processes map: who they are, and what --force does."""
+    users = mapped_by(refused["segments"]) if refused["state"] == "unreadable" else []
+    if not users:
+        return ""
+    domain = refused["domain"]
+    return (f"; it is mapped by {describe_processes(users)}: stop them, or `mq clean {domain} --force` "
+            "removes its files anyway (those processes keep their mappings, but nothing new can reach them)")
 
 
 def _print_cleaned(results: list[dict], args, refused: dict | None) -> None:

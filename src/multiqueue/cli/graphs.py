@@ -1,5 +1,5 @@
 """`mq run`, `mq tap`, `mq param` and `mq block`: run a graph file, watch a port of a
-running graph, get or set a block's parameter, pause / resume / stop a block."""
+running graph, list, get or set a block's parameters, pause / resume / stop a block."""
 
 import json
 import signal
@@ -11,6 +11,7 @@ from ..control.bus import Bus
 from ..control.topics import control_topic
 from ..errors import BlockError, GraphError, MultiQueueError, QueueClosedError
 from ..graph import Runtime, attach, load_graph
+from ..graph.params import declared_param
 from ..net.hosts import check_hosts, host_graph
 from ..tools.inspect import GraphWatcher, topic_has_queue
 from .common import (
@@ -21,6 +22,7 @@ from .common import (
     count,
     domain_name,
     parse_value,
+    port_number,
     print_json,
     seconds,
     start_dashboard,
@@ -54,7 +56,7 @@ def _add_run(subparsers) -> None:
     p.add_argument("--domain", type=domain_name, default=None,
                    help="the domain to run in (default: the file's 'domain:', else its name)")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
-    p.add_argument("--dashboard", type=int, nargs="?", const=8765, default=None, metavar="PORT",
+    p.add_argument("--dashboard", type=port_number, nargs="?", const=8765, default=None, metavar="PORT",
                    help="serve the live dashboard on localhost:PORT while it runs (default port 8765)")
     p.add_argument("--host", default=None,
                    help="run only this host's part of a graph with 'hosts:', bridged over Zenoh")
@@ -62,10 +64,11 @@ def _add_run(subparsers) -> None:
 
 
 def _add_param(subparsers) -> None:
-    p = subparsers.add_parser("param", help="get (no VALUE) or set a run-time parameter of a running block")
+    p = subparsers.add_parser("param", help="list (no NAME), get (no VALUE) or set the run-time parameters "
+                                            "of a running block")
     p.add_argument("domain", type=domain_name)
     p.add_argument("block")
-    p.add_argument("name")
+    p.add_argument("name", nargs="?", default=None, help="the parameter (none: list them with their types)")
     p.add_argument("value", nargs="?", default=None,
                    help="the new value: JSON if it parses (3, 0.5, true, [1, 2], {...}), else a string")
     p.add_argument("--at-ns", type=int, default=None,
@@ -103,6 +106,7 @@ def run(args) -> int:
     t0 = time.monotonic()
     if failure is not None:
         return _summary(rt, t0, "a block failed", failure)
+    rt.supervisor.listeners.append(_print_event)  # failures and restarts, one line each, as they happen
     dashboard = None
     if args.dashboard is not None:
         dashboard = start_dashboard(rt.domain, port=args.dashboard)
@@ -111,6 +115,11 @@ def run(args) -> int:
     if dashboard is not None:
         dashboard.stop()
     return _summary(rt, t0, "a block failed" if failure is not None else how, failure)
+
+
+def _print_event(event: dict) -> None:
+    if event.get("event") == "failed":  # its message says what the runtime did: restart or stop
+        print(f"mq run: {event['message']}", flush=True)
 
 
 def _load(args) -> Runtime:
@@ -162,14 +171,39 @@ def _summary(rt: Runtime, t0: float, how: str, failure: BlockError | None) -> in
     print(f"\nstopped after {time.monotonic() - t0:.1f} s ({how})")
     if rt.final_stats is not None:
         print(rt.final_stats.format())
-    print(f"pool blocks still in use after the stop: {rt.blocks_in_use_at_end}")
+    # readers outside the graph (a Consumer, a tap) may still hold its last frames: not a leak
+    outside = [e.dst for e in rt.final_stats.edges if e.outside] if rt.final_stats is not None else []
+    held_by = f" (frames readers outside the graph still hold: {', '.join(outside)})" \
+        if outside and rt.blocks_in_use_at_end else ""
+    print(f"pool blocks still in use after the stop: {rt.blocks_in_use_at_end}{held_by}")
     if failure is not None:
         print(f"mq run: {failure}", file=sys.stderr)
         return 1
-    if rt.blocks_in_use_at_end:
+    if rt.blocks_in_use_at_end and not held_by:
         print(f"mq run: {rt.blocks_in_use_at_end} pool blocks were not released", file=sys.stderr)
         return 1
+    empty = _empty_run(rt)
+    if empty is not None:
+        print(f"mq run: {empty}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _empty_run(rt: Runtime) -> str | None:
+    """Why a run that no block failed still did not do its work (None: it did): a block
+    aborted (it did not finish), or the sources produced nothing.  Such a run must not
+    look like a success (exit 0)."""
+    stats = rt.final_stats
+    if stats is None:
+        return None
+    aborted = [name for name, b in stats.blocks.items() if b.state == "stopped"]
+    if aborted:
+        return (f"block{'s' if len(aborted) > 1 else ''} {', '.join(aborted)} aborted before finishing "
+                f"(their log lines say why: mq logs {rt.domain})")
+    sources = [name for name, h in rt.blocks.items() if h.block.kind == "source"]
+    if sources and not sum(stats.blocks[name].items_out for name in sources):
+        return f"the sources ({', '.join(sources)}) produced no frames"
+    return None
 
 
 def _stop(rt: Runtime) -> None:
@@ -186,49 +220,77 @@ def _stop(rt: Runtime) -> None:
 
 
 def _progress(rt: Runtime, elapsed: float) -> str:
-    """Two lines: items and rate per block (out; in for sinks), fill and drops per edge."""
+    """Items and rate over the last second per block (out; in for sinks), fill and drops
+    per edge; then what the blocks that do not flow do (waiting for pool ..., paused)."""
     s = rt.stats()
-    blocks = []
+    blocks, stalled = [], []
     for name, b in s.blocks.items():
-        if rt.blocks[name].block.kind == "sink":
-            blocks.append(f"{name} {b.items_in} in ({b.rate_in:.1f}/s)")
-        else:
-            blocks.append(f"{name} {b.items_out} ({b.rate_out:.1f}/s)")
+        sink = rt.blocks[name].block.kind == "sink"
+        count, now = (b.items_in, b.rate_in_now) if sink else (b.items_out, b.rate_out_now)
+        blocks.append(f"{name} {count}{' in' if sink else ''} ({now:.1f}/s)")
+        flowing = now > 0 and b.status.startswith(("waiting for input", "blocked by"))  # a moment's wait
+        if b.status != "running" and not flowing:
+            stalled.append(f"{name} {b.status}")
     edges = [f"{e.dst} {e.lag}/{e.capacity}" + (f" ({e.drops} dropped)" if e.policy == "drop_oldest" else "")
              for e in s.edges]
-    return f"[{elapsed:5.1f} s] {'  '.join(blocks)}\n          fill: {'  '.join(edges)}"
+    lines = f"[{elapsed:5.1f} s] {'  '.join(blocks)}\n          fill: {'  '.join(edges)}"
+    return lines + (f"\n          now: {'; '.join(stalled)}" if stalled else "")
 
 
 # -- mq tap ---------------------------------------------------------------------------------
 
 
 def tap(args) -> int:
-    """Print frames of an output port of a running graph, and their rate."""
-    with attach(args.domain, name=TOOL_PREFIX + "tap") as graph:
-        port = graph.subscribe(args.port, policy="drop_oldest")
-        seen, t0 = 0, time.monotonic()
-        last_rate = t0
-        deadline = None if args.duration is None else t0 + args.duration
-        while args.count is None or seen < args.count:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            try:
-                frame = port.read(timeout=1.0 if left is None else min(1.0, left))
-            except QueueClosedError:
-                print("the graph stopped")
-                break
-            if frame is None:
-                continue
-            with frame.buffer:
-                print(f"{args.port} t={frame.timestamp} {_describe(frame.array)}", flush=True)
-            seen += 1
-            now = time.monotonic()
-            if now - last_rate >= 1.0:
-                print(f"-- {seen / (now - t0):.1f} frames/s, {port.drops} dropped by this tap", flush=True)
-                last_rate = now
-        print(f"{seen} frames in {time.monotonic() - t0:.1f} s, {port.drops} dropped by this tap")
+    """Print frames of an output port of a running graph, and their rate; when the graph
+    stops, let go of its domain and go on with its next run (until --count, --duration
+    or Ctrl-C)."""
+    seen, drops, t0 = 0, 0, time.monotonic()
+    deadline = None if args.duration is None else t0 + args.duration
+    wait = 0  # the first time a graph must run already; then its next run is waited for
+    while True:
+        try:
+            graph = attach(args.domain, name=TOOL_PREFIX + "tap", timeout=wait)
+        except TimeoutError:  # --duration passed while no graph ran
+            break
+        with graph:
+            port = graph.subscribe(args.port, policy="drop_oldest")
+            seen, stopped = _print_frames(port, args, seen, t0, deadline)
+            drops += port.drops
+            if stopped:  # its queue closed: let go once the graph is over, not before
+                while not graph.ended and (deadline is None or time.monotonic() < deadline):
+                    time.sleep(0.05)
+        if not stopped or (deadline is not None and time.monotonic() >= deadline):
+            break
+        print(f"the graph stopped; waiting for its next run in domain {args.domain!r} (Ctrl-C stops)",
+              flush=True)
+        wait = None if deadline is None else max(1e-3, deadline - time.monotonic())
+    print(f"{seen} frames in {time.monotonic() - t0:.1f} s, {drops} dropped by this tap")
     return 0
+
+
+def _print_frames(port, args, seen: int, t0: float, deadline: float | None) -> tuple[int, bool]:
+    """Print the tap's frames until --count or the deadline (False) or the graph stops
+    (True); returns the frames seen in all and whether it stopped."""
+    last_rate = time.monotonic()
+    while args.count is None or seen < args.count:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        try:
+            frame = port.read(timeout=1.0 if left is None else min(1.0, left))
+        except QueueClosedError:  # its block ended (the graph stops, or ends that branch)
+            print(f"{args.port}: no more frames (its block ended)", flush=True)
+            return seen, True
+        if frame is None:
+            continue
+        with frame.buffer:
+            print(f"{args.port} t={frame.timestamp} {_describe(frame.array)}", flush=True)
+        seen += 1
+        now = time.monotonic()
+        if now - last_rate >= 1.0:
+            print(f"-- {seen / (now - t0):.1f} frames/s, {port.drops} dropped by this tap", flush=True)
+            last_rate = now
+    return seen, False
 
 
 def _describe(a) -> str:
@@ -240,14 +302,14 @@ def _describe(a) -> str:
 
 
 def param(args) -> int:
+    """List, get or set; a value the parameter's declared type or range refuses is
+    refused here, before it reaches the block (which checks it again)."""
     topic = checked_topic(control_topic(args.block))
-    if args.value is None:
-        command = {"cmd": "get", "name": args.name}
-    else:
-        command = {"cmd": "set", "name": args.name, "value": parse_value(args.value, args.text),
-                   "at_ns": args.at_ns}
+    command = _param_command(args)
     with AttachedTool(args.domain, "param") as tool:
-        _check_takes_commands(tool, args.domain, args.block, topic)
+        description = _check_takes_commands(tool, args.domain, args.block, topic)
+        if command["cmd"] == "set":
+            command["value"] = _checked_value(args, description, command["value"])
         with Bus(tool.manager) as bus:
             try:
                 answer = bus.request(topic, command, timeout=args.timeout).data
@@ -255,18 +317,48 @@ def param(args) -> int:
                 raise CommandError(f"block {args.block!r} did not answer on topic {topic!r} within "
                                    f"{args.timeout:g} s; is it running?") from None
     if not isinstance(answer, dict) or not answer.get("ok"):
-        error = answer.get("error") if isinstance(answer, dict) else repr(answer)
-        if args.json:
-            print_json({"block": args.block, "name": args.name, "ok": False, "error": error})
-        raise CommandError(f"block {args.block!r} refused: {error}")
-    _print_param(args, command, answer.get("value") if command["cmd"] == "get" else command["value"])
+        _refuse(args, answer.get("error") if isinstance(answer, dict) else repr(answer))
+    if command["cmd"] == "params":
+        _print_params(args, description, answer.get("value") or {})
+    else:
+        _print_param(args, command, answer.get("value") if command["cmd"] == "get" else command["value"])
     return 0
 
 
-def _check_takes_commands(tool: AttachedTool, domain: str, block: str, topic: str) -> None:
+def _param_command(args) -> dict:
+    if args.name is None:
+        if args.at_ns is not None:
+            raise CommandError("--at-ns sets a parameter: give its NAME and VALUE")
+        return {"cmd": "params"}
+    if args.value is None:
+        return {"cmd": "get", "name": args.name}
+    return {"cmd": "set", "name": args.name, "value": parse_value(args.value, args.text), "at_ns": args.at_ns}
+
+
+def _checked_value(args, description: dict | None, value):
+    """``value`` as the parameter's declaration (in the graph's description) takes it;
+    refused here if it does not.  No graph, or a name it does not declare: the block answers."""
+    declared = declared_param(description, args.block, args.name)
+    if declared is None:
+        return value
+    try:
+        return declared.check(args.name, value)
+    except (TypeError, ValueError) as e:
+        _refuse(args, f"{type(e).__name__}: {e}")
+
+
+def _refuse(args, error: str):
+    if args.json:
+        print_json({"block": args.block, "name": args.name, "ok": False, "error": error})
+    raise CommandError(f"block {args.block!r} refused: {error}")
+
+
+def _check_takes_commands(tool: AttachedTool, domain: str, block: str, topic: str) -> dict | None:
     """CommandError unless ``block`` is a block of the domain's graph (if one runs) that
-    has not ended, and someone reads its command topic."""
+    has not ended, and someone reads its command topic; the graph's description (None:
+    no graph runs)."""
     m = tool.manager
+    description = None
     with GraphWatcher(m.prefix, m.domain) as graph:
         if graph.get() is not None:
             blocks = graph.block_names()
@@ -275,9 +367,11 @@ def _check_takes_commands(tool: AttachedTool, domain: str, block: str, topic: st
             state = graph.block_state(block)
             if state in _ENDED:
                 raise CommandError(f"block {block!r} has {state}: it takes no commands any more")
+            description = graph.get().description
     if not topic_has_queue(m, topic):
         raise CommandError(f"no block {block!r} takes commands in domain {domain!r} "
                            f"(nobody subscribes to topic {topic!r})")
+    return description
 
 
 def _print_param(args, command: dict, value) -> None:
@@ -289,6 +383,26 @@ def _print_param(args, command: dict, value) -> None:
     else:
         when = f" at t >= {args.at_ns} ns" if args.at_ns is not None else ""
         print(f"{args.block}.{args.name} set to {json.dumps(value)}{when} (acknowledged)")
+
+
+def _print_params(args, description: dict | None, params: dict) -> None:
+    """The block's parameters: name, type, current value and what it allows."""
+    if args.json:
+        print_json({"block": args.block, "ok": True, "cmd": "params", "parameters": params})
+        return
+    classes = {b["name"]: b["class"].rpartition(".")[2] for b in (description or {}).get("blocks", ())}
+    kind = f" ({classes[args.block]})" if args.block in classes else ""
+    if not params:
+        print(f"{args.block}{kind} has no run-time parameters")
+        return
+    rows = [("name", "type", "value", "allowed")]
+    rows += [(name, p.get("type", "?"), json.dumps(p.get("value")), p.get("allowed", ""))
+             for name, p in params.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    print(f"{args.block}{kind}: {len(params)} run-time parameter{'s' if len(params) != 1 else ''}; "
+          f"set one with: mq param {args.domain} {args.block} NAME VALUE")
+    for name, type_name, value, allowed in rows:
+        print(f"  {name:<{widths[0]}}  {type_name:<{widths[1]}}  {value:<{widths[2]}}  {allowed}")
 
 
 def block_command(args) -> int:

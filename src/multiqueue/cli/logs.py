@@ -22,12 +22,23 @@ def logs(args) -> int:
     path = log_path(args.domain)
     if not os.path.exists(path) and not os.path.exists(segment_path(DEFAULT_PREFIX, args.domain, "ctl")):
         raise CommandError(f"no domain {args.domain!r} and no log of it ({path})")
-    if not args.follow:
-        if not os.path.exists(path):
-            print(f"domain {args.domain!r} has no log yet ({path})", file=sys.stderr)
-        for line in read_lines(args.domain, args.lines):
-            _print_line(line, args.json)
-        return 0
+    try:
+        return _follow_log(args, path) if args.follow else _print_log(args, path)
+    except PermissionError:
+        raise CommandError(f"permission denied reading the log {path}: it (or its directory) belongs to "
+                           "another user (logs are created owner-only); run as that user") from None
+
+
+def _print_log(args, path: str) -> int:
+    lines = read_lines(args.domain, args.lines)
+    if not lines and not os.path.exists(path):
+        print(f"domain {args.domain!r} has no log yet ({path})", file=sys.stderr)
+    for line in lines:
+        _print_line(line, args.json)
+    return 0
+
+
+def _follow_log(args, path: str) -> int:
     lines = follow(args.domain, last=args.lines)  # opened now: nothing written from here on is missed
     waiting = "" if os.path.exists(path) else " (no log yet)"
     print(f"following {path}{waiting}; Ctrl-C stops", file=sys.stderr, flush=True)

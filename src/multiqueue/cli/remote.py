@@ -15,6 +15,7 @@ import threading
 from ..errors import BridgeError
 from ..net.control import RemoteGraph, graph_prefix
 from ..net.settings import ZenohSettings
+from .common import CommandError, count, seconds
 
 
 def add_parser(sub) -> None:
@@ -26,14 +27,19 @@ def add_parser(sub) -> None:
                    help="a Zenoh endpoint to dial, e.g. tcp/10.0.0.5:7447 (repeatable)")
     p.add_argument("--listen", action="append", default=[], metavar="ENDPOINT")
     p.add_argument("--mode", default="peer", choices=("peer", "client"))
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for answers (default 5)")
-    p.add_argument("--count", type=int, default=None, help="status: stop after this many events")
+    p.add_argument("--timeout", type=seconds, default=5.0, help="seconds to wait for answers (default 5)")
+    p.add_argument("--count", type=count, default=None, help="status: stop after this many events")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    settings = ZenohSettings(mode=args.mode, connect=tuple(args.connect), listen=tuple(args.listen))
+    if args.count is not None and args.count < 1:
+        raise CommandError(f"--count must be at least 1, not {args.count}")
+    try:
+        settings = ZenohSettings(mode=args.mode, connect=tuple(args.connect), listen=tuple(args.listen))
+    except (TypeError, ValueError) as e:  # an endpoint that is not one: say which, no traceback
+        raise CommandError(str(e)) from None
     with RemoteGraph(graph_prefix(args.graph), zenoh=settings, timeout=args.timeout) as remote:
         if args.action == "stats":
             stats = remote.stats()
@@ -63,7 +69,8 @@ def run(args) -> int:
 
 def _param(remote, args) -> int:
     if len(args.args) not in (2, 3):
-        raise SystemExit("mq remote GRAPH param BLOCK NAME [VALUE]")
+        raise CommandError(f"param takes BLOCK NAME [VALUE], not {len(args.args)} argument(s): "
+                           f"mq remote {args.graph} param BLOCK NAME [VALUE]")
     block, name = args.args[:2]
     if len(args.args) == 2:
         value = remote.get_parameter(block, name)

@@ -4,6 +4,7 @@ import json
 import sys
 import time
 
+from ..graph.attach import wait_for_graph
 from ..shm.resources import human_bytes
 from ..tools.top import TopSampler
 from .common import AttachedTool, CommandError, count, domain_name, seconds
@@ -27,23 +28,40 @@ def top(args) -> int:
     if args.iterations is not None and args.iterations < 1:
         raise CommandError(f"--iterations must be at least 1, not {args.iterations}")
     tty = sys.stdout.isatty() and not args.json
-    with AttachedTool(args.domain, "top", reaper_interval=1.0) as tool, TopSampler(tool.manager) as sampler:
-        shown = 0
-        next_at = time.monotonic()
-        try:
-            while True:
-                _show(sampler.sample(), args, tty, first=not shown)
-                shown += 1
-                if args.iterations is not None and shown >= args.iterations:
-                    break
-                if not tool.others_alive():
-                    print(f"domain {args.domain!r} has no live process left", file=sys.stderr)
-                    break
-                next_at += args.interval
-                time.sleep(max(0.0, next_at - time.monotonic()))
-        except KeyboardInterrupt:
-            pass
+    shown = 0
+    try:
+        while True:
+            shown, graph_seen = _watch(args, tty, shown)
+            if not graph_seen or (args.iterations is not None and shown >= args.iterations):
+                break
+            # a graph's domain: its next run (`mq run` again) is the same thing to watch
+            print(f"domain {args.domain!r}: its graph ended; waiting for its next run (Ctrl-C quits)",
+                  file=sys.stderr, flush=True)
+            wait_for_graph(args.domain)
+    except KeyboardInterrupt:
+        pass
     return 0
+
+
+def _watch(args, tty: bool, shown: int) -> tuple[int, bool]:
+    """Views of the domain until --iterations, or until it has no live process but `mq`
+    tools left (then this one lets go of it, the last out removing it); returns the
+    views shown in all and whether a graph ran in it."""
+    graph_seen = False
+    with AttachedTool(args.domain, "top", reaper_interval=1.0) as tool, TopSampler(tool.manager) as sampler:
+        next_at = time.monotonic()
+        while True:
+            sample = sampler.sample()
+            graph_seen |= sample["graph"] is not None
+            _show(sample, args, tty, first=not shown)
+            shown += 1
+            if args.iterations is not None and shown >= args.iterations:
+                return shown, graph_seen
+            if not tool.others_alive():
+                print(f"domain {args.domain!r} has no live process left", file=sys.stderr)
+                return shown, graph_seen
+            next_at += args.interval
+            time.sleep(max(0.0, next_at - time.monotonic()))
 
 
 def _show(sample: dict, args, tty: bool, first: bool) -> None:
@@ -69,10 +87,11 @@ def format_top(sample: dict, interval: float) -> str:
 
 
 def _format_blocks(sample: dict) -> list[str]:
-    lines = [f"{'block':<16}{'state':<13}{'pid':>8}{'in/s':>10}{'out/s':>10}{'in':>11}{'out':>11}"]
+    lines = [f"{'block':<16}{'state':<13}{'pid':>8}{'in/s':>10}{'out/s':>10}{'avg out/s':>10}{'in':>11}"
+             f"{'out':>11}  now"]
     for b in sample["blocks"]:
         lines.append(f"{b['name']:<16}{b['state']:<13}{b['pid']:>8}{b['rate_in']:>10.1f}{b['rate_out']:>10.1f}"
-                     f"{b['items_in']:>11}{b['items_out']:>11}")
+                     f"{b['avg_rate_out']:>10.1f}{b['items_in']:>11}{b['items_out']:>11}  {b['status']}")
     lines.append("")
     lines.append(f"{'edge':<36}{'policy':<13}{'fill':>9}{'%':>6}{'drops':>9}")
     for e in sample["edges"]:

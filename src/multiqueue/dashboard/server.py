@@ -1,15 +1,18 @@
-"""The live dashboard: one local web page per running graph, fed over a WebSocket.
+"""The live dashboard: one local web page per domain, fed over a WebSocket.
 
 ``mq dashboard DOMAIN`` or ``Dashboard(domain).serve_forever()``. It attaches like any
 other process (``multiqueue.attach``): stats from the graph segment, frames from a
 ``drop_oldest`` tap (downsampled here to MAX_POINTS), parameter changes over the bus.
-What the page shows: docs/control.md, "Dashboard".
+It follows the domain's runs: it waits for a graph to start, lets go of the domain as
+soon as the graph ends (a viewer must not keep a finished graph's domain alive) and
+attaches to the next run.  What the page shows: docs/control.md, "Dashboard".
 """
 
 import asyncio
 import contextlib
 import importlib.resources
 import json
+import logging
 import threading
 import time
 from http import HTTPStatus
@@ -20,11 +23,17 @@ from websockets.exceptions import ConnectionClosed
 
 from ..control.bus import Bus
 from ..control.topics import control_topic
-from ..errors import QueueClosedError
-from ..graph.attach import attach
+from ..errors import MultiQueueError, QueueClosedError
+from ..graph.attach import AttachedGraph, attach, graph_running
+from ..graph.params import declared_param
+from ..shm.segment import check_domain
 
 MAX_POINTS = 1024
 UPDATE_S = 0.1  # stats and frames 10 times a second
+FOLLOW_S = 0.2  # how often the dashboard looks for its graph's end, or for a new run
+CLOSE_S = 0.1  # at stop, connections get this long to close (ms on localhost); then they are cut
+REQUEST_S = 5.0  # the longest a block may take to answer a parameter command
+_log = logging.getLogger("mq.dashboard")
 
 
 def downsample(frame: np.ndarray, points: int = MAX_POINTS) -> np.ndarray:
@@ -39,28 +48,97 @@ def downsample(frame: np.ndarray, points: int = MAX_POINTS) -> np.ndarray:
 
 
 class Dashboard:
-    """Serve the dashboard of ``domain``'s graph on ``host``:``port`` (0: any free port)."""
+    """Serve the dashboard of ``domain``'s graph on ``host``:``port`` (0: any free port).
+
+    The graph need not run yet: the page says it waits, and shows the graph once it
+    runs.  ``run`` counts the graphs followed and their ends (the sessions compare it)."""
 
     def __init__(self, domain: str, host: str = "127.0.0.1", port: int = 8765):
-        self.domain, self.host, self.port = domain, host, port
-        self.graph = attach(domain, name="dashboard")
-        self.bus = Bus(self.graph.manager)
+        self.domain, self.host, self.port = check_domain(domain), host, port
+        self.graph: AttachedGraph | None = None  # while a graph runs
+        self.bus: Bus | None = None
+        self.run = 0
+        self.final: dict | None = None  # the last stats of the graph that ended
+        self.clients = 0
+        self.lock = threading.RLock()  # the attachment: following, stats, taps
+        self._requests = threading.Condition()  # parameter commands in flight (they hold the bus)
+        self._in_flight = 0
         self._page = (importlib.resources.files(__package__) / "index.html").read_bytes()
         self._loop = None
         self._stop = None
         self._thread = None
-        self.clients = 0
+        self._error: BaseException | None = None
+        self.follow()  # a graph that runs now is on the first page at once
+
+    # -- following the domain's runs -----------------------------------------------------
+
+    def follow(self) -> bool:
+        """Let go of a graph that ended; attach to one that runs.  True if attached."""
+        with self.lock:
+            if self.graph is not None and self.graph.ended:
+                self.final = self._stats_or_none()
+                self._let_go_locked()
+            if self.graph is None and graph_running(self.domain):
+                self._attach_locked()
+            return self.graph is not None
+
+    def _attach_locked(self) -> None:
+        try:
+            graph = attach(self.domain, name="dashboard")
+        except MultiQueueError:  # it ended meanwhile: wait for the next one
+            return
+        try:
+            bus = None if graph.ended else Bus(graph.manager)
+        except BaseException:
+            graph.close()
+            raise
+        if bus is None:
+            graph.close()
+            return
+        self.graph, self.bus = graph, bus
+        self.final = None
+        self.run += 1
+        _log.info("dashboard of domain %r: following a new run", self.domain)
+
+    def _let_go_locked(self) -> None:
+        """Leave the domain: the bus first (a parameter command waiting returns), then
+        the taps and the domain itself; the last process out removes its segments."""
+        graph, bus = self.graph, self.bus
+        self.graph = self.bus = None
+        self.run += 1
+        with contextlib.suppress(Exception):
+            bus.close()
+        with self._requests:
+            self._requests.wait_for(lambda: self._in_flight == 0, timeout=1.0)
+        with contextlib.suppress(Exception):
+            graph.close()
+
+    async def _follow_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.follow)
+            except Exception:  # noqa: BLE001 - a bad moment must not end the following
+                _log.warning("dashboard of domain %r: following failed", self.domain, exc_info=True)
+            await asyncio.sleep(FOLLOW_S)
 
     # -- running ------------------------------------------------------------------------
 
     async def serve(self, ready: threading.Event | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = self._loop.create_future()
-        async with serve(self._client, self.host, self.port, process_request=self._http) as server:
+        server = await serve(self._client, self.host, self.port, process_request=self._http,
+                             close_timeout=CLOSE_S)
+        follower = asyncio.create_task(self._follow_forever())
+        try:
             self.port = server.sockets[0].getsockname()[1]
             if ready is not None:
                 ready.set()
             await self._stop
+        finally:
+            follower.cancel()
+            # the domain is left meanwhile, and before the loop ends (which waits for its
+            # threads: a parameter command returns once the bus is closed)
+            await asyncio.gather(close_server(server), asyncio.to_thread(self.close))
 
     def serve_forever(self) -> None:
         """Run in this thread until Ctrl-C (or stop() from another thread)."""
@@ -70,27 +148,41 @@ class Dashboard:
             self.close()
 
     def start(self) -> "Dashboard":
-        """Run on a thread of its own; returns once the port is listening."""
+        """Run on a thread of its own; returns once the port is listening (OSError if it
+        cannot listen there)."""
         ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self.serve(ready)), name="mq-dashboard",
+        self._thread = threading.Thread(target=self._run_thread, args=(ready,), name="mq-dashboard",
                                         daemon=True)
         self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError(f"the dashboard did not start listening on {self.host}:{self.port}")
+        while not ready.wait(0.05):
+            if not self._thread.is_alive():
+                self.close()
+                error = self._error
+                if isinstance(error, OSError):
+                    raise OSError(error.errno, f"the dashboard cannot listen on {self.host}:{self.port}: "
+                                  f"{error.strerror or error}; pick another port (0: any free port)")
+                raise RuntimeError(f"the dashboard did not start: {error!r}")
         return self
 
+    def _run_thread(self, ready: threading.Event) -> None:
+        try:
+            asyncio.run(self.serve(ready))
+        except BaseException as e:  # noqa: BLE001 - start() reports it
+            self._error = e
+
     def stop(self) -> None:
+        """Stop serving (within about CLOSE_S whatever the clients do) and leave the domain."""
         if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(lambda: self._stop.done() or self._stop.set_result(None))
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                self._loop.call_soon_threadsafe(lambda: self._stop.done() or self._stop.set_result(None))
         if self._thread is not None:
             self._thread.join(10)
         self.close()
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.bus.close()
-        with contextlib.suppress(Exception):
-            self.graph.close()
+        with self.lock:
+            if self.graph is not None:
+                self._let_go_locked()
 
     @property
     def url(self) -> str:
@@ -124,14 +216,55 @@ class Dashboard:
 
     # -- what the page gets -------------------------------------------------------------
 
+    def updates(self, session: "_Session") -> list[dict]:
+        """What a session sends now: the graph (or that it waits for one) when the run
+        changed since its last look, then stats and the watched port's newest frame."""
+        with self.lock:
+            messages = []
+            if session.run != self.run:
+                session.run = self.run
+                session.drop_tap()
+                messages.append(self.graph_message() if self.graph is not None else self.waiting_message())
+            if self.graph is not None:
+                stats = self._stats_or_none()
+                if stats is not None:
+                    messages.append(stats)
+                frame = session.latest_frame()
+                if frame is not None:
+                    messages.append(frame)
+            return messages
+
+    def graph_message(self) -> dict:
+        return {"type": "graph", "domain": self.domain, "graph": self.graph.description,
+                "ports": self.graph.ports}
+
+    def waiting_message(self) -> dict:
+        """No graph runs: the page waits for one (``final``: the last stats of the one that ended)."""
+        return {"type": "waiting", "domain": self.domain, "final": self.final}
+
     def stats_message(self) -> dict:
+        with self.lock:
+            return self._stats_locked() if self.graph is not None else self.final
+
+    def _stats_or_none(self) -> dict | None:
+        """The stats now; None when they cannot be read at this moment (the graph starting
+        or ending under us): the next look will do."""
+        try:
+            return self._stats_locked()
+        except MultiQueueError:
+            _log.debug("dashboard of domain %r: no stats this time", self.domain, exc_info=True)
+            return None
+
+    def _stats_locked(self) -> dict:
         s = self.graph.stats()
         pools = [{"name": p.name, "used": p.blocks_used, "count": p.block_count}
                  for p in self.graph.manager.get_stats().pool_stats]
         return {
             "type": "stats", "t": time.time(),
-            "blocks": {n: {"state": b.state, "in": b.items_in, "out": b.items_out, "rate_in": b.rate_in,
-                           "rate_out": b.rate_out, "pid": b.pid, "restarts": b.restarts}
+            # rates over the last second; the averages since start beside; status: what it does now
+            "blocks": {n: {"state": b.state, "status": b.status, "in": b.items_in, "out": b.items_out,
+                           "rate_in": b.rate_in_now, "rate_out": b.rate_out_now, "avg_in": b.rate_in,
+                           "avg_out": b.rate_out, "pid": b.pid, "restarts": b.restarts}
                        for n, b in s.blocks.items()},
             "edges": [{"src": e.src, "dst": e.dst, "policy": e.policy, "lag": e.lag, "capacity": e.capacity,
                        "drops": e.drops} for e in s.edges],
@@ -139,10 +272,53 @@ class Dashboard:
         }
 
     def set_parameter(self, block: str, name: str, value) -> dict:
-        answer = self.bus.request(control_topic(block), {"cmd": "set", "name": name, "value": value},
-                                  timeout=5.0).data
+        with self._request() as (graph, bus):
+            declared = declared_param(graph.description, block, name)
+            if declared is not None:  # refused here (TypeError, ValueError: the page shows it), never sent
+                value = declared.check(name, value)
+            answer = bus.request(control_topic(block), {"cmd": "set", "name": name, "value": value},
+                                 timeout=REQUEST_S).data
         return {"type": "ack", "block": block, "name": name, "value": value, "ok": bool(answer.get("ok")),
                 "error": answer.get("error")}
+
+    def parameters(self, block: str) -> dict:
+        """The block's parameters with their types, ranges and current values (the page's editor)."""
+        with self._request() as (_graph, bus):
+            answer = bus.request(control_topic(block), {"cmd": "params"}, timeout=REQUEST_S).data
+        return {"type": "params", "block": block, "ok": bool(answer.get("ok")),
+                "parameters": answer.get("value") or {}, "error": answer.get("error")}
+
+    @contextlib.contextmanager
+    def _request(self):
+        """The graph and bus for one command (counted: letting go waits for it to return)."""
+        with self.lock:
+            graph, bus = self.graph, self.bus
+            if graph is None:
+                raise MultiQueueError(f"no graph runs in domain {self.domain!r} now")
+            with self._requests:
+                self._in_flight += 1
+        try:
+            yield graph, bus
+        finally:
+            with self._requests:
+                self._in_flight -= 1
+                self._requests.notify_all()
+
+
+async def close_server(server) -> None:
+    """Close the server and its connections; those that do not close within CLOSE_S (a
+    client that reads nothing, a browser's idle pre-connection) are cut."""
+    server.close()
+    try:
+        await asyncio.wait_for(server.wait_closed(), CLOSE_S)
+    except TimeoutError:
+        for connection in list(server.connections):
+            connection.transport.abort()
+        tasks = list(server.handler_tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_S)
 
 
 class _Session:
@@ -152,21 +328,17 @@ class _Session:
         self.dashboard, self.websocket = dashboard, websocket
         self.tap = None
         self.port = None
-        self._tap_lock = threading.Lock()  # _watch and _latest_frame run on worker threads
+        self.seen_run = None  # the dashboard's run this tab was last told about
 
     async def run(self) -> None:
         d = self.dashboard
-        await self.websocket.send(json.dumps({"type": "graph", "domain": d.domain,
-                                              "graph": d.graph.description, "ports": d.graph.ports}))
         receiver = asyncio.create_task(self._receive())
         loop = asyncio.get_running_loop()
         next_update = loop.time()
         try:
             while not receiver.done():
-                await self.websocket.send(json.dumps(d.stats_message()))
-                frame = await asyncio.to_thread(self._latest_frame)
-                if frame is not None:
-                    await self.websocket.send(json.dumps(frame))
+                for message in await asyncio.to_thread(d.updates, self):
+                    await self.websocket.send(json.dumps(message))
                 # on a fixed beat (10 a second), not UPDATE_S after the work of an update
                 next_update = max(next_update + UPDATE_S, loop.time() - UPDATE_S)
                 await asyncio.sleep(max(0.0, next_update - loop.time()))
@@ -178,7 +350,7 @@ class _Session:
         async for text in self.websocket:
             message = json.loads(text)
             if message.get("type") == "watch":
-                await asyncio.to_thread(self._watch, message.get("port"))
+                await asyncio.to_thread(self.watch, message.get("port"))
             elif message.get("type") == "set":
                 try:
                     ack = await asyncio.to_thread(self.dashboard.set_parameter, message["block"],
@@ -187,25 +359,33 @@ class _Session:
                     ack = {"type": "ack", "ok": False, "error": f"{type(e).__name__}: {e}",
                            "block": message.get("block"), "name": message.get("name")}
                 await self.websocket.send(json.dumps(ack))
+            elif message.get("type") == "params":
+                try:
+                    answer = await asyncio.to_thread(self.dashboard.parameters, message["block"])
+                except Exception as e:  # noqa: BLE001 - the page shows the error
+                    answer = {"type": "params", "ok": False, "error": f"{type(e).__name__}: {e}",
+                              "block": message.get("block"), "parameters": {}}
+                await self.websocket.send(json.dumps(answer))
 
-    def _watch(self, port: str | None) -> None:
-        with self._tap_lock:
-            self._watch_locked(port)
+    def watch(self, port: str | None) -> None:
+        """Show ``port``'s frames from now on (a port the graph running now does not have,
+        one of an earlier run say, shows nothing)."""
+        with self.dashboard.lock:
+            self.drop_tap()
+            self.port = port
+            graph = self.dashboard.graph
+            if port and graph is not None and port in graph.ports:
+                self.tap = graph.subscribe(port, policy="drop_oldest")
 
-    def _watch_locked(self, port: str | None) -> None:
+    def drop_tap(self) -> None:
         if self.tap is not None:
-            self.tap.close()
+            with contextlib.suppress(Exception):
+                self.tap.close()
             self.tap = None
-        self.port = port
-        if port:
-            self.tap = self.dashboard.graph.subscribe(port, policy="drop_oldest")
 
-    def _latest_frame(self) -> dict | None:
-        with self._tap_lock:
-            return self._latest_frame_locked()
-
-    def _latest_frame_locked(self) -> dict | None:
-        """The newest frame waiting on the tap (older ones are skipped), downsampled."""
+    def latest_frame(self) -> dict | None:
+        """The newest frame waiting on the tap (older ones are skipped), downsampled
+        (under the dashboard's lock)."""
         if self.tap is None:
             return None
         newest = None
@@ -232,8 +412,5 @@ class _Session:
                     "data": np.round(data, 3).tolist()}
 
     def close(self) -> None:
-        with self._tap_lock:
-            if self.tap is not None:
-                with contextlib.suppress(Exception):
-                    self.tap.close()
-                self.tap = None
+        with self.dashboard.lock:
+            self.drop_tap()

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..graph import DONE, OK, Block, FileSink, Port, Probe, Runtime
 from ..shm import PoolConfig, ShmConfig
+from . import domain_argument, int_argument
 
 BINS = 160_000
 RATE_HZ = 40.0
@@ -126,11 +127,12 @@ def build(domain: str, record_path: str, record_frames: int, count: int | None =
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mq demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--domain", default="spectrum")
+    parser.add_argument("--domain", type=domain_argument, default="spectrum")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds (default 10; 0 = until Ctrl-C)")
     parser.add_argument("--record", default=None, help=".npy path for the recorder (default: a temp file)")
-    parser.add_argument("--record-frames", type=int, default=40, help="spectra recorded at most (default 40)")
-    parser.add_argument("--bins", type=int, default=BINS)
+    parser.add_argument("--record-frames", type=int_argument(0), default=40,
+                        help="spectra recorded at most (default 40)")
+    parser.add_argument("--bins", type=int_argument(1), default=BINS)
     args = parser.parse_args(argv)
     record = args.record or os.path.join(tempfile.mkdtemp(prefix="mq-demo-"), "spectra.npy")
     rt, probe = build(args.domain, record, args.record_frames, bins=args.bins)

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import QueueClosedError
 from ..shm import PoolConfig, ShmConfig, ShmManager
 from ..stream import PortQueue
+from . import domain_argument, int_argument
 
 FRAME = 16384  # float32 samples per frame (64 KiB)
 PHASE = np.arange(FRAME - 1, dtype=np.float32)
@@ -73,9 +74,9 @@ def writer(domain: str, frames: int) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mq demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--domain", default=f"demo-{os.getpid()}")
-    parser.add_argument("--frames", type=int, default=5000)
+    parser = argparse.ArgumentParser(prog="mq stream-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--domain", type=domain_argument, default=f"demo-{os.getpid()}")
+    parser.add_argument("--frames", type=int_argument(0), default=5000)
     parser.add_argument("--reader", metavar="DOMAIN", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reader:

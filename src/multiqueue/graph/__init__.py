@@ -30,6 +30,7 @@ from .blocks import (
     Throttle,
 )
 from .graphfile import load_graph, load_graph_text
+from .params import Param
 from .runtime import Runtime
 from .spec import GraphSpec
 from .stats import BlockFailure, BlockStats, EdgeStats, GraphStats
@@ -37,7 +38,7 @@ from .stats import BlockFailure, BlockStats, EdgeStats, GraphStats
 __all__ = [
     "DONE", "ERROR", "INSUFFICIENT_INPUT", "INSUFFICIENT_OUTPUT", "OK", "Add", "Amplifier", "AttachedGraph",
     "Block", "BlockFailure", "BlockStats", "Decimate", "EdgeStats", "FileSink", "FileSource",
-    "Frame", "GraphSpec", "GraphStats", "Multiply", "NullSink", "NullSource", "Port",
+    "Frame", "GraphSpec", "GraphStats", "Multiply", "NullSink", "NullSource", "Param", "Port",
     "Probe", "Runtime", "SignalSource", "Spectrum", "SyncMerge", "Tap", "Tee", "Throttle", "WorkResult",
     "attach", "block", "load_graph", "load_graph_text",
 ]

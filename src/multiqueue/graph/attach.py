@@ -2,15 +2,25 @@
 
 ``multiqueue.attach(domain)`` gives an ``AttachedGraph``; a tap is an extra reader of
 a port's queue, ``drop_oldest`` by default, so a viewer never slows the graph down.
+An attached process keeps the domain until it closes: a viewer that outlives the graph
+closes once ``ended`` turns true (the dashboard, ``mq top`` and ``mq tap`` do), and
+``attach(domain, timeout=None)`` waits for the next run.
 See docs/graphs.md, "Attaching from another process".
 """
 
-from ..errors import GraphError, QueueClosedError
+import time
+
+from ..checks import check_timeout
+from ..errors import GraphError, MultiQueueError, QueueClosedError
 from ..shm import ShmManager
+from ..shm.segment import DEFAULT_PREFIX, check_domain
 from ..stream.queue import PortQueue
 from . import registry as R
 from .block import Frame
 from .stats import GraphStats, graph_stats
+
+WAIT_POLL_S = 0.1  # how often attach(timeout=...) looks for a graph (no event announces one)
+QUEUES_WAIT_S = 10.0  # the longest attach waits for a starting graph's queues
 
 
 class Tap:
@@ -82,13 +92,31 @@ class AttachedGraph:
                             f"{type(name).__name__}")
         self.domain = domain
         self.manager = ShmManager(domain, create=False, name=name)
-        try:
-            self._graph = R.GraphSegment.open(self.manager.prefix, domain)
-        except BaseException:
-            self.manager.shutdown()
-            raise
         self._queues: dict[str, PortQueue] = {}
         self._taps: list[Tap] = []
+        self._graph: R.GraphSegment | None = None
+        try:
+            self._graph = R.GraphSegment.open(self.manager.prefix, domain)
+            self._open_queues()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_queues(self) -> None:
+        """Open every output's queue.  The runtime makes them just after the graph
+        segment: a graph caught starting has them within moments (one that ended
+        meanwhile may never have them: its ports are then missing, and it has ended)."""
+        names = [info["queue"] for b in self.description["blocks"] for info in b["outputs"].values()]
+        deadline = time.monotonic() + QUEUES_WAIT_S
+        for name in names:
+            while True:
+                try:
+                    self._queue(name)
+                    break
+                except MultiQueueError:
+                    if self._graph.ended or time.monotonic() > deadline:
+                        break
+                    time.sleep(WAIT_POLL_S / 10)
 
     @property
     def description(self) -> dict:
@@ -103,10 +131,21 @@ class AttachedGraph:
         """Every output port, as "block.port" (what subscribe() takes)."""
         return [f"{b['name']}.{p}" for b in self.description["blocks"] for p in b["outputs"]]
 
+    @property
+    def ended(self) -> bool:
+        """Is the graph over (its runtime released it or died; a new run of the domain is
+        another graph), or this closed?  Time to close: the domain is the next run's."""
+        return self._graph is None or self._graph.ended
+
     def stats(self) -> GraphStats:
+        if self._graph is None:
+            raise GraphError(f"this AttachedGraph of domain {self.domain!r} is closed")
         for b in self.description["blocks"]:
             for info in b["outputs"].values():
-                self._queue(info["queue"])
+                try:
+                    self._queue(info["queue"])
+                except MultiQueueError:
+                    pass  # not made yet (the graph is starting) or gone: its edges show no fill
         return graph_stats(self._graph, {name: q.stats() for name, q in self._queues.items()})
 
     def subscribe(self, port: str, *, policy: str = "drop_oldest", start: str = "latest") -> Tap:
@@ -124,6 +163,7 @@ class AttachedGraph:
     def close(self) -> None:
         for tap in self._taps:
             tap.close()
+        self._taps.clear()
         for q in self._queues.values():
             q.release()
         self._queues.clear()
@@ -147,7 +187,31 @@ class AttachedGraph:
         return f"<AttachedGraph {self.domain!r} blocks={self.blocks}>"
 
 
-def attach(domain: str, *, name: str = "attach") -> AttachedGraph:
-    """Attach to the graph running in ``domain`` (SegmentError if none runs; ValueError
-    for a bad domain name); ``name``: this process's name in the domain (a str)."""
+
+
+def attach(domain: str, *, name: str = "attach", timeout: float | None = 0) -> AttachedGraph:
+    """Attach to the graph running in ``domain``; ``name``: this process's name in the
+    domain (a str).  ``timeout``: seconds to wait for a graph to run (None: no limit;
+    0, the default: none runs now is a SegmentError); TimeoutError when none came.
+    ValueError for a bad domain name."""
+    check_domain(domain)
+    if timeout != 0 and not wait_for_graph(domain, timeout):
+        raise TimeoutError(f"no graph ran in domain {domain!r} within {timeout} s")
     return AttachedGraph(domain, name)
+
+
+def graph_running(domain: str, prefix: str = DEFAULT_PREFIX) -> bool:
+    """Does a live runtime run a graph in ``domain`` now?  (Cheap: one segment opened.)"""
+    return R.graph_owner(prefix, domain) is not None
+
+
+def wait_for_graph(domain: str, timeout: float | None = None, prefix: str = DEFAULT_PREFIX) -> bool:
+    """Wait until a graph runs in ``domain`` (True) or ``timeout`` seconds pass (False;
+    None: no limit).  Holds nothing meanwhile: the domain need not exist yet."""
+    deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
+    while not graph_running(domain, prefix):
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return False
+        time.sleep(WAIT_POLL_S if left is None else min(WAIT_POLL_S, left))
+    return True

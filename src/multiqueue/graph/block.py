@@ -8,6 +8,7 @@ a GNU Radio embedded block), ``Port``, ``Frame``, the ``WorkResult`` codes and t
 import enum
 import inspect
 import logging
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..checks import check_int, check_shape, show
 from ..errors import BufferReleasedError, MultiQueueError
+from .params import Param, as_param, infer_param, json_value
 
 
 class WorkResult(enum.Enum):
@@ -145,7 +147,9 @@ class Block:
 
     inputs: dict = {}
     outputs: dict = {}
-    parameters: tuple = ()  # names settable at run time by set_parameter()
+    # settable at run time by set_parameter(): {name: Param(...) or a type}, or names
+    # (typed by the constructor's annotation of the same name, else by their value)
+    parameters: tuple | dict = ()
     counters: tuple = ()  # names of the block's own counters (at most 14): see count()
     batch: int = 16  # most frames handed to work() per input port per call
 
@@ -227,9 +231,9 @@ class Block:
         return getattr(self, name)
 
     def set_parameter(self, name: str, value) -> None:
-        """Change a run-time parameter; calls :meth:`parameter_changed` to apply it."""
-        self.check_parameter(name)
-        self.parameter_changed(name, value)
+        """Change a run-time parameter; calls :meth:`parameter_changed` to apply it.
+        A value its declaration refuses raises (TypeError, ValueError): nothing changes."""
+        self.parameter_changed(name, self.check_value(name, value))
 
     def parameter_changed(self, name: str, value) -> None:
         """Hook: apply a new parameter value (default: set the attribute)."""
@@ -240,6 +244,47 @@ class Block:
         if name not in self.parameters:
             raise KeyError(f"block {type(self).__name__} has no run-time parameter {name!r}; "
                            f"it has {list(self.parameters) or 'none'}")
+
+    def check_value(self, name: str, value):
+        """``value`` as the parameter ``name`` takes it (see :class:`Param`); KeyError for
+        an unknown name, TypeError / ValueError for a value it does not allow."""
+        self.check_parameter(name)
+        return self.parameter_specs()[name].check(name, value)
+
+    def parameter_specs(self) -> dict[str, Param]:
+        """Each run-time parameter's declaration: :attr:`parameters` as declared, or for
+        a parameter given by name only, its constructor annotation (``gain: float``),
+        else the type of its current value (None: any value)."""
+        declared = self.parameters
+        if isinstance(declared, Mapping):
+            return {name: as_param(name, p) for name, p in declared.items()}
+        if isinstance(declared, str) or not all(isinstance(n, str) for n in declared):
+            raise TypeError(f"{type(self).__name__}.parameters must be a tuple of names or a dict of "
+                            f"name -> Param, not {declared!r}")
+        hints = _annotations(type(self).__init__)
+        return {name: infer_param(hints.get(name), getattr(self, name, None)) for name in declared}
+
+    def check_parameters(self) -> None:
+        """TypeError / ValueError unless every run-time parameter holds a value its
+        declaration allows (a graph checks this when the block is added)."""
+        for name, param in self.parameter_specs().items():
+            try:
+                value = self.get_parameter(name)
+            except AttributeError:  # not set yet (a block may set it in initialize())
+                continue
+            param.check(name, value)
+
+    def describe_parameters(self, values: bool = False) -> dict[str, dict]:
+        """{name: its Param described (type, min, max, choices, allowed)}, with its
+        current ``value`` if ``values`` (as JSON carries it)."""
+        described = {name: param.describe() for name, param in self.parameter_specs().items()}
+        if values:
+            for name, about in described.items():
+                try:
+                    about["value"] = json_value(self.get_parameter(name))
+                except AttributeError:
+                    about["value"] = None
+        return described
 
     # -- output and consumption, valid inside work() --------------------------------------
 
@@ -317,12 +362,21 @@ def block(inputs=None, outputs=None, *, batch: int = 16, parameters=()):
 
         amplify(gain=2.0)   # a Block instance
 
+    Each parameter's type (see :class:`Param`) is its annotation (``gain: float = 0.5``,
+    or ``gain: Param(float, min=0) = 0.5``), else its default's type; a value of another
+    type is refused where the block is made and by ``set_parameter``.
+
     ``inputs`` / ``outputs``: None or a dict of port name -> Port or dtype; ``batch``:
-    an int >= 1; ``parameters``: a tuple of names (default: the keyword arguments).
+    an int >= 1; ``parameters``: a tuple of names (default: the keyword arguments) or a
+    dict of name -> Param or type.
     """
     inputs, outputs = _check_ports("inputs", inputs), _check_ports("outputs", outputs)
     batch = check_int("batch", batch, 1)
-    parameters = _check_names("parameters", parameters)
+    if isinstance(parameters, Mapping):
+        _check_names("parameters", parameters)  # its keys
+        parameters = {name: as_param(name, p) for name, p in parameters.items()}
+    else:
+        parameters = _check_names("parameters", parameters)
 
     def wrap(fn):
         if not callable(fn):
@@ -358,14 +412,25 @@ def _check_ports(name: str, ports) -> dict:
     return dict(ports)
 
 
+def _annotations(fn) -> dict:
+    """The annotations of ``fn`` (strings resolved if they can be; else none)."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve types nothing
+        return {}
+
+
 def _function_block(fn, inputs, outputs, batch, parameters):
     """A FunctionBlock subclass named, pickled and documented as ``fn``."""
     signature = inspect.signature(fn)
     defaults = {n: p.default for n, p in signature.parameters.items()
                 if p.default is not inspect.Parameter.empty and n != "timestamps"}
+    if not isinstance(parameters, Mapping):  # typed by annotation, else by default
+        hints = {n: p.annotation for n, p in signature.parameters.items()} | _annotations(fn)
+        parameters = {n: infer_param(hints.get(n), defaults.get(n)) for n in parameters or defaults}
     namespace = {
         "inputs": dict(inputs), "outputs": dict(outputs), "batch": batch,
-        "parameters": parameters or tuple(defaults), "defaults": defaults,
+        "parameters": parameters, "defaults": defaults,
         "wants_timestamps": "timestamps" in signature.parameters,
         "generator_source": not inputs and inspect.isgeneratorfunction(fn),
         "__module__": fn.__module__, "__qualname__": fn.__qualname__, "__doc__": fn.__doc__,
@@ -389,7 +454,10 @@ class FunctionBlock(Block):
         if unknown:
             raise TypeError(f"{self.function.__name__}() has no parameter {sorted(unknown)[0]!r}; "
                             f"it takes {sorted(self.defaults) or 'none'}")
-        self.params = {**self.defaults, **params}
+        declared = self.parameters  # {name: Param}: a value of the wrong type fails here, not in work()
+        checked = {name: declared[name].check(name, value) if name in declared else value
+                   for name, value in params.items()}
+        self.params = {**self.defaults, **checked}
         self._generator = None
 
     def start(self):
@@ -438,6 +506,10 @@ class FunctionBlock(Block):
         if params is not None and name in params:
             return params[name]
         raise AttributeError(name)
+
+    def get_parameter(self, name):
+        self.check_parameter(name)
+        return self.params.get(name)  # not getattr: a parameter may be named like a Block method
 
     def parameter_changed(self, name, value):
         self.params[name] = value

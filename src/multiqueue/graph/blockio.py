@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 
+from ..checks import check_timeout
 from ..errors import BlockError, BufferReleasedError, PoolExhaustedError, QueueClosedError
 from ..shm import ShmManager
 from ..shm.buffer import frame_nbytes
@@ -53,6 +54,29 @@ class BlockIO:
         self.timed: list[tuple[int, str, object]] = []  # (at_ns, name, value), sorted; under the lock
         self.bus = None  # the host's message bus, once it is up
         self.counter_words = {name: R.COUNTERS + i for i, name in enumerate(block.counters)}
+        self.edge_counts: dict = {}  # {input port: losses.EdgeCount}, set by the runner
+        self.input_index = {port: i for i, port in enumerate(self.in_ports)}  # the WAIT_ARG of each
+        self.output_index = {port: i for i, port in enumerate(self.out_ports)}
+        self.wait_kind = self.wait_arg = R.WAIT_NONE  # what the row says the block waits for
+
+    # -- the wait state in the block's row: one store per transition -----------------------
+
+    def set_wait(self, kind: int, arg: int = 0) -> None:
+        """Say in the row what the block waits for from now on (R.WAIT_*, which one)."""
+        if kind != self.wait_kind or arg != self.wait_arg:
+            self.row[R.WAIT_ARG] = arg  # before the kind: a reader never pairs a new kind with an old arg
+            self.row[R.WAIT] = kind
+            self.wait_kind, self.wait_arg = kind, arg
+
+    def clear_wait(self) -> None:
+        """The block works again."""
+        self.row[R.WAIT] = R.WAIT_NONE
+        self.wait_kind = R.WAIT_NONE
+
+    def _wait_for_pool(self, error: PoolExhaustedError) -> None:
+        pools = getattr(error, "pools", ())  # set by the allocator: the pools it found full
+        self.row[R.POOL_NAME : R.POOL_NAME + R.POOL_NAME_WORDS] = R.pool_name_words(pools[0] if pools else "")
+        self.set_wait(R.WAIT_POOL)
 
     # -- input ---------------------------------------------------------------------------
 
@@ -76,6 +100,7 @@ class BlockIO:
         if not open_ports:
             return False
         port = min(open_ports, key=lambda p: len(self.pending[p]))
+        self.set_wait(R.WAIT_INPUT, self.input_index[port])  # the runner clears it before work()
         try:
             buffer = self.readers[port].pop(timeout=SLICE_S)
         except TimeoutError:
@@ -128,6 +153,7 @@ class BlockIO:
                     frame.release(INPUT_RELEASED)
             del frames[:n]
             self.items_in += n
+            self.edge_counts[port].commit(n, self.items_out)  # one word per call: exact losses
         self._current = []
         return result
 
@@ -191,10 +217,23 @@ class BlockIO:
 
     def _allocate_bytes(self, nbytes: int, timeout):
         if timeout is not None:
-            return self.manager.allocate(nbytes, timeout)
+            check_timeout(timeout)  # a wrong one is wrong even when a block is free
+        try:
+            return self.manager.allocate(nbytes, 0)  # a full pool: say so in the row before waiting
+        except PoolExhaustedError as e:
+            if timeout == 0:
+                raise
+            self._wait_for_pool(e)
+        if timeout is not None:  # the block's own limit: it handles the error
+            try:
+                return self.manager.allocate(nbytes, timeout)
+            finally:
+                self.clear_wait()
         while True:
             try:
-                return self.manager.allocate(nbytes, SLICE_S)
+                buffer = self.manager.allocate(nbytes, SLICE_S)
+                self.clear_wait()
+                return buffer
             except PoolExhaustedError:
                 self._check_waiting()
 
@@ -218,7 +257,7 @@ class BlockIO:
         else:
             buffer = self._copy_in(port, item)
             self._stamp(buffer, k, timestamp, time_range)
-        self._push(queue, buffer)
+        self._push(port, queue, buffer)
         self.items_out += 1
 
     def _copy_in(self, port: str, item):
@@ -246,12 +285,19 @@ class BlockIO:
             if span is not None:
                 buffer.time_range = span
 
-    def _push(self, queue: PortQueue, buffer) -> None:
+    def _push(self, port: str, queue: PortQueue, buffer) -> None:
+        timeout = 0  # a full blocking reader: say so before waiting
         while True:
             try:
-                queue.push(buffer, SLICE_S)
+                queue.push(buffer, timeout)
+                if timeout:
+                    self.clear_wait()
                 return
             except TimeoutError:
+                if not timeout:
+                    self.set_wait(R.WAIT_READER, self.output_index[port])
+                    timeout = SLICE_S
+                    continue
                 try:
                     self._check_waiting()
                 except (Aborted, SourceStopped):

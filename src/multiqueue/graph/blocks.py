@@ -17,6 +17,7 @@ from ..errors import QueueClosedError
 from ..stream.sync import POLICIES as SYNC_POLICIES
 from ..stream.sync import SyncReader
 from .block import DONE, INSUFFICIENT_INPUT, OK, Block, Frame, Port
+from .params import Param
 
 F32 = Port(np.float32)
 MAX_BRANCHES = 64  # the most outputs of a Tee, or streams of a SyncMerge
@@ -61,7 +62,7 @@ class SignalSource(Block):
     """
 
     outputs = {"out": F32}
-    parameters = ("frequency", "amplitude")
+    parameters = {"frequency": Param(float), "amplitude": Param(float)}
 
     def __init__(self, waveform: str = "sine", rate: float = 48_000.0, frame: int = 1024,
                  frequency: float = 1_000.0, amplitude: float = 1.0, chirp_to: float | None = None,
@@ -82,11 +83,6 @@ class SignalSource(Block):
         self.realtime, self.seed = realtime, seed
         self.align_ns = check_int("align_ns", align_ns, 0)
         self.sent = 0
-
-    def parameter_changed(self, name, value):
-        if name in ("frequency", "amplitude"):
-            value = check_number(name, value)
-        setattr(self, name, value)
 
     def start(self):
         self._rng = np.random.default_rng(self.seed)
@@ -168,17 +164,12 @@ class Multiply(Block):
 
     inputs = {"in": F32}
     outputs = {"out": F32}
-    parameters = ("factor",)
+    parameters = {"factor": Param(float)}  # checked by set_parameter, not in the worker's next work()
 
     def __init__(self, factor: float = 1.0):
         super().__init__()
         check_number("factor", factor)
         self.factor = factor
-
-    def parameter_changed(self, name, value):
-        if name in ("factor", "gain"):  # checked here, not in the worker's next work()
-            check_number(name, value)
-        setattr(self, name, value)
 
     def work(self, inputs):
         for frame in inputs["in"]:
@@ -190,7 +181,7 @@ class Multiply(Block):
 class Amplifier(Multiply):
     """Multiply by ``gain`` (the same block, the radio engineer's name)."""
 
-    parameters = ("gain",)
+    parameters = {"gain": Param(float)}
 
     def __init__(self, gain: float = 1.0):
         check_number("gain", gain)
@@ -290,16 +281,13 @@ class Throttle(Block):
 
     inputs = {"in": Port()}
     outputs = {"out": Port()}
-    parameters = ("rate",)
+    parameters = {"rate": Param(float, positive=True)}
     batch = 1
 
     def __init__(self, rate: float = 10.0):
         super().__init__()
         self.rate = check_number("rate", rate, positive=True)
         self._next_ns = None
-
-    def parameter_changed(self, name, value):
-        setattr(self, name, check_number(name, value, positive=True) if name == "rate" else value)
 
     def work(self, inputs):
         now = time.monotonic_ns()

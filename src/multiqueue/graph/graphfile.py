@@ -359,7 +359,9 @@ class _Loader:
             if missing:
                 self.fail(params_node or block_node, key, f"missing {', '.join(map(repr, missing))}; {takes}")
         try:
-            return cls(**params)
+            block = cls(**params)
+            block.check_parameters()  # a run-time parameter's declared type and range
+            return block
         except Exception as e:  # noqa: BLE001 - any constructor failure is a bad parameter
             named = [k for k in params if re.search(rf"\b{re.escape(k)}\b", str(e))]
             if len(named) == 1:

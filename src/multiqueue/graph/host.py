@@ -16,6 +16,7 @@ from ..control.topics import control_topic
 from ..shm import ShmManager
 from . import registry as R
 from .blockio import SLICE_S
+from .params import json_value
 from .runner import BlockRunner, WorkerBlock
 
 _log = logging.getLogger("mq.runner")
@@ -150,7 +151,10 @@ def _run_command(runner: BlockRunner, data: dict):
     if command == "set":
         runner.set_parameter(data["name"], data.get("value"), data.get("at_ns"))
     elif command == "get":
-        return runner.get_parameter(data["name"])
+        return json_value(runner.get_parameter(data["name"]))
+    elif command == "params":  # each parameter's type, range and current value (mq param DOMAIN BLOCK)
+        with runner.lock:
+            return runner.block.describe_parameters(values=True)
     elif command == "pause":
         runner.pause()
     elif command in ("resume", "start"):
@@ -158,7 +162,7 @@ def _run_command(runner: BlockRunner, data: dict):
     elif command == "stop":
         runner.request_stop()
     else:
-        raise ValueError(f"unknown command {command!r}: set, get, pause, resume, start, stop")
+        raise ValueError(f"unknown command {command!r}: set, get, params, pause, resume, start, stop")
     return None
 
 

@@ -10,6 +10,7 @@ no messages.  Rows are int64 words: single writer each, read without locks.
 
 import ctypes
 import json
+import os
 
 import numpy as np
 
@@ -25,21 +26,42 @@ from ..shm.segment import (
     unlink_quietly,
 )
 
-MAGIC_GRAPH = int.from_bytes(b"MQGRAPH1", "little")
+# The layout of the rows is versioned by the magic's last byte: a graph segment of another
+# layout is refused as not ours.  2: a block row has its wait state and rate windows.
+GRAPH_LAYOUT = 2
+MAGIC_GRAPH = int.from_bytes(b"MQGRAPH" + str(GRAPH_LAYOUT).encode(), "little")
 KIND_GRAPH = 4
-ROW_WORDS = 24
+ROW_WORDS = 46
 
 # block row words
 STATE, PID, ITEMS_IN, ITEMS_OUT, WORK_CALLS, WORK_NS, START_NS, UPDATED_NS, RESTARTS, FAILURES = range(10)
-COUNTERS = 10  # words 10..23: the block's own counters (Block.counters), kept over restarts
-MAX_COUNTERS = ROW_WORDS - COUNTERS
+# What a running block waits for (WAIT_*, 0 while it works) and which: WAIT_ARG is the
+# input's index in the block's inputs, or the full output's index in its outputs (readers
+# of the rows find its slowest blocking reader in the queue's stats); the pool's name is in
+# the POOL_NAME words.  Stored once per transition, by the block's own thread.
+WAIT, WAIT_ARG = 10, 11
+POOL_NAME, POOL_NAME_WORDS = 12, 4  # words 12..15: the pool it waits for (bytes, NUL-padded)
+# The instantaneous rates: items in and out at the start of the current window (at least
+# a second long once it rolls) and of the one before, rolled by the block's own thread.
+WINDOW_NS, WINDOW_IN, WINDOW_OUT = 16, 17, 18
+PREVIOUS_NS, PREVIOUS_IN, PREVIOUS_OUT = 19, 20, 21
+# words 22..31 are free for later block words
+COUNTERS = 32  # words 32..45: the block's own counters (Block.counters), kept over restarts
+MAX_COUNTERS = ROW_WORDS - COUNTERS  # 14
+WAIT_NONE, WAIT_INPUT, WAIT_POOL, WAIT_READER, WAIT_PAUSED = range(5)
 # edge row words
 EDGE_READER = 0  # reader index of the edge's consumer in the producer's queue, -1 none
 EDGE_POPPED = 1  # frames the consumer took (over restarts), written by the consumer
-EDGE_DROPS = 2  # frames its drop_oldest reader lost
+EDGE_DROPS = 2  # frames it lost: its drop_oldest reader's, and those of its restarts and failures
+# The exact count of an edge across the consumer's lives (graph/losses.py): where its
+# current reader joined the queue's sequence and the queue's unheard pushes then, the
+# received and dropped totals then, where its last life ended (-1: the current one runs),
+# and its work word (frames it finished << 24 | its output count, mod 2**24, then).
+EDGE_JOINED, EDGE_UNHEARD, EDGE_BASE_POPPED, EDGE_BASE_DROPS, EDGE_END, EDGE_WORK = range(3, 9)
+EDGE_LAST_LOSS = 9  # frames lost when its consumer's last life ended early (failed, killed)
 
-STATES = ("created", "initializing", "ready", "running", "done", "failed", "stopped")
-CREATED, INITIALIZING, READY, RUNNING, DONE, FAILED, STOPPED = range(7)
+STATES = ("created", "initializing", "ready", "running", "done", "failed", "stopped", "restarting")
+CREATED, INITIALIZING, READY, RUNNING, DONE, FAILED, STOPPED, RESTARTING = range(8)
 
 
 def _stale(path: str) -> bool:
@@ -52,6 +74,28 @@ def _stale(path: str) -> bool:
         return not is_alive(segment.header.creator_pid, segment.header.creator_start)
     finally:
         segment.close()
+
+
+def graph_owner(prefix: str, domain: str) -> int | None:
+    """The pid of the live runtime running a graph in ``domain``, or None (no graph,
+    one this multiqueue cannot read, or one whose runtime died)."""
+    try:
+        segment = open_segment(segment_path(prefix, domain, "graph"), MAGIC_GRAPH, KIND_GRAPH)
+    except SegmentError:
+        return None
+    pid, start = segment.header.creator_pid, segment.header.creator_start
+    segment.close()
+    return pid if is_alive(pid, start) else None
+
+
+def command_line(pid: int) -> str:
+    """How process ``pid`` was started (its /proc cmdline), to name it in a message."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return "?"
+    return " ".join(a.decode(errors="replace") for a in args)[:200]
 
 
 class GraphHeader(ctypes.Structure):
@@ -103,8 +147,11 @@ class GraphSegment:
             unlink_quietly(path)
             segment = create_segment(path, size, MAGIC_GRAPH, KIND_GRAPH, header_size, init, access)
         if segment is None:
-            raise SegmentError(17, f"domain {domain!r} already runs a graph ({path} exists); stop it "
-                                   "first, or give this graph another domain")
+            owner = graph_owner(prefix, domain)
+            runtime = "" if owner is None else f" (its runtime is pid {owner}: {command_line(owner)})"
+            raise SegmentError(17, f"domain {domain!r} already runs a graph{runtime}; stop that graph "
+                                   "first, or run this one in another domain (mq run and mq demo: "
+                                   "--domain NAME)")
         return cls(segment)
 
     @classmethod
@@ -122,6 +169,15 @@ class GraphSegment:
     def path(self) -> str:
         return self._segment.path
 
+    @property
+    def ended(self) -> bool:
+        """Is this graph over: its runtime released the segment (unlinked it: a new run
+        makes a new one) or died?  One fstat: for observers, not per frame."""
+        segment = self._segment
+        if segment.fd < 0 or os.fstat(segment.fd).st_nlink == 0:
+            return True
+        return not is_alive(segment.header.creator_pid, segment.header.creator_start)
+
     def block_index(self, name: str) -> int:
         for i, b in enumerate(self.description["blocks"]):
             if b["name"] == name:
@@ -131,3 +187,15 @@ class GraphSegment:
     def close(self) -> None:
         self.block_rows = self.edge_rows = None
         self._segment.close()
+
+
+def pool_name_words(name: str) -> np.ndarray:
+    """A pool's name as the POOL_NAME words of a block row."""
+    raw = name.encode()[: POOL_NAME_WORDS * 8].ljust(POOL_NAME_WORDS * 8, b"\0")
+    return np.frombuffer(raw, np.int64)
+
+
+def pool_name_of(row) -> str:
+    """The pool name a block row's POOL_NAME words hold."""
+    raw = np.ascontiguousarray(row[POOL_NAME : POOL_NAME + POOL_NAME_WORDS]).tobytes()
+    return raw.rstrip(b"\0").decode(errors="replace")

@@ -5,6 +5,7 @@ import logging
 
 from ..control.bus import Bus
 from ..control.log import domain_logger, remove_domain_handlers
+from ..errors import SegmentError
 from ..shm import ShmConfig, ShmManager
 from ..shm.segment import unlink_quietly
 from ..stream.queue import PortQueue, reap_dead_readers_everywhere
@@ -41,10 +42,25 @@ class GraphResources:
         self.bus = Bus(self.manager)
         # the graph segment first: it is what refuses a second graph in the domain
         self.graph = R.GraphSegment.create(self.manager.prefix, domain, description, self.manager.access)
+        left = []
         for h in self.spec.blocks.values():
             for port in h.outputs:
-                self.queues[(h.name, port)] = PortQueue(self.manager, queue_name(h.name, port),
+                name = queue_name(h.name, port)
+                if remove_left_queue(self.manager, name):
+                    left.append(name)
+                self.queues[(h.name, port)] = PortQueue(self.manager, name,
                                                         output_capacity(self.spec, h.name, port))
+        if left:
+            self._took_over(left)
+
+    def _took_over(self, queues: list[str]) -> None:
+        """An earlier graph of the domain ended while other processes kept the domain
+        (observers, say): say so; its queues were made anew (remove_left_queue)."""
+        holders = [f"{p['name']} (pid {p['pid']})" for p in self.manager.processes()
+                   if p["alive"] and not p["self"]]
+        _log.warning("took over domain %r from a graph that had ended (kept by %s): its queues %s "
+                     "are new", self.spec.domain, ", ".join(holders) or "nobody alive", ", ".join(queues))
+        self.status({"event": "took-over", "queues": queues, "holders": holders})
 
     def block_row(self, name: str):
         """The row of block ``name`` in the graph segment (its state and counters)."""
@@ -119,6 +135,25 @@ class GraphResources:
             self.graph = None
             unlink_quietly(path)  # the graph is over, even if a tap keeps the domain
         self.manager.shutdown()
+
+
+def remove_left_queue(manager: ShmManager, name: str) -> bool:
+    """Remove queue ``name`` if an earlier graph of the domain left it (True if so).
+
+    Only the runtime that holds the graph segment calls this, so the queue is no live
+    graph's: it is closed (or open, if its runtime was killed), and a graph started on
+    it would end at once, silently.  Its dead readers' items are released, it is closed
+    (its live readers, viewers of the old run, end) and unlinked; they keep their
+    mapping until they let go."""
+    try:
+        old = PortQueue(manager, name, create=False)
+    except SegmentError:
+        return False  # none; or unreadable, which creating it again reports
+    try:
+        old.close()  # also detaches the readers of dead processes, releasing their items
+    finally:
+        old.remove()
+    return True
 
 
 def with_bus_room(pools: ShmConfig | None) -> ShmConfig | None:

@@ -14,10 +14,12 @@ from ..stream.queue import PortQueue
 from . import registry as R
 from .block import DONE, INSUFFICIENT_INPUT, INSUFFICIENT_OUTPUT, Block
 from .blockio import SLICE_S, Aborted, BlockIO, SourceStopped
+from .losses import count_inputs, finish_inputs
 
 _log = logging.getLogger("mq.runner")
 _BACKOFF_S = 0.002  # INSUFFICIENT_OUTPUT: nothing to sleep on, retry after this
 _EDGE_STATS_NS = 20_000_000  # copy reader counters to the edge rows at most this often
+_RATE_WINDOW_NS = 1_000_000_000  # the instantaneous rates are over the last window this long
 _INPUT_SPIN_S = 200e-6
 _END_EVENTS = {R.DONE: "block-done", R.STOPPED: "block-stopped"}  # else "block-failed"
 
@@ -66,28 +68,31 @@ class BlockRunner:
         self.readers = {}
         self.thread = None
         self.io = None
-        self._edge_counts = []  # (edge row, reader, popped and drops before this reader)
+        self._edge_counts = {}  # {input port: losses.EdgeCount}, once its readers joined
         self._edges_updated_ns = 0
+        self._window_ns = 0  # when the current rate window started (its WINDOW_NS word)
         self._stopped = False  # block.stop() was called
 
     def prepare(self) -> dict:
         """initialize() the block and join its input readers; {port: reader index}."""
         self.row[R.STATE] = R.INITIALIZING
+        self.row[R.WAIT] = R.WAIT_NONE  # a restarted block's predecessor may have died waiting
         self.row[R.PID] = os.getpid()
         self.block.initialize()
-        joined = {}
+        joined, edge_rows = {}, {}
         for edge in self.spec.inputs:
             queue = PortQueue(self.manager, edge.queue, create=False)
             reader = queue.reader(edge.policy, self.spec.start, watch_producer=False, spin=_INPUT_SPIN_S)
             self.readers[edge.port] = reader
-            row = self.graph.edge_rows[edge.edge]
-            row[R.EDGE_READER] = reader.index
-            self._edge_counts.append((row, reader, int(row[R.EDGE_POPPED]), int(row[R.EDGE_DROPS])))
+            edge_rows[edge.port] = self.graph.edge_rows[edge.edge]
             joined[edge.port] = reader.index
         self.io = BlockIO(self.name, self.block, self.manager, self.readers, self.queues,
                           self.stop, self.abort, self.row)
         # a restarted block goes on counting where its predecessor's row stopped
         self.io.items_in, self.io.items_out = int(self.row[R.ITEMS_IN]), int(self.row[R.ITEMS_OUT])
+        self._edge_counts = self.io.edge_counts = count_inputs(  # exact losses: graph/losses.py
+            edge_rows, self.readers, self.queues, self.io.items_out, restarted=self.spec.start == "latest",
+            pops_itself=self.block.takes_readers)
         self.block.bind(self.io)
         self.row[R.STATE] = R.READY
         return joined
@@ -114,7 +119,7 @@ class BlockRunner:
             if at_ns is None:
                 self.block.set_parameter(name, value)
                 return
-            self.block.check_parameter(name)
+            value = self.block.check_value(name, value)  # refused now, not when it is due
             self.io.add_timed(at_ns, name, value)
 
     def get_parameter(self, name: str):
@@ -142,7 +147,10 @@ class BlockRunner:
 
     def _run(self) -> None:
         row = self.row
-        row[R.START_NS] = time.monotonic_ns()
+        now = time.monotonic_ns()
+        if not row[R.START_NS]:  # a restarted block's average rates run from its first start
+            row[R.START_NS] = now
+        self._start_rate_windows(now)
         row[R.STATE] = R.RUNNING
         set_block(self.name)  # the "block=" field of this thread's log lines
         _log.info("started (pid %d)", os.getpid())
@@ -191,9 +199,13 @@ class BlockRunner:
         """Release the pending inputs, leave the input queues, stop() if it was not
         (and it did not fail), cleanup() always."""
         self.io.release_pending()
-        self._update_edges()  # the reader records go with the detach: keep their counts
+        # leave the inputs, counting what this life received and lost (a failed work()
+        # call's frames too: its counts were not copied to the row)
+        credited = finish_inputs(self._edge_counts, self.io.items_out, self.row[R.STATE] != R.DONE)
+        self.row[R.ITEMS_IN], self.row[R.ITEMS_OUT] = self.io.items_in + credited, self.io.items_out
+        self.row[R.UPDATED_NS] = time.monotonic_ns()  # its rates are over its run, not up to now
         for reader in self.readers.values():
-            reader.detach()
+            reader.detach()  # (finish_inputs did; a reader without a count must not stay)
         try:
             if not self._stopped and self.row[R.STATE] != R.FAILED:
                 self.block.stop()
@@ -206,13 +218,29 @@ class BlockRunner:
         self.block.bind(None)
 
     def _update_edges(self) -> None:
-        for row, reader, popped, drops in self._edge_counts:
-            if reader.attached:  # a block that pops itself (takes_readers) may have detached it
-                row[R.EDGE_POPPED] = popped + reader.popped
-                row[R.EDGE_DROPS] = drops + reader.drops
+        for count in self._edge_counts.values():
+            count.update()
+
+    def _start_rate_windows(self, now: int) -> None:
+        """Both rate windows start now, from the counts the row has (a restarted block's)."""
+        row = self.row
+        row[R.PREVIOUS_IN] = row[R.WINDOW_IN] = row[R.ITEMS_IN]
+        row[R.PREVIOUS_OUT] = row[R.WINDOW_OUT] = row[R.ITEMS_OUT]
+        row[R.PREVIOUS_NS] = row[R.WINDOW_NS] = self._window_ns = now
+
+    def _roll_rate_window(self, now: int) -> None:
+        """The current window (a second old) becomes the previous one; a new one starts
+        now.  Counts before times: a reader never pairs a new start with old counts."""
+        row = self.row
+        row[R.PREVIOUS_IN], row[R.PREVIOUS_OUT] = row[R.WINDOW_IN], row[R.WINDOW_OUT]
+        row[R.PREVIOUS_NS] = row[R.WINDOW_NS]
+        row[R.WINDOW_IN], row[R.WINDOW_OUT] = row[R.ITEMS_IN], row[R.ITEMS_OUT]
+        row[R.WINDOW_NS] = self._window_ns = now
 
     def _work(self, call=None):
         """One work() call under the lock, timed, its counts copied to the block's row."""
+        if self.io.wait_kind:
+            self.io.clear_wait()  # what it waited for (an input) came
         t0 = time.perf_counter_ns()
         with self.lock:
             result = (call or self.io.call_work)()
@@ -222,6 +250,8 @@ class BlockRunner:
         row[R.ITEMS_IN] = self.io.items_in
         row[R.ITEMS_OUT] = self.io.items_out
         now = row[R.UPDATED_NS] = time.monotonic_ns()
+        if now - self._window_ns >= _RATE_WINDOW_NS:
+            self._roll_rate_window(now)
         if self._edge_counts and now - self._edges_updated_ns > _EDGE_STATS_NS:
             self._edges_updated_ns = now
             self._update_edges()
@@ -237,6 +267,7 @@ class BlockRunner:
                 raise Aborted()
             if self.running.is_set():
                 return True
+            self.io.set_wait(R.WAIT_PAUSED)  # cleared by the next work() call
             self.running.wait(SLICE_S)
 
     def _source_loop(self) -> None:

@@ -13,7 +13,9 @@
 How it runs, placement and supervision: docs/graphs.md ("Runtime", "Supervision").
 """
 
+import inspect
 import logging
+import sys
 
 from ..checks import check_number, show
 from ..control.topics import control_topic
@@ -24,10 +26,11 @@ from .block import Block
 from .plan import output_capacity, queue_name, worker_blocks
 from .spec import BlockHandle, Edge, GraphSpec, PortRef
 from .stats import BlockFailure, GraphStats, graph_stats
-from .supervise import Supervisor
+from .supervise import Supervisor, exit_reason
 
 _log = logging.getLogger("mq.runtime")
 MAX_SECONDS = 10**9  # the longest drain_timeout / start_timeout (threading's waits have a limit)
+MAIN_GUARD_EXIT = 78  # a worker that re-ran an unguarded main script exits so (EX_CONFIG)
 
 
 class Runtime:
@@ -127,10 +130,16 @@ class Runtime:
     def start(self) -> None:
         """Validate, create the queues, start every worker and let the sources go."""
         self._check_building("start")
+        exit_if_main_script_rerun()
         check_domain(self.domain)  # before its log file is opened
         workers = worker_blocks(self.spec)
         self.supervisor = Supervisor(self.spec, self.drain_timeout, self.failures)
-        self.supervisor.start(self.describe(), workers, self.start_timeout)
+        try:
+            self.supervisor.start(self.describe(), workers, self.start_timeout)
+        except BlockError:
+            if any(f.reason == exit_reason(MAIN_GUARD_EXIT) for f in self.failures):
+                raise GraphError(missing_main_guard()) from None
+            raise
         _log.info("graph started: %s", ", ".join(f"{h.name} ({h.placement})" for h in self.blocks.values()))
         self.supervisor.shared.bus.subscribe("ctl", callback=self._graph_command)
 
@@ -170,7 +179,9 @@ class Runtime:
         """Change a block's run-time parameter, in its worker if it runs (acknowledged:
         the block's error is raised here).  With ``at_ns`` the block applies it exactly
         at the first input frame whose timestamp reaches ``at_ns`` (a source: when its
-        clock does).  Any process can do the same over the bus (``mq param``)."""
+        clock does).  Any process can do the same over the bus (``mq param``).  A value
+        the parameter's declaration (a Param) refuses raises TypeError / ValueError here,
+        before it reaches the worker; nothing changes."""
         self._parameter({"cmd": "set", "block": block, "name": name, "value": value, "at_ns": at_ns})
 
     def get_parameter(self, block: str, name: str):
@@ -189,7 +200,7 @@ class Runtime:
             "blocks": [
                 {"name": h.name, "class": f"{type(h.block).__module__}.{type(h.block).__qualname__}",
                  "kind": h.block.kind, "placement": h.placement, "restart": h.restart,
-                 "counters": list(h.block.counters),
+                 "counters": list(h.block.counters), "parameters": h.block.describe_parameters(),
                  "inputs": {p: s.describe() for p, s in h.inputs.items()},
                  "outputs": {p: {**s.describe(), "queue": queue_name(h.name, p)}
                              for p, s in h.outputs.items()}}
@@ -253,10 +264,35 @@ class Runtime:
             raise GraphError("a timed parameter change needs a running graph")
         if self.supervisor.host_done(handle.name):
             raise BlockError(f"block {handle.name!r} has ended; its parameters cannot change any more")
+        if command["cmd"] == "set" and command["name"] in handle.block.parameters:  # refused here, not there
+            command["value"] = handle.block.check_value(command["name"], command["value"])
         answer = self.supervisor.shared.bus.request(control_topic(handle.name), command, timeout=10.0).data
         if not answer.get("ok"):
             raise BlockError(f"block {handle.name!r}: {answer.get('error')}")
         return answer.get("value")
+
+
+def exit_if_main_script_rerun() -> None:
+    """End this process quietly (exit status MAIN_GUARD_EXIT) if it is a worker that
+    multiprocessing started by importing the main script as ``__mp_main__`` (spawn and
+    forkserver do) and that script starts a graph at its top level: it has no
+    ``if __name__ == "__main__":`` guard.  Without this every worker would start a
+    graph of its own and fail with "domain already runs a graph", one traceback each;
+    the runtime that started the worker names the cause once (missing_main_guard)."""
+    if "__mp_main__" not in sys.modules:  # only multiprocessing's workers have one
+        return
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__mp_main__":
+            raise SystemExit(MAIN_GUARD_EXIT)
+        frame = frame.f_back
+
+
+def missing_main_guard() -> str:
+    script = getattr(sys.modules.get("__main__"), "__file__", None) or "the main script"
+    return (f"{script} starts a graph when it is imported: every worker process imports the main "
+            "script (multiprocessing's spawn), so each tried to start the graph again. Put the code "
+            'that builds and runs the graph under `if __name__ == "__main__":`')
 
 
 def check_seconds(name: str, seconds, *, none: bool = False) -> float | None:

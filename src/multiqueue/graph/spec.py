@@ -121,6 +121,7 @@ class GraphSpec:
             if not _PORT_RE.fullmatch(port):
                 raise GraphError(f"block {name!r}: port name {port!r} must be 1-6 letters, digits or _")
         _check_counters(name, block.counters)
+        _check_parameters(name, block)
         if host is not None and host not in self.hosts:
             raise GraphError(f"block {name!r}: no host {host!r}; hosts: {', '.join(self.hosts) or 'none'}")
         handle = BlockHandle(name, block, placement, restart, max_restarts, host)
@@ -210,6 +211,15 @@ def _check_placement(placement, restart, max_restarts) -> None:
     if not placement:
         raise ValueError("placement must be 'process', 'thread' or a process name, not ''")
     check_int("max_restarts", max_restarts, 0)
+
+
+def _check_parameters(name: str, block: Block) -> None:
+    """Its run-time parameters are declared as Params (or types) and hold values they
+    allow, so that the first set_parameter() is not where a bad declaration shows."""
+    try:
+        block.check_parameters()
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"block {name!r}: {e}") from None
 
 
 def _check_counters(block: str, counters) -> None:

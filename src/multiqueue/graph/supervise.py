@@ -15,6 +15,7 @@ import time
 from ..errors import BlockError
 from . import registry as R
 from .host import Host, host_main
+from .losses import close_books, end_dead_block, last_losses
 from .plan import host_groups, worker_blocks
 from .resources import GraphResources
 from .runner import WorkerBlock
@@ -96,6 +97,9 @@ class Supervisor:
         self._abort_at: float | None = None
         self._thread: threading.Thread | None = None
         self._next_drops_check = 0.0
+        # called with each event it publishes on the bus's "status" topic (failures,
+        # restarts), in its own thread: `mq run` prints them as they happen
+        self.listeners: list = []
 
     # -- start -----------------------------------------------------------------------------
 
@@ -104,6 +108,8 @@ class Supervisor:
         them to get ready, let them go; on any failure, undo it all and raise."""
         try:
             self.shared.open(description)
+            for queue in self.shared.queues.values():  # a viewer never slows the graph
+                queue.default_policy = "drop_oldest"  # (a reader that names no policy)
             for key, names in host_groups(self.spec).items():
                 kind = "thread" if self.spec.blocks[names[0]].placement == "thread" else "process"
                 self._launch(key, names, kind, [workers[n] for n in names])
@@ -124,7 +130,7 @@ class Supervisor:
             self.state = "running"
             for host in list(self.hosts.values()):
                 host.send(("start",))
-        self.shared.status({"event": "started", "blocks": list(self.spec.blocks)})
+        self._publish({"event": "started", "blocks": list(self.spec.blocks)})
 
     def _launch(self, key: str, names: list[str], kind: str, workers: list[WorkerBlock]) -> None:
         host = HostHandle(key, names, kind)
@@ -221,6 +227,8 @@ class Supervisor:
         if not host.failures and not unfinished and exitcode == 0:
             return
         self.shared.reclaim()
+        if host.process is not None:
+            self._count_dead_lives(host)
         self._mark_failed_rows(host)
         if host.handled:
             return  # a failure of this group was already acted on
@@ -243,11 +251,22 @@ class Supervisor:
                     and all(b.restart == "restart" for b in blocks)
                     and all(self.shared.block_row(b.name)[R.RESTARTS] < b.max_restarts for b in blocks))
 
+    def _count_dead_lives(self, host: HostHandle) -> None:
+        """A dead worker's blocks could not count the end of their lives on their edges
+        (what they received, what was lost with them): count it for them, before a
+        restart (graph/losses.py)."""
+        for name in host.names:
+            try:
+                end_dead_block(self.spec, name, self.shared.block_row(name), self.shared.graph.edge_rows,
+                               self.shared.queues)
+            except Exception:  # noqa: BLE001 - counts are not worth stopping the supervision for
+                _log.exception("could not count the losses of block %s", name)
+
     def _mark_failed_rows(self, host: HostHandle) -> None:
         """A dead worker could not write its rows: whatever it left running failed."""
         for name in host.names:
             row = self.shared.block_row(name)
-            if row[R.STATE] in (R.CREATED, R.INITIALIZING, R.READY, R.RUNNING):
+            if row[R.STATE] in (R.CREATED, R.INITIALIZING, R.READY, R.RUNNING, R.RESTARTING):
                 row[R.STATE] = R.FAILED
                 row[R.FAILURES] += 1
 
@@ -261,8 +280,12 @@ class Supervisor:
                                "restarted" if restartable else "stopped the graph")
         self.failures.append(failure)
         _log.error("%s", failure)
-        self.shared.status({"event": "failed", "blocks": host.names, "reason": reason,
-                            "action": failure.action, "traceback": tb}, topic="errors")
+        restart = int(self.shared.block_row(host.names[0])[R.RESTARTS]) + 1 if restartable else None
+        max_restarts = self.spec.blocks[host.names[0]].max_restarts
+        lost = last_losses(self.spec, host.names, self.shared.graph.edge_rows)
+        self._publish({"event": "failed", "blocks": host.names, "reason": reason, "action": failure.action,
+                       "restart": restart, "max_restarts": max_restarts, "lost": lost, "traceback": tb,
+                       "message": failure_message(failure, restart, max_restarts, lost)}, topic="errors")
         if restartable:
             self._restart(host)
             return
@@ -275,12 +298,27 @@ class Supervisor:
     def _restart(self, host: HostHandle) -> None:
         workers = worker_blocks(self.spec)
         for name in host.names:
-            self.shared.block_row(name)[R.RESTARTS] += 1
+            row = self.shared.block_row(name)
+            row[R.RESTARTS] += 1
+            row[R.STATE] = R.RESTARTING  # until its new worker takes the row (initializing)
             workers[name].start = "latest"
         self._launch(host.key, host.names, host.kind, [workers[n] for n in host.names])
         with self.lock:  # a stop meanwhile did not know this host: tell it now
             self.hosts[host.key].send(("start",) if self._stop_at is None else ("stop",))
-        self.shared.status({"event": "restarted", "blocks": host.names})
+        pids = [self.hosts[host.key].process.pid] if host.kind == "process" else []
+        self._publish({"event": "restarted", "blocks": host.names, "pids": pids,
+                       "restarts": int(self.shared.block_row(host.names[0])[R.RESTARTS]),
+                       "message": f"block {', '.join(map(repr, host.names))} restarted"
+                                  + (f" in process {pids[0]}" if pids else "")})
+
+    def _publish(self, event: dict, topic: str = "status") -> None:
+        """An event to the listeners, then on the bus (topic "status", and ``topic``)."""
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - a listener must not stop the supervision
+                _log.warning("an event listener failed", exc_info=True)
+        self.shared.status(event, topic)
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -369,11 +407,23 @@ class Supervisor:
                 with contextlib.suppress(ValueError):
                     host.process.join(5.0)
                     host.process.close()
+        if self.shared.graph is not None:  # what was sent to consumers that had ended: dropped
+            close_books(self.spec, self.shared.graph.edge_rows, self.shared.queues)
         self.shared.release(self.failures)
 
     def raise_fatal(self) -> None:
         if self.fatal is not None:
             raise BlockError(str(self.fatal))
+
+
+def failure_message(failure: BlockFailure, restart: int | None, max_restarts: int, lost: dict) -> str:
+    """One line for a person: which block failed, why, what the runtime did, what was lost."""
+    action = f"restarted it (restart {restart} of {max_restarts})" if restart else failure.action
+    text = f"block {failure.block!r} failed ({failure.reason}); {action}"
+    if lost:
+        text += "; frames it held or had not read, counted as drops: " + \
+            ", ".join(f"{n} on {edge}" for edge, n in lost.items())
+    return text
 
 
 def exit_reason(exitcode: int | None) -> str:

@@ -4,10 +4,14 @@ import logging
 import os
 import time
 
+import numpy as np
+
 from ..checks import check_timeout
 from ..errors import PoolExhaustedError, SegmentError
+from . import layout as L
 from .buffer import Buffer
 from .pools import PoolTable
+from .segment import is_alive
 from .stats import size_text
 
 _log = logging.getLogger("multiqueue.shm")
@@ -26,10 +30,15 @@ class SlowAllocator:
     - ``grow(pool_id)``: add a chunk under the domain lock and wake the waiters (True
       if blocks are free afterwards; SegmentError when the system refuses the memory);
     - ``free_blocks``: the domain's freed-block event (``arm``, ``sleep``);
-    - ``count_failure()``: add one to this process's failed allocations.
+    - ``count_failure()``: add one to this process's failed allocations;
+    - ``registry``: the domain's ProcessRegistry (its rows and the ledger in its mapping),
+      to name who holds the blocks of a full pool in the error.
+
+    The PoolExhaustedError it raises has ``pools``: the names of the pools it found full.
     """
 
-    def __init__(self, manager, pools: PoolTable, refresh_if_changed, grow, free_blocks, count_failure):
+    def __init__(self, manager, pools: PoolTable, refresh_if_changed, grow, free_blocks, count_failure,
+                 registry=None):
         self.manager = manager
         self.alloc_buffer = manager.context.alloc_buffer  # a Buffer, or -1 empty, < -1 pools changed
         self.pools = pools
@@ -37,6 +46,7 @@ class SlowAllocator:
         self.grow = grow
         self.free_blocks = free_blocks
         self.count_failure = count_failure
+        self.registry = registry
         self.growth_failures: dict[int, str] = {}  # pool id -> why it last failed to grow
 
     def allocate(self, size: int, only_pool: int | None, timeout: float | None) -> Buffer:
@@ -57,7 +67,9 @@ class SlowAllocator:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 self.count_failure()
-                raise PoolExhaustedError(self._exhausted_message(size, candidates, timeout))
+                error = PoolExhaustedError(self._exhausted_message(size, candidates, timeout))
+                error.pools = [self.pools.name(p) for p in candidates]
+                raise error
             buffer = self._wait_for_free_block(size, candidates, remaining)
             if buffer is not None and buffer is not _POOLS_CHANGED:
                 return buffer
@@ -127,9 +139,46 @@ class SlowAllocator:
             parts.append(f"{s.name!r} ({s.blocks_used}/{s.block_count} blocks of "
                          f"{size_text(s.block_size)} used{grow})")
         waited = "without waiting" if not timeout else f"within {timeout} s"
+        # who holds them, after a real wait only: a try without waiting (timeout 0) is cheap
+        held = f"; {self._holders_text(candidates)}" if timeout and self.registry is not None else ""
         return (f"no free block for {size} bytes {waited} in domain {self.manager.domain!r}: pools "
-                f"{', '.join(parts)} are full; release buffers, raise block_count, make a pool "
+                f"{', '.join(parts)} are full{held}; release buffers, raise block_count, make a pool "
                 "expandable or pass a longer timeout")
+
+    def _holders_text(self, candidates) -> str:
+        """"held by pid 42 'mq-hold' (120 blocks), ...; 8 unread in queues or in flight"."""
+        holders = pool_holders(self.registry, self.pools.records, candidates)
+        used = sum(int(self.pools.records[p].used) for p in candidates)
+        parts = [f"pid {pid} {name!r}{'' if alive else ' (dead)'} ({n} block{'s' if n != 1 else ''})"
+                 for pid, name, alive, n in holders]
+        rest = used - sum(n for *_, n in holders)
+        if rest > 0:
+            parts.append(f"{rest} unread in port queues or in flight")
+        where = f"`mq doctor {self.manager.domain}` names every holder"
+        return f"their blocks are held by {', '.join(parts)} ({where})" if parts else where
 
 
 _POOLS_CHANGED = object()  # _try_pools: the pool view is stale
+
+
+def pool_holders(registry, records, pool_ids) -> list[tuple[int, str, bool, int]]:
+    """(pid, name, alive, blocks) of each registered process whose ledger row holds
+    blocks of these pools, most blocks first.  Read without the lock (a snapshot that
+    may be a moment old): for an error message, not for accounting."""
+    ranges = []
+    for pool_id in pool_ids:
+        rec = records[pool_id]
+        ranges += [(c.first_slot, c.count) for c in rec.chunks[: min(rec.n_chunks, L.MAX_CHUNKS)]]
+    ctl, mm = registry.ctl, registry.mm
+    holders = []
+    for proc_slot, p in enumerate(registry.rows):
+        if p.state == L.PROC_FREE:
+            continue
+        row = ctl.ledger_offset + proc_slot * ctl.max_buffers * 8
+        held = 0
+        for first, count in ranges:  # a ledger word is generation << 32 | references held
+            words = np.frombuffer(mm[row + first * 8 : row + (first + count) * 8], np.uint64)
+            held += int(np.count_nonzero(words & np.uint64(0xFFFFFFFF)))
+        if held:
+            holders.append((p.pid, p.name.decode(errors="replace"), is_alive(p.pid, p.start_time), held))
+    return sorted(holders, key=lambda h: -h[3])

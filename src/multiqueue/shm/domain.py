@@ -1,6 +1,7 @@
 """A domain's files: its control segment opened, or created with the configured pools,
 and every segment of the domain removed."""
 
+import ctypes
 import errno
 import logging
 import os
@@ -14,6 +15,7 @@ from .segment import (
     Access,
     DomainLock,
     create_segment,
+    describe_processes,
     domain_segments,
     is_alive,
     mapped_by,
@@ -52,20 +54,36 @@ def open_or_create_control(prefix: str, domain: str, config: ShmConfig, create: 
 def check_control(seg, domain: str) -> None:
     """Refuse (closing it) a control segment whose header does not describe tables
     that fit in it."""
-    problem = L.control_problem(L.Control.from_buffer_copy(seg.mmap), len(seg.mmap))
+    problem = control_damage(seg)
     if problem is not None:
         seg.close()
         raise SegmentError(errno.EINVAL, f"control segment {seg.path} of domain {domain!r} is corrupt: "
                            f"{problem}; stop its processes and remove it (`mq clean {domain}`)")
 
 
-def remove_stale_domain(domain: str, prefix: str) -> list[str]:
+def control_damage(seg) -> str | None:
+    """What is wrong with an opened control segment's tables, or None."""
+    if len(seg.mmap) < ctypes.sizeof(L.Control):
+        return f"it has {len(seg.mmap)} bytes, less than its header's {ctypes.sizeof(L.Control)}"
+    return L.control_problem(L.Control.from_buffer_copy(seg.mmap), len(seg.mmap))
+
+
+def remove_stale_domain(domain: str, prefix: str, force: bool = False) -> list[str]:
     """Remove the segments of a domain none of whose processes is alive; returns the
-    paths removed.  DomainInUseError if a registered process still lives."""
+    paths removed.  DomainInUseError if a registered process still lives.
+
+    A damaged domain (no control segment, or one this multiqueue cannot read: corrupt
+    tables, truncated, another layout version) has no process table to ask: the
+    processes that map its files are its users.  It is removed when none does; else
+    refused, naming them, unless ``force`` (which never removes a readable domain
+    with live registered processes).
+    """
     paths = domain_segments(prefix, domain)
     control = segment_path(prefix, domain, "ctl")
-    seg = _open_to_clean(control, paths, domain) if control in paths else None
+    seg, damage = _open_to_clean(control) if control in paths else (None, "it has no control segment")
     if seg is None:
+        if not force:
+            _refuse_if_mapped(paths, domain, damage)
         for path in paths:
             unlink_quietly(path)
         return paths
@@ -98,18 +116,29 @@ def unlink_domain(prefix: str, domain: str) -> None:
                      len(kept), domain, domain, ", ".join(kept))
 
 
-def _open_to_clean(control: str, paths: list[str], domain: str):
-    """The control segment to read the process table from, or None when this
-    multiqueue cannot read it and no process maps the domain's files."""
+def _open_to_clean(control: str):
+    """(the control segment, None) to read the process table from, or (None, what is
+    wrong) when this multiqueue cannot read it (another layout version, foreign, broken)."""
     try:
-        return open_segment(control, L.MAGIC_CONTROL, L.KIND_CONTROL)
-    except SegmentError as e:  # another layout version, foreign or broken: its process
-        users = mapped_by(paths)  # table cannot be read; whoever maps its files uses it
-        if users:
-            raise DomainInUseError(
-                f"domain {domain!r} cannot be read by this multiqueue ({e}) and processes "
-                f"{', '.join(map(str, users))} map its segments; stop them first") from None
-        return None
+        seg = open_segment(control, L.MAGIC_CONTROL, L.KIND_CONTROL)
+    except SegmentError as e:
+        return None, e.strerror or str(e)
+    damage = control_damage(seg)  # garbage tables must not be read as a process table
+    if damage is not None:
+        seg.close()
+        return None, f"its control segment is corrupt: {damage}"
+    return seg, None
+
+
+def _refuse_if_mapped(paths: list[str], domain: str, damage: str) -> None:
+    """DomainInUseError naming the live processes that map the domain's files, if any."""
+    users = mapped_by(paths)
+    if users:
+        raise DomainInUseError(
+            f"domain {domain!r} has no process table this multiqueue can read ({damage}), and processes "
+            f"{', '.join(map(str, users))} map its segments ({describe_processes(users)}); stop them first, "
+            f"or remove it anyway with `mq clean {domain} --force` (ShmManager.cleanup(..., force=True)): "
+            "they keep their mappings, but nothing new can reach them")
 
 
 def _live_processes(seg) -> list[tuple[int, str]]:

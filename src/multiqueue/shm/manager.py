@@ -116,7 +116,7 @@ class ShmManager:
         self._pool_changes = PoolChanges(self, self._control, self._lock, self._pool_table, free_blocks)
         count_failure = partial(self._registry.count_failed_allocation, self._proc_slot)
         self._slow = SlowAllocator(self, self._pool_table, self._refresh_if_changed, self._pool_changes.grow,
-                                   free_blocks, count_failure)
+                                   free_blocks, count_failure, self._registry)
         self._refresh_pools()
         self._initialized = True
         _live_managers.add(self)
@@ -228,12 +228,16 @@ class ShmManager:
                          c.max_pools, self._access.gid)
 
     @classmethod
-    def cleanup(cls, domain: str, name_prefix: str = ShmConfig.name_prefix) -> list[str]:
-        """Remove a stale domain's segments; returns the paths removed.
+    def cleanup(cls, domain: str, name_prefix: str = ShmConfig.name_prefix, *,
+                force: bool = False) -> list[str]:
+        """Remove a stale or damaged domain's segments; returns the paths removed.
 
-        Raises DomainInUseError if any process registered in it is still alive.
+        Raises DomainInUseError if any process registered in it is still alive.  A
+        damaged domain (a control segment this version cannot read) is removed when no
+        live process maps its files; else refused, naming them, unless ``force``: they
+        keep their mappings, but nothing new can reach them.
         """
-        return remove_stale_domain(check_domain(domain), check_prefix(name_prefix))
+        return remove_stale_domain(check_domain(domain), check_prefix(name_prefix), force=bool(force))
 
     # ------------------------------------------------------------------ buffers
 

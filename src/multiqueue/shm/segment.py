@@ -282,7 +282,8 @@ def open_segment(path: str, magic: int, kind: int) -> Segment:
     try:
         size = os.fstat(fd).st_size
         if size < ctypes.sizeof(SegmentHeader):
-            raise SegmentError(errno.EINVAL, f"segment {path} is truncated ({size} bytes)")
+            raise SegmentError(errno.EINVAL,
+                               f"segment {path} is truncated ({size} bytes); {removal_hint(path)}")
         mm = _map(fd, size, path)
         hdr = SegmentHeader.from_buffer_copy(mm[: ctypes.sizeof(SegmentHeader)])
         if hdr.magic != magic or hdr.kind != kind:
@@ -291,26 +292,39 @@ def open_segment(path: str, magic: int, kind: int) -> Segment:
                 errno.EINVAL,
                 f"segment {path} is not a multiqueue segment of the expected kind: it has "
                 f"magic {hdr.magic:#x} kind {hdr.kind}, expected magic {magic:#x} kind {kind}; "
-                "remove it if it is stale",
+                f"{removal_hint(path)}",
             )
         if hdr.version != LAYOUT_VERSION:
             mm.close()
             raise SegmentVersionError(
                 errno.EINVAL,
                 f"segment {path} has layout version {hdr.version} but this multiqueue "
-                f"uses version {LAYOUT_VERSION}; stop the processes of the other version "
-                "and remove the domain (ShmManager.cleanup) before reusing its name",
+                f"uses version {LAYOUT_VERSION}; stop the processes of the other version and remove "
+                f"the domain ({clean_command(path)}), or use another domain name",
             )
         if hdr.total_size != size:
             mm.close()
             raise SegmentError(
                 errno.EINVAL,
-                f"segment {path} is truncated: header says {hdr.total_size} bytes, file has {size}",
+                f"segment {path} is truncated: header says {hdr.total_size} bytes, file has {size}; "
+                f"{removal_hint(path)}",
             )
         return Segment(path, fd, mm)
     except BaseException:
         os.close(fd)
         raise
+
+
+def removal_hint(path: str) -> str:
+    """What to do with a damaged segment, for its error message."""
+    return f"if no process uses its domain, remove the domain ({clean_command(path)})"
+
+
+def clean_command(path: str) -> str:
+    """The commands that remove the domain of a segment."""
+    name = os.path.basename(path)
+    domain = name[len(DEFAULT_PREFIX):].split(".", 1)[0] if name.startswith(DEFAULT_PREFIX) else "DOMAIN"
+    return f"`mq clean {domain}`, or ShmManager.cleanup"
 
 
 def unlink_quietly(path: str) -> bool:
@@ -342,6 +356,24 @@ def mapped_by(paths: list[str]) -> list[int]:
         except (OSError, IndexError):
             continue  # gone, or not ours to look at
     return pids
+
+
+def describe_processes(pids: list[int]) -> str:
+    """"pid 12: python3 app.py, pid 34: ...": who the processes are, for a message."""
+    return ", ".join(f"pid {pid}: {process_command(pid)}" for pid in pids)
+
+
+def process_command(pid: int, limit: int = 60) -> str:
+    """A process's command line (shortened), else its name, else "?" (gone, or not ours)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = " ".join(f.read().decode(errors="replace").replace("\0", " ").split())
+        if not command:
+            with open(f"/proc/{pid}/comm", "rb") as f:
+                command = f.read().strip().decode(errors="replace")
+    except OSError:
+        return "?"
+    return command if len(command) <= limit else command[: limit - 3] + "..."
 
 
 class DomainLock:

@@ -35,8 +35,9 @@ def _check_queue_args(domain, queue, capacity, config, *, domain_used: bool = Tr
 
 def _check_reader_args(policy, start, dtype, shape) -> None:
     """A Consumer's (or @consumer's) reader and frame arguments."""
-    if not isinstance(policy, str) or policy not in POLICIES:
-        raise ValueError(f"policy must be 'block' or 'drop_oldest', not {policy!r}")
+    if policy is not None and (not isinstance(policy, str) or policy not in POLICIES):
+        raise ValueError(f"policy must be 'block' or 'drop_oldest' (None: the queue's default), "
+                         f"not {policy!r}")
     if not isinstance(start, str) or start not in _STARTS:
         raise ValueError(f"start must be 'latest' or 'oldest', not {start!r}")
     if dtype is not None:
@@ -147,9 +148,14 @@ class Consumer(_Endpoint):
     Iterating yields one array per item, each valid until the next one is requested
     (its buffer is then released): copy an array to keep it.  ``buffers()`` yields
     the Buffer handles instead, for timestamps and explicit release.
+
+    ``policy``: None (the default) takes the queue's default: ``"block"`` (lossless:
+    the producer waits for this reader), except on a graph's port, where it is
+    ``"drop_oldest"`` (a viewer never slows the graph; its losses are counted).  Name
+    ``policy="block"`` to read a graph's port losslessly, slowing it to your pace.
     """
 
-    def __init__(self, domain: str, queue: str, *, policy: str = "block", start: str = "latest",
+    def __init__(self, domain: str, queue: str, *, policy: str | None = None, start: str = "latest",
                  capacity: int = 64, manager: ShmManager | None = None, config: ShmConfig | None = None,
                  dtype=None, shape=None, busy_poll: bool = False):
         _check_reader_args(policy, start, dtype, shape)
@@ -306,10 +312,11 @@ def producer(domain: str, queue: str, *, capacity: int = 64, config: ShmConfig |
     return wrap
 
 
-def consumer(domain: str, queue: str, *, policy: str = "block", start: str = "latest",
+def consumer(domain: str, queue: str, *, policy: str | None = None, start: str = "latest",
              capacity: int = 64, config: ShmConfig | None = None, dtype=None, shape=None):
     """Decorator: the function is called with each frame of ``queue`` (a numpy view).
-    The arguments are checked here, as by Consumer, not when the stage runs."""
+    The arguments are checked here, as by Consumer (``policy`` too: None takes the
+    queue's default), not when the stage runs."""
     _check_queue_args(domain, queue, capacity, config)
     _check_reader_args(policy, start, dtype, shape)
 

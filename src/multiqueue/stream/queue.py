@@ -9,62 +9,46 @@ import errno
 import os
 import time
 import weakref
-from dataclasses import dataclass
 
 import multiqueue._native as _native  # the C extension (a module, not the package root)
 
 from ..checks import bad_timeout, check_capacity, check_int, check_number, check_timeout
 from ..errors import MultiQueueError, QueueClosedError, ReadersFullError, SegmentError
-from ..shm import layout as L
 from ..shm.buffer import Buffer
 from ..shm.manager import ShmManager
 from ..shm.segment import is_alive, unlink_quietly
 from .ring import (
+    FLAG_OUTSIDE_DROP,
     KIND_QUEUE,
     LOCK_SLOT_MASK,
     MAGIC_QUEUE,
     Item,
     QueueHeader,
+    QueueStats,
     ReaderRecord,
+    ReaderStats,
+    ReaderTotals,
     check_queue_name,
+    departed_totals,
+    live_lock_holder,
     open_or_create_ring,
     own_start_time,
     queue_names,
+    queue_stats,
     reader_records,
+    unheard_items,
 )
 
 # the ring's layout and names, for the modules that read them from here
 __all__ = ["CLOCKS", "KIND_QUEUE", "LOCK_SLOT_MASK", "MAGIC_QUEUE", "POLICIES", "Item", "PortQueue",
-           "QueueHeader", "QueueReader", "QueueStats", "ReaderRecord", "ReaderStats", "check_queue_name",
-           "queue_names", "reap_dead_readers_everywhere"]
+           "QueueHeader", "QueueReader", "QueueStats", "ReaderRecord", "ReaderStats", "ReaderTotals",
+           "check_queue_name", "queue_names", "reap_dead_readers_everywhere"]
 
 POLICIES = {"block": 0, "drop_oldest": 1}
 CLOCKS = {"monotonic": 0, "wall": 1}
 _LOCK_STUCK_S = 5.0  # a live process holding a queue lock this long is stopped or corrupt
 _SPIN_S = 50e-6  # spin this long before sleeping: a kernel wake-up costs ~40 us here
 _LIVENESS_S = 0.2  # while waiting, look at the other side's liveness this often
-
-
-
-@dataclass
-class ReaderStats:
-    index: int
-    pid: int
-    policy: str
-    popped: int
-    drops: int
-    lag: int  # items pushed but not yet read by this reader
-    alive: bool
-
-
-@dataclass
-class QueueStats:
-    name: str
-    capacity: int
-    pushed: int
-    producer_blocked_s: float
-    closed: str  # "open", "closed" or "abandoned"
-    readers: list[ReaderStats]
 
 
 class PortQueue:
@@ -139,6 +123,24 @@ class PortQueue:
         return self._header.pushed
 
     @property
+    def unheard(self) -> int:
+        """Items pushed while no reader at all was attached: they went to nobody.  It
+        cannot change while a reader is attached (every push then has a sequence number)."""
+        return unheard_items(self._header)
+
+    @property
+    def default_policy(self) -> str:
+        """The policy of a reader that names none: "block", or "drop_oldest" on a
+        graph's port (its runtime sets that: a viewer never slows the graph)."""
+        return "drop_oldest" if self._header.flags & FLAG_OUTSIDE_DROP else "block"
+
+    @default_policy.setter
+    def default_policy(self, policy: str) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be 'block' or 'drop_oldest', not {policy!r}")
+        self._header.flags = (self._header.flags & ~FLAG_OUTSIDE_DROP) | (policy == "drop_oldest")
+
+    @property
     def size(self) -> int:
         """Unread items of the slowest reader (0 with no reader)."""
         head = self._header.head
@@ -180,14 +182,17 @@ class PortQueue:
         self._native.close(1)
         self.reap_dead_readers()
 
-    def reader(self, policy: str = "block", start: str = "latest", *, busy_poll: bool = False,
+    def reader(self, policy: str | None = None, start: str = "latest", *, busy_poll: bool = False,
                spin: float = _SPIN_S, watch_producer: bool = True) -> "QueueReader":
         """Attach a reader.  ``policy``: ``"block"`` (lossless: the producer waits for
         it) or ``"drop_oldest"`` (it loses its oldest unread items, counted, and never
-        delays anyone).  ``start``: ``"latest"`` (only new items) or ``"oldest"``
+        delays anyone); None: the queue's ``default_policy`` ("block", except on a
+        graph's port).  ``start``: ``"latest"`` (only new items) or ``"oldest"``
         (everything still held).  ``busy_poll`` spins instead of sleeping.
         ``watch_producer=False`` keeps waiting when the producer dies instead of
         marking the queue abandoned (for a supervisor that restarts producers)."""
+        if policy is None:
+            policy = self.default_policy
         if policy not in POLICIES:
             raise ValueError(f"policy must be 'block' or 'drop_oldest', not {policy!r}")
         if start not in ("latest", "oldest"):
@@ -232,14 +237,17 @@ class PortQueue:
         return reaped
 
     def stats(self) -> QueueStats:
-        h = self._header
-        readers = [
-            ReaderStats(i, r.pid, "drop_oldest" if r.policy else "block", r.popped, r.drops,
-                        h.head - r.cursor, is_alive(r.pid, r.start_time))
-            for i, r in enumerate(self._readers[: h.readers_hw]) if r.state == 1
-        ]
-        return QueueStats(self.name, h.capacity, h.pushed, h.blocked_ns / 1e9,
-                          ("open", "closed", "abandoned")[min(h.closed, 2)], readers)
+        return queue_stats(self.name, self._header, self._readers, self.manager.process_table)
+
+    def departed(self, index: int, pid: int, joined_seq: int) -> ReaderTotals | None:
+        """The last counts of reader ``index``, joined at ``joined_seq`` by process
+        ``pid``, which died or left: detached here first if it is still attached (its
+        unread items released).  None if its slot is another reader's by now."""
+        record = self._readers[index]
+        if (record.state == 1 and record.pid == pid and record.joined_seq == joined_seq
+                and not is_alive(record.pid, record.start_time)):
+            self._detach(index)
+        return departed_totals(record, pid, joined_seq)
 
     def on_manager_reap(self) -> None:
         """From the manager's reaper thread: best effort, the queue may be released meanwhile."""
@@ -349,13 +357,8 @@ class PortQueue:
         holder = self._header.lock
         if holder == 0:
             return
-        procs, slot = self.manager.process_table, (holder & LOCK_SLOT_MASK) - 1
-        if slot < 0 or slot >= len(procs) or slot == self.manager.process_slot:  # our C calls never
-            self._native.steal_lock(holder)  # return holding it: names nobody, a stray write
-            return
-        proc = procs[slot]
-        reused = proc.incarnation & 0x7FFFF != holder >> 13  # the holder died, its slot was reused
-        if reused or proc.state == L.PROC_FREE or not is_alive(proc.pid, proc.start_time):
+        proc = live_lock_holder(holder, self.manager.process_table, self.manager.process_slot)
+        if proc is None:
             self._native.steal_lock(holder)
             return
         now = time.monotonic()
@@ -492,6 +495,19 @@ class QueueReader:
     @property
     def drops(self) -> int:
         return self.queue._readers[self.index].drops
+
+    @property
+    def joined_seq(self) -> int:
+        """The sequence number of the first item this reader could read (every item is
+        numbered by its push, counting from the queue's creation)."""
+        return self.queue._readers[self.index].joined_seq
+
+    def leave(self) -> ReaderTotals | None:
+        """detach(), then its last counts (None if the slot was taken again at once)."""
+        joined = self.joined_seq
+        self.detach()
+        records = self.queue._readers  # None once the queue was released here
+        return None if records is None else departed_totals(records[self.index], os.getpid(), joined)
 
     @property
     def popped(self) -> int:

@@ -8,14 +8,25 @@ each problem it finds.
 
 import errno
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import SegmentError
+from ..graph import registry as R
 from ..shm import layout as L
 from ..shm.segment import DEFAULT_PREFIX, check_domain, check_prefix, domain_segments, is_alive, segment_path
 from ..stream.queue import KIND_QUEUE, MAGIC_QUEUE, ReaderRecord
+from .doctor_report import (
+    BufferInfo,
+    DoctorReport,
+    Finding,
+    Holder,
+    PoolInfo,
+    ProcessInfo,
+    QueueInfo,
+    ReaderInfo,
+)
 from .inspect import (
     MASK32,
     DomainSnapshot,
@@ -27,198 +38,7 @@ from .inspect import (
 )
 
 _SNAPSHOTS = 3  # a difference must show in this many snapshots in a row to be reported
-
-
-# ---------------------------------------------------------------------- report
-
-
-@dataclass
-class Holder:
-    """Who holds references of one buffer: a process (its ledger row) or a queue reader."""
-
-    kind: str  # "process" or "queue"
-    pid: int
-    alive: bool
-    count: int  # references held
-    name: str = ""  # the process's registered name ("" if unknown)
-    proc_slot: int | None = None  # the process's slot in the domain's registry
-    queue: str | None = None  # kind "queue": the queue's name and reader index
-    reader: int | None = None
-
-    def describe(self) -> str:
-        who = f"pid {self.pid}" + (f" {self.name!r}" if self.name else "")
-        state = "alive" if self.alive else "DEAD"
-        if self.kind == "queue":
-            return f"queue {self.queue!r} reader {self.reader} ({who}, {state})"
-        return f"process {who} ({state})"
-
-
-@dataclass
-class BufferInfo:
-    """One buffer with a non-zero reference count (or a block a dead process took unpublished)."""
-
-    id: int  # generation << 32 | slot
-    slot: int
-    generation: int
-    pool: str
-    pool_id: int
-    size: int | None  # requested size (None for an unpublished block)
-    capacity: int  # the pool's block size
-    ref_count: int
-    creator_pid: int
-    age_s: float | None  # since allocation
-    holders: list[Holder] = field(default_factory=list)
-    leftover: int = 0  # ref_count - references held by the holders: > 0 leak, < 0 inconsistent
-    unpublished: bool = False  # popped by a process that died before publishing it
-
-    @property
-    def accounted(self) -> int:
-        return sum(h.count for h in self.holders)
-
-
-@dataclass
-class ProcessInfo:
-    slot: int
-    pid: int
-    name: str
-    state: str  # "registered" or "reaping" (a reaper is releasing its references)
-    alive: bool
-    references: int  # references its ledger records on live buffers
-    buffers: int  # how many buffers those are
-    unpublished: int  # blocks it took and never published (only matters once it is dead)
-    heartbeat_age_s: float
-
-
-@dataclass
-class ReaderInfo:
-    index: int
-    pid: int
-    name: str
-    alive: bool
-    policy: str
-    unread: int  # items (references) it holds
-
-
-@dataclass
-class QueueInfo:
-    name: str
-    path: str
-    capacity: int
-    pushed: int
-    closed: str  # "open", "closed" or "abandoned"
-    readers: list[ReaderInfo] = field(default_factory=list)
-
-
-@dataclass
-class PoolInfo:
-    """Where every block of one pool is: free, held, taken by a dead process, or lost."""
-
-    name: str
-    pool_id: int
-    blocks: int
-    free: int | None  # None: the free list kept changing while it was walked (a busy pool)
-    held: int  # blocks with references
-    unpublished: int  # taken by a process that died before publishing them (reaping returns them)
-    lost: int  # none of the above in every snapshot: leaked blocks
-
-    def describe(self) -> str:
-        free = "busy" if self.free is None else str(self.free)
-        return (f"{self.name}: {self.blocks} blocks = {free} free + {self.held} held"
-                + (f" + {self.unpublished} unpublished" if self.unpublished else "")
-                + (f" + {self.lost} LOST" if self.lost else ""))
-
-
-@dataclass
-class Finding:
-    kind: str  # dead-process, dead-reader, leak, lost-block, inconsistent, unreadable-segment
-    message: str
-    fix: str
-    pid: int | None = None
-    references: int = 0  # the references involved
-    buffers: list[int] = field(default_factory=list)  # ids of the buffers involved
-
-
-@dataclass
-class DoctorReport:
-    domain: str
-    prefix: str
-    control_path: str
-    processes: list[ProcessInfo]
-    queues: list[QueueInfo]
-    buffers: list[BufferInfo]
-    findings: list[Finding]
-    pools: list[PoolInfo] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.findings
-
-    def to_json(self) -> dict:
-        out = asdict(self)
-        out["ok"] = self.ok
-        for b in out["buffers"]:
-            b["id_hex"] = f"{b['id']:#x}"
-        return out
-
-    def format(self) -> str:
-        lines = [f"mq doctor: domain {self.domain!r} ({self.control_path})"]
-        lines += _format_processes(self.processes) + _format_queues(self.queues)
-        lines.append(f"pools ({len(self.pools)}):")
-        lines.extend(f"  {p.describe()}" for p in self.pools)
-        lines += _format_buffers(self.buffers)
-        if self.ok:
-            lines.append("no problems found: every reference and every block is accounted for and every "
-                         "holder is alive")
-        else:
-            lines.append(f"findings ({len(self.findings)}):")
-            for f in self.findings:
-                lines.append(f"  {f.kind.upper()}: {f.message}")
-                lines.append(f"    fix: {f.fix}")
-        return "\n".join(lines)
-
-
-def _format_processes(processes: list[ProcessInfo]) -> list[str]:
-    lines = [f"processes ({len(processes)} registered):"]
-    if processes:
-        lines.append(f"  {'slot':>4}  {'pid':>8}  {'name':<20} {'state':<9} {'refs':>6} {'buffers':>8}")
-    for p in processes:
-        state = ("alive" if p.alive else "DEAD") + (" (reaping)" if p.state == "reaping" else "")
-        lines.append(f"  {p.slot:>4}  {p.pid:>8}  {p.name[:20]:<20} {state:<9} {p.references:>6} "
-                     f"{p.buffers:>8}" + (f"  +{p.unpublished} unpublished" if p.unpublished else ""))
-    return lines
-
-
-def _format_queues(queues: list[QueueInfo]) -> list[str]:
-    lines = [f"queues ({len(queues)}):"]
-    for q in queues:
-        lines.append(f"  {q.name}: capacity {q.capacity}, {q.pushed} pushed, {q.closed}, "
-                     f"{len(q.readers)} reader(s)")
-        for r in q.readers:
-            who = f"pid {r.pid}" + (f" {r.name!r}" if r.name else "")
-            lines.append(f"    reader {r.index}: {who}, {'alive' if r.alive else 'DEAD'}, {r.policy}, "
-                         f"{r.unread} unread")
-    return lines
-
-
-def _format_buffers(buffers: list[BufferInfo]) -> list[str]:
-    """One row per holder of each buffer, plus one for references nobody accounts for."""
-    lines = [f"held buffers ({len(buffers)}):"]
-    if buffers:
-        lines.append(f"  {'id':<20}{'pool':<12}{'size/capacity':>16}{'refs':>6}  {'holder':<52}{'count':>6}")
-    for b in buffers:
-        size = f"{'-' if b.size is None else b.size}/{b.capacity}"
-        rows = [(h.describe(), h.count) for h in b.holders]
-        if b.unpublished:
-            rows = [(f"{d} took it, never published", c) for d, c in rows]
-        if b.leftover > 0:
-            rows.append(("UNACCOUNTED (leak)", b.leftover))
-        elif b.leftover < 0:
-            rows.append(("OVERCOUNTED (inconsistent)", b.leftover))
-        rows = rows or [("-", 0)]
-        head = f"  {b.id:<#20x}{b.pool[:11]:<12}{size:>16}{b.ref_count:>6}  "
-        for i, (desc, count) in enumerate(rows):
-            lines.append((head if i == 0 else " " * len(head)) + f"{desc:<52}{count:>6}")
-    return lines
+_NEARLY_FULL = 0.9  # a pool with this share of its blocks held makes allocations wait soon
 
 
 # ---------------------------------------------------------------------- diagnose
@@ -246,12 +66,13 @@ def diagnose(domain: str, name_prefix: str = DEFAULT_PREFIX) -> DoctorReport:
     queues: dict[str, ReadOnlySegment] = {}
     try:
         unreadable = _open_queues(name_prefix, domain, queues)
-        accounting = _Accounting(snapshot_domain(control, queues))
+        roles = graph_roles(name_prefix, domain)
+        accounting = _Accounting(snapshot_domain(control, queues), roles)
         persistent = set(accounting.anomalies)
         for _ in range(_SNAPSHOTS - 1):
             if not persistent:
                 break
-            accounting = _Accounting(snapshot_domain(control, queues))
+            accounting = _Accounting(snapshot_domain(control, queues), roles)
             persistent &= set(accounting.anomalies)
         return _report(domain, name_prefix, control.path, accounting, persistent, unreadable)
     finally:
@@ -291,6 +112,43 @@ def _open_queues(prefix: str, domain: str, queues: dict[str, ReadOnlySegment]) -
 # ---------------------------------------------------------------------- accounting
 
 
+@dataclass
+class GraphRoles:
+    """What a domain's graph says about its processes and queue readers (the doctor's
+    names for holders): ``blocks``: pid -> the blocks that process runs; ``edges``:
+    (queue, reader index) -> the edge that reader serves, as "a.out -> b.in"."""
+
+    blocks: dict[int, list[str]] = field(default_factory=dict)
+    edges: dict[tuple[str, int], str] = field(default_factory=dict)
+
+
+def graph_roles(prefix: str, domain: str) -> GraphRoles:
+    """The graph's roles in ``domain`` (empty if it runs no graph, or one we cannot read)."""
+    try:
+        segment = ReadOnlySegment(segment_path(prefix, domain, "graph"), R.MAGIC_GRAPH, R.KIND_GRAPH)
+    except SegmentError:
+        return GraphRoles()
+    try:
+        graph = R.GraphSegment(segment)
+    except (ValueError, OverflowError):  # a damaged graph segment names nobody (mq clean removes it)
+        segment.close()
+        return GraphRoles()
+    roles = GraphRoles()
+    try:
+        for i, b in enumerate(graph.description["blocks"]):
+            if graph.block_rows[i][R.PID]:
+                roles.blocks.setdefault(int(graph.block_rows[i][R.PID]), []).append(b["name"])
+        for i, e in enumerate(graph.description["edges"]):
+            reader = int(graph.edge_rows[i][R.EDGE_READER])
+            if reader >= 0:
+                roles.edges[(e["queue"], reader)] = f"{e['src']} -> {e['dst']}"
+    except (KeyError, TypeError, IndexError):
+        pass  # a description we cannot follow: the names found so far
+    finally:
+        graph.close()
+    return roles
+
+
 class _Accounting:
     """One snapshot accounted for: every reference of every buffer put with its holder,
     every block of every pool put in one place.  ``anomalies`` are keyed so that one
@@ -298,8 +156,9 @@ class _Accounting:
     leftover), ("stale-ledger", proc slot, slot, word, state word), ("stale-item",
     queue, reader, id, state word), ("lost-block", pool, slot, state word)..."""
 
-    def __init__(self, snap: DomainSnapshot):
+    def __init__(self, snap: DomainSnapshot, roles: GraphRoles):
         self.snap = snap
+        self.roles = roles
         self.gens, self.refs = split_words(snap.states)
         self.buffers: dict[int, BufferInfo] = {}  # slot -> buffer
         self.anomalies: dict[tuple, str] = {}
@@ -346,7 +205,8 @@ class _Accounting:
 
     def _account_ledger_word(self, info: ProcessInfo, slot: int, gen: int, count: int, word: int) -> None:
         """One word of a process's ledger: references it holds, a block it is taking, or stale."""
-        holder = Holder("process", info.pid, info.alive, count, info.name, proc_slot=info.slot)
+        holder = Holder("process", info.pid, info.alive, count, info.name, proc_slot=info.slot,
+                        blocks=self.roles.blocks.get(info.pid, []))
         current, refs = int(self.gens[slot]), int(self.refs[slot])
         if gen == current and refs > 0:
             self.buffer(slot, gen).holders.append(holder)
@@ -378,7 +238,8 @@ class _Accounting:
                                            sum(held.values())))
             for buffer_id, count in held.items():
                 self._account_queue_item(Holder("queue", r.pid, alive, count, name, proc_slot=owner,
-                                                 queue=q.name, reader=index), buffer_id)
+                                                 queue=q.name, reader=index,
+                                                 edge=self.roles.edges.get((q.name, index))), buffer_id)
         return info
 
     def _account_queue_item(self, holder: Holder, buffer_id: int) -> None:
@@ -409,10 +270,13 @@ class _Accounting:
         rec = self.snap.tables.pools[pool_id]
         slots = [first for c in rec.chunks[: min(rec.n_chunks, L.MAX_CHUNKS)]
                  for first in range(c.first_slot, min(c.first_slot + c.count, len(self.refs)))]
-        info = PoolInfo(rec.name.decode(errors="replace"), pool_id, len(slots), None, 0, 0, 0)
+        info = PoolInfo(rec.name.decode(errors="replace"), pool_id, len(slots), None, 0, 0, 0,
+                        limit=rec.max_blocks if rec.expandable else rec.block_count)
         for slot in slots:
             if self.refs[slot] > 0:
                 info.held += 1
+                for h in self.buffers[slot].holders if slot in self.buffers else ():
+                    info.holders[h.describe()] = info.holders.get(h.describe(), 0) + 1
             elif slot in self.buffers and self.buffers[slot].unpublished:
                 info.unpublished += 1
         free_list = self.snap.free_lists[pool_id]
@@ -460,7 +324,7 @@ def _report(domain: str, prefix: str, control_path: str, a: _Accounting, persist
     any_alive = any(p.alive for p in a.processes)
     findings = _dead_process_findings(domain, a, any_alive) + _dead_reader_findings(domain, a, any_alive)
     findings += _reference_findings(domain, a, persistent) + _lost_block_findings(domain, a, persistent)
-    findings += _other_inconsistencies(domain, a, persistent) + unreadable
+    findings += _other_inconsistencies(domain, a, persistent) + _full_pool_findings(domain, a) + unreadable
     return DoctorReport(domain, prefix, control_path, a.processes, a.queues, list(a.buffers.values()),
                         findings, a.pools)
 
@@ -587,3 +451,24 @@ def _other_inconsistencies(domain: str, a: _Accounting, persistent: set) -> list
                     f"stop the processes of {domain!r}, run `mq cleanup {domain}` and report it")
             for key, message in a.anomalies.items()
             if key[0] not in ("leftover", "lost-block") and key in persistent]
+
+
+def _full_pool_findings(domain: str, a: _Accounting) -> list[Finding]:
+    """A pool (nearly) all held makes every allocation from it wait: say who holds it."""
+    findings = []
+    for pool in a.pools:
+        if not pool.limit or pool.held < _NEARLY_FULL * pool.limit:
+            continue
+        holders = sorted(pool.holders.items(), key=lambda h: -h[1])
+        named = "; ".join(f"{who}: {_plural(n, 'block')}" for who, n in holders[:8])
+        more = f"; and {len(holders) - 8} more" if len(holders) > 8 else ""
+        full = "full" if pool.held >= pool.limit else "nearly full"
+        findings.append(Finding(
+            "pool-full",
+            f"pool {pool.name!r} is {full}: {pool.held} of its {pool.limit} blocks are held, so "
+            f"allocations from it wait (a source stalls, `waiting for pool {pool.name!r}`); held by "
+            f"{named or 'nobody known'}{more}",
+            "release what the holders keep: a block or process that keeps frames (a "
+            "frame.buffer.share() kept, frames not released) or a slow or paused blocking reader "
+            "holds them; fix or restart it, or give the pool more blocks (block_count, expandable)"))
+    return findings

@@ -264,16 +264,15 @@ def _inspect(prefix: str, domain: str) -> DomainInfo:
     if control_path not in paths:
         return _judge_without_control(info, paths)
     try:
-        control = ReadOnlySegment(control_path, L.MAGIC_CONTROL, L.KIND_CONTROL)
-    except SegmentError as e:  # another layout version, or not ours: its process table cannot be read,
-        users = mapped_by(paths)  # so the processes that map its segments tell whether it is in use
-        info.state = "unreadable" if users else "stale"
+        with ReadOnlySegment(control_path, L.MAGIC_CONTROL, L.KIND_CONTROL) as control:
+            _read_registry(info, control)
+            _judge_by_processes(info, control.header)
+    except SegmentError as e:  # another layout version, not ours, or corrupt tables: its process table
+        users = mapped_by(paths)  # cannot be read, so the processes that map its segments tell whether
+        info.state = "unreadable" if users else "stale"  # it is in use
         info.reason = error_text(e) + (f" (mapped by pid {', '.join(map(str, users))})" if users
                                        else " (no process maps its segments)")
         return info
-    with control:
-        _read_registry(info, control)
-        _judge_by_processes(info, control.header)
     info.graph = _graph_summary(prefix, domain, paths)
     return info
 
@@ -324,10 +323,16 @@ def _graph_summary(prefix: str, domain: str, paths: list[str]) -> dict | None:
         return None
     running = is_alive(segment.header.creator_pid, segment.header.creator_start)
     pid = segment.header.creator_pid
-    graph = R.GraphSegment(segment)
+    try:
+        graph = R.GraphSegment(segment)
+    except (ValueError, OverflowError):  # garbage tables or description: no summary of a damaged graph
+        segment.close()
+        return None
     try:
         return {"state": "running" if running else "stale", "pid": pid,
                 "blocks": [b["name"] for b in graph.description["blocks"]]}
+    except (KeyError, TypeError):
+        return None
     finally:
         graph.close()
 

@@ -38,7 +38,8 @@ def uptime() -> float:
 
 class TopSampler:
     """Snapshots of a domain (as data, for a table or JSON); each one's rates and CPU
-    percentages are over the time since the one before (since start for the first)."""
+    percentages are over the time since the one before (the first's: over the last
+    second, and CPU since start); blocks have their averages since start beside."""
 
     def __init__(self, manager: ShmManager):
         self.manager = manager
@@ -65,13 +66,14 @@ class TopSampler:
         for b in graph["blocks"].values() if graph is not None else ():
             key = (b["name"], b["pid"])
             items[key] = (b["items_in"], b["items_out"])
-            rate_in, rate_out = b["rate_in"], b["rate_out"]  # since it started, the first time
+            rate_in, rate_out = b["rate_in_now"], b["rate_out_now"]  # the last second, the first time
             if key in self.items and dt > 0:
                 before = self.items[key]
                 rate_in = max(0, b["items_in"] - before[0]) / dt
                 rate_out = max(0, b["items_out"] - before[1]) / dt
-            rows.append({"name": b["name"], "state": b["state"], "pid": b["pid"], "items_in": b["items_in"],
-                         "items_out": b["items_out"], "rate_in": rate_in, "rate_out": rate_out,
+            rows.append({"name": b["name"], "state": b["state"], "status": b["status"], "pid": b["pid"],
+                         "items_in": b["items_in"], "items_out": b["items_out"], "rate_in": rate_in,
+                         "rate_out": rate_out, "avg_rate_in": b["rate_in"], "avg_rate_out": b["rate_out"],
                          "restarts": b["restarts"]})
         self.items = items
         return rows
