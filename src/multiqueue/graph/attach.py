@@ -13,6 +13,7 @@ import time
 from ..checks import check_timeout
 from ..errors import GraphError, MultiQueueError, QueueClosedError
 from ..shm import ShmManager
+from ..shm.interrupts import deferred_interrupts
 from ..shm.segment import DEFAULT_PREFIX, check_domain
 from ..stream.queue import PortQueue
 from . import registry as R
@@ -161,6 +162,10 @@ class AttachedGraph:
         raise GraphError(f"graph {self.domain!r} has no output port {port!r}; it has {self.ports}")
 
     def close(self) -> None:
+        with deferred_interrupts():  # a Ctrl-C half-way would leave the domain for nobody
+            self._close()
+
+    def _close(self) -> None:
         for tap in self._taps:
             tap.close()
         self._taps.clear()

@@ -18,6 +18,7 @@ from .blocks import BlockMaps
 from .buffer import Buffer
 from .config import PoolConfig, PoolStats, ReapReport, ShmConfig, ShmStats
 from .domain import check_control, open_or_create_control, remove_stale_domain, unlink_domain
+from .interrupts import deferred_interrupts
 from .pools import PoolTable, create_pool, grow_pool, pool_segment_path
 from .processes import ProcessRegistry, Reaper
 from .segment import Access, DomainLock, check_domain, check_prefix, unlink_quietly
@@ -140,6 +141,10 @@ class ShmManager:
         """
         if not self._initialized:
             return
+        with deferred_interrupts():  # a Ctrl-C half-way would leave the segments for nobody
+            self._leave(unlink)
+
+    def _leave(self, unlink: bool | None) -> None:
         self._initialized = False
         for attachment in list(self._attachments):
             attachment.on_manager_shutdown()
