@@ -98,6 +98,7 @@ def test_the_page_in_a_headless_browser_shows_the_demo_and_sets_a_parameter(demo
         table = driver.find_element(By.ID, "blocks").text
         for block in ("source", "detector", "recorder", "probe"):
             assert block in table
+        wait.until(lambda d: "graph running: blocks source" in d.find_element(By.ID, "events").text)
         drawn = driver.execute_script("return window.mq.framesDrawn")
         wait.until(lambda d: d.execute_script("return window.mq.framesDrawn") >= drawn + 3)  # it updates
         driver.find_element(By.ID, "pblock").send_keys("detector")

@@ -3,6 +3,7 @@ following the graph's runs, not keeping a finished graph's domain, and stopping 
 a second on SIGTERM or SIGINT whatever its clients do (real processes, the CLI)."""
 
 import json
+import os
 import re
 import signal
 import socket
@@ -171,4 +172,56 @@ def test_the_dashboard_stops_within_a_second_with_idle_clients_and_leaves_the_do
     finally:
         idle.close()
         rt.stop()
+        dashboard.kill()
+
+
+RESTART_GRAPH = """\
+pools:
+  - {name: frames, block_size: 4096, count: 64}
+blocks:
+  src:
+    class: SignalSource
+    params: {waveform: sine, rate: 2560, frame: 256, count: 40, realtime: true}
+  mid: {class: Amplifier, params: {gain: 2.0}, restart: restart}
+  sink: {class: NullSink}
+connections:
+  - src.out -> mid.in
+  - mid.out -> sink.in
+"""
+
+
+def test_the_dashboard_shows_a_blocks_failure_and_restart_as_events_and_its_short_frames(domain, tmp_path):
+    """Issue 15: restarts and failures are events the dashboard shows (they were only on the
+    bus); and frames of at most 1,024 points (drawn as they are) used to end the page's
+    session (the dashboard wrote into the read-only frame)."""
+    path = tmp_path / "restart.yaml"
+    path.write_text(RESTART_GRAPH)
+    dashboard = Dashboard(domain)
+    graph = None
+    try:
+        with dashboard.websocket() as ws:
+            next_message(ws, "waiting")
+            graph = subprocess.Popen([*MQ, "run", str(path), "--domain", domain, "--quiet"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            next_message(ws, "graph")
+            ws.send(json.dumps({"type": "watch", "port": "src.out"}))
+            frame = next_message(ws, "frame")
+            assert frame["size"] == 256 and len(frame["data"]) == 256
+            stats = next_message(ws, "stats", where=lambda m: m["blocks"]["sink"]["in"] > 0)
+            os.kill(stats["blocks"]["mid"]["pid"], signal.SIGKILL)
+            failed = next_message(ws, "event", where=lambda m: m["event"] == "failed")
+            assert "mid" in failed["message"] and "restart" in failed["message"], failed
+            restarted = next_message(ws, "event", where=lambda m: m["event"] == "restarted")
+            assert "'mid' restarted" in restarted["message"], restarted
+            next_message(ws, "frame")  # the session lives on
+            ended = next_message(ws, "event", where=lambda m: m["event"] == "ended")
+            assert "waiting for its next run" in ended["message"]
+        out, err = graph.communicate(timeout=60)
+        assert graph.returncode == 0, out + err
+        took, code, err = dashboard.stop(signal.SIGTERM)
+        assert code == 0 and "Traceback" not in err, err
+    finally:
+        if graph is not None and graph.poll() is None:
+            graph.kill()
+            graph.communicate()
         dashboard.kill()

@@ -9,6 +9,7 @@ attaches to the next run.  What the page shows: docs/control.md, "Dashboard".
 """
 
 import asyncio
+import collections
 import contextlib
 import importlib.resources
 import json
@@ -22,7 +23,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from ..control.bus import Bus
-from ..control.topics import control_topic
+from ..control.topics import STATUS, control_topic
 from ..errors import MultiQueueError, QueueClosedError
 from ..graph.attach import AttachedGraph, attach, graph_running
 from ..graph.params import declared_param
@@ -33,6 +34,7 @@ UPDATE_S = 0.1  # stats and frames 10 times a second
 FOLLOW_S = 0.2  # how often the dashboard looks for its graph's end, or for a new run
 CLOSE_S = 0.1  # at stop, connections get this long to close (ms on localhost); then they are cut
 REQUEST_S = 5.0  # the longest a block may take to answer a parameter command
+EVENTS_KEPT = 200  # the timeline: the newest events a page that opens now is shown
 _log = logging.getLogger("mq.dashboard")
 
 
@@ -40,7 +42,7 @@ def downsample(frame: np.ndarray, points: int = MAX_POINTS) -> np.ndarray:
     """At most ``points`` values, each the max of its group (peaks stay visible)."""
     x = np.asarray(frame, dtype=np.float32).ravel()
     if x.size <= points:
-        return x
+        return x.copy()  # the caller's to change (the frame itself may be read-only)
     groups = -(-x.size // points)
     padded = np.full(groups * points, -np.inf, np.float32)
     padded[: x.size] = x
@@ -57,6 +59,9 @@ class Dashboard:
         self.domain, self.host, self.port = check_domain(domain), host, port
         self.graph: AttachedGraph | None = None  # while a graph runs
         self.bus: Bus | None = None
+        self.status = None  # the graph's "status" topic: failures, restarts, drops, its end
+        self.events: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
+        self._events_seen = 0  # events of all runs so far (each event's "seq")
         self.run = 0
         self.final: dict | None = None  # the last stats of the graph that ended
         self.clients = 0
@@ -75,6 +80,7 @@ class Dashboard:
     def follow(self) -> bool:
         """Let go of a graph that ended; attach to one that runs.  True if attached."""
         with self.lock:
+            self._take_events_locked()
             if self.graph is not None and self.graph.ended:
                 self.final = self._stats_or_none()
                 self._let_go_locked()
@@ -89,29 +95,43 @@ class Dashboard:
             return
         try:
             bus = None if graph.ended else Bus(graph.manager)
+            status = None if bus is None else bus.subscribe(STATUS)
         except BaseException:
             graph.close()
             raise
         if bus is None:
             graph.close()
             return
-        self.graph, self.bus = graph, bus
+        self.graph, self.bus, self.status = graph, bus, status
         self.final = None
         self.run += 1
+        self._add_event({"event": "following", "message": f"graph running: blocks {', '.join(graph.blocks)}"})
         _log.info("dashboard of domain %r: following a new run", self.domain)
 
     def _let_go_locked(self) -> None:
         """Leave the domain: the bus first (a parameter command waiting returns), then
         the taps and the domain itself; the last process out removes its segments."""
         graph, bus = self.graph, self.bus
-        self.graph = self.bus = None
+        self.graph = self.bus = self.status = None
         self.run += 1
+        self._add_event({"event": "ended", "message": "the graph ended; waiting for its next run"})
         with contextlib.suppress(Exception):
             bus.close()
         with self._requests:
             self._requests.wait_for(lambda: self._in_flight == 0, timeout=1.0)
         with contextlib.suppress(Exception):
             graph.close()
+
+    def _take_events_locked(self) -> None:
+        """Move the events the graph published since the last look into the timeline."""
+        while self.status is not None and (message := self.status.get(timeout=0)) is not None:
+            if isinstance(message.data, dict):
+                self._add_event(message.data)
+
+    def _add_event(self, event: dict) -> None:
+        self._events_seen += 1
+        self.events.append({"type": "event", "seq": self._events_seen, "t": time.time(),
+                            "event": str(event.get("event")), "message": describe_event(event)})
 
     async def _follow_forever(self) -> None:
         while True:
@@ -218,13 +238,17 @@ class Dashboard:
 
     def updates(self, session: "_Session") -> list[dict]:
         """What a session sends now: the graph (or that it waits for one) when the run
-        changed since its last look, then stats and the watched port's newest frame."""
+        changed since its last look, the events it has not seen, then stats and the
+        watched port's newest frame."""
         with self.lock:
             messages = []
-            if session.run != self.run:
-                session.run = self.run
+            if session.seen_run != self.run:
+                session.seen_run = self.run
                 session.drop_tap()
                 messages.append(self.graph_message() if self.graph is not None else self.waiting_message())
+            self._take_events_locked()
+            messages += [e for e in self.events if e["seq"] > session.event_seq]
+            session.event_seq = self._events_seen
             if self.graph is not None:
                 stats = self._stats_or_none()
                 if stats is not None:
@@ -305,6 +329,26 @@ class Dashboard:
                 self._requests.notify_all()
 
 
+def describe_event(event: dict) -> str:
+    """One line for the timeline (the runtime's own message where it wrote one)."""
+    if event.get("message"):
+        return str(event["message"])
+    kind = event.get("event")
+    if kind == "drops":
+        return f"edge {event.get('edge')}: {event.get('new')} frames dropped ({event.get('drops')} in all)"
+    if kind == "took-over":
+        return (f"this run took the domain over from a graph that had ended (kept by "
+                f"{', '.join(event.get('holders') or []) or 'nobody alive'})")
+    if kind == "stopped":
+        failed = event.get("failed") or []
+        return "the graph stopped" + (f"; failed: {', '.join(failed)}" if failed else "")
+    if kind == "started":
+        return "the graph started"
+    if event.get("block"):  # a block's own: block-started, block-done, block-stopped, block-failed
+        return f"block {event['block']}: {str(kind).removeprefix('block-')} (pid {event.get('pid')})"
+    return str(kind)
+
+
 async def close_server(server) -> None:
     """Close the server and its connections; those that do not close within CLOSE_S (a
     client that reads nothing, a browser's idle pre-connection) are cut."""
@@ -329,6 +373,7 @@ class _Session:
         self.tap = None
         self.port = None
         self.seen_run = None  # the dashboard's run this tab was last told about
+        self.event_seq = 0  # the last event this tab was sent
 
     async def run(self) -> None:
         d = self.dashboard
