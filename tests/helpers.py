@@ -92,3 +92,34 @@ class RoleProcess:
         self._stderr_thread.join(ROLE_WAIT)
         assert not self._stderr_thread.is_alive(), f"{self.name}: its stderr stays open after it exited"
         return code
+
+
+class Lines:
+    """The lines of a stream as they come, read on a thread (to wait on with a timeout)."""
+
+    def __init__(self, stream):
+        self.queue: queue.Queue = queue.Queue()
+        self.all: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream):
+        with stream:
+            for line in stream:
+                self.all.append(line)
+                self.queue.put(line.rstrip("\n"))
+        self.queue.put(None)
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            if line is None:
+                raise AssertionError(f"the stream ended without {text!r}: {''.join(self.all)!r}")
+            if text in line:
+                return line
+
+    def text(self) -> str:
+        """Everything the stream carried (call once the process has ended)."""
+        self.thread.join(30)
+        return "".join(self.all)

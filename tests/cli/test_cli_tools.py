@@ -4,19 +4,17 @@ sub, logs and clean (a running graph, or a holder process killed with SIGKILL)."
 import json
 import os
 import pty
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
 import pytest
 from graph_blocks import Ramp
 
-from helpers import spawn_python
+from helpers import Lines, spawn_python
 from multiqueue import ShmManager
 from multiqueue.control.bus import Bus
 from multiqueue.control.log import domain_logger, remove_domain_handlers
@@ -30,37 +28,6 @@ POOLS = ShmConfig(pools=[PoolConfig("frames", 4096, 64)], max_processes=32)
 
 def mq(*args, timeout=60) -> subprocess.CompletedProcess:
     return subprocess.run([*MQ, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-class Lines:
-    """The lines of a stream as they come, read on a thread (to wait on with a timeout)."""
-
-    def __init__(self, stream):
-        self.queue: queue.Queue = queue.Queue()
-        self.all: list[str] = []
-        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self.thread.start()
-
-    def _read(self, stream):
-        with stream:
-            for line in stream:
-                self.all.append(line)
-                self.queue.put(line.rstrip("\n"))
-        self.queue.put(None)
-
-    def wait_for(self, text: str, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            if line is None:
-                raise AssertionError(f"the stream ended without {text!r}: {''.join(self.all)!r}")
-            if text in line:
-                return line
-
-    def text(self) -> str:
-        """Everything the stream carried (call once the process has ended)."""
-        self.thread.join(30)
-        return "".join(self.all)
 
 
 class Command:
@@ -492,3 +459,36 @@ def test_run_with_a_dashboard(domain):
     code, out, err = command.finish(timeout=60)
     assert code == 0, err
     assert "pool blocks still in use after the stop: 0" in out
+
+
+STOP_WITHIN_S = 1.0
+# Each long-running tool on the running graph: its command line, the line that says it
+# runs (stream, text), and its exit status when stopped as by Ctrl-C.
+RUNNING_TOOLS = {
+    "tap": (("tap", "{domain}", "src.out"), "out", "src.out t=", 130),
+    "top": (("top", "{domain}", "--interval", "0.2", "--json"), "out", '"graph"', 0),
+    "sub": (("sub", "{domain}", "status"), "err", "subscribed to 'status'", 0),
+    "logs -f": (("logs", "{domain}", "--follow", "-n", "1"), "err", "following", 0),
+    "dashboard": (("dashboard", "{domain}", "--port", "0"), "out", "dashboard of domain", 0),
+}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("tool", list(RUNNING_TOOLS))
+def test_every_long_running_tool_stops_within_a_second_and_leaves_the_domain(graph, tool, signum):
+    """Issue 15: every tool stops within 1 s of Ctrl-C or SIGTERM, in order (no traceback,
+    nothing of it left in the domain's process table)."""
+    args, stream, ready, status = RUNNING_TOOLS[tool]
+    command = Command(*(a.format(domain=graph.domain) for a in args))
+    try:
+        (command.out if stream == "out" else command.err).wait_for(ready)
+        sent = time.monotonic()
+        command.proc.send_signal(signum)
+        command.proc.wait(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        code, out, err = command.finish()
+    assert code == status and "Traceback" not in err, (code, err)
+    assert took < STOP_WITHIN_S, f"mq {tool} took {took:.2f} s to stop"
+    registered = [p["pid"] for p in graph.manager.processes()]  # alive or not: it left, not died
+    assert command.proc.pid not in registered, f"mq {tool} is still registered in the domain"

@@ -2,15 +2,13 @@
 process keeps the domain, a run that does nothing, a script without its main guard and
 a demo started twice (real processes, the `mq` command where the user used it)."""
 
-import queue
 import re
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 
-from helpers import RoleProcess
+from helpers import Lines, RoleProcess
 from multiqueue.graph import attach
 from multiqueue.shm.segment import domain_segments
 
@@ -135,28 +133,6 @@ def test_mq_demo_twice_says_to_pick_another_domain_in_one_line(domain):
         first.send_signal(signal.SIGINT)
         out, err = first.communicate(timeout=60)
     assert first.returncode == 0, err
-
-
-class Lines:
-    """A stream's lines as they come, read on a thread (to wait for one with a timeout)."""
-
-    def __init__(self, stream):
-        self.queue: queue.Queue = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
-
-    def _read(self, stream):
-        for line in stream:
-            self.queue.put(line)
-        self.queue.put(None)
-
-    def wait_for(self, text: str, timeout: float = 60.0) -> str:
-        while True:
-            line = self.queue.get(timeout=timeout)
-            assert line is not None, f"the stream ended without {text!r}: {''.join(self.seen)}"
-            self.seen.append(line)
-            if text in line:
-                return line
 
 
 def start_run(path: str, domain: str) -> subprocess.Popen:

@@ -4,6 +4,7 @@ options) and the live web dashboard of a running graph."""
 import threading
 
 from ..demos import spectrum, stream
+from ..shm.interrupts import deferred_interrupts
 from .common import CommandError, domain_name, port_number, start_dashboard
 
 
@@ -25,16 +26,19 @@ def add_parser(subparsers) -> None:
 def dashboard(args) -> int:
     """Serve the live dashboard of a domain until Ctrl-C or SIGTERM (then it stops in
     order: connections closed, the domain left)."""
+    dash = None
     try:
-        dash = start_dashboard(args.domain, args.host, args.port)
-    except OSError as e:
-        raise CommandError(e.strerror or str(e)) from None
-    waiting = "" if dash.graph is not None else "; waiting for its graph to start"
-    print(f"dashboard of domain {args.domain!r}: {dash.url}  (Ctrl-C stops it{waiting})", flush=True)
-    try:
+        with deferred_interrupts():  # a Ctrl-C while it starts is handled once it runs: it stops below
+            try:
+                dash = start_dashboard(args.domain, args.host, args.port)
+            except OSError as e:
+                raise CommandError(e.strerror or str(e)) from None
+            waiting = "" if dash.graph is not None else "; waiting for its graph to start"
+            print(f"dashboard of domain {args.domain!r}: {dash.url}  (Ctrl-C stops it{waiting})", flush=True)
         threading.Event().wait()  # the server runs on its thread; Ctrl-C (SIGTERM too) ends this wait
     except KeyboardInterrupt:
         pass
     finally:
-        dash.stop()
+        if dash is not None:
+            dash.stop()
     return 0

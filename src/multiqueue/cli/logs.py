@@ -40,9 +40,9 @@ def _print_log(args, path: str) -> int:
 
 def _follow_log(args, path: str) -> int:
     lines = follow(args.domain, last=args.lines)  # opened now: nothing written from here on is missed
-    waiting = "" if os.path.exists(path) else " (no log yet)"
-    print(f"following {path}{waiting}; Ctrl-C stops", file=sys.stderr, flush=True)
-    try:
+    try:  # a Ctrl-C right after the line below stops it as well as one later
+        waiting = "" if os.path.exists(path) else " (no log yet)"
+        print(f"following {path}{waiting}; Ctrl-C stops", file=sys.stderr, flush=True)
         for line in lines:
             _print_line(line, args.json)
     except KeyboardInterrupt:

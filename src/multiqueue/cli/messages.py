@@ -89,7 +89,6 @@ def sub(args) -> int:
     with AttachedTool(args.domain, "sub", reaper_interval=1.0) as tool:
         bus = Bus(tool.manager)
         subscription = bus.subscribe(topic)
-        print(f"subscribed to {topic!r} in domain {args.domain!r}; Ctrl-C stops", file=sys.stderr, flush=True)
         try:
             seen = _print_messages(subscription, tool, args)
         finally:
@@ -106,7 +105,9 @@ def _print_messages(subscription: Subscription, tool: AttachedTool, args) -> int
     """Print messages until --count, --timeout, Ctrl-C or the domain's end; how many came."""
     seen = 0
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    try:
+    try:  # a Ctrl-C right after the line below stops it as well as one later
+        print(f"subscribed to {subscription.topic!r} in domain {args.domain!r}; Ctrl-C stops",
+              file=sys.stderr, flush=True)
         while args.count is None or seen < args.count:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
