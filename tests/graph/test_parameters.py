@@ -369,3 +369,19 @@ async def _next(ws, kind: str) -> dict:
     while (m := json.loads(await ws.recv()))["type"] != kind:
         pass
     return m
+
+
+def test_the_spectrum_demos_parameters_are_declared_so_mq_param_refuses_a_rate_of_zero(domain, tmp_path):
+    """`mq param DOMAIN source rate_hz 0` used to be acknowledged, then the demo's source
+    died dividing by zero in its worker."""
+    from multiqueue.demos.spectrum import build  # noqa: PLC0415 - only this test runs the demo
+
+    rt, _probe = build(domain, str(tmp_path / "rec.npy"), 60, bins=1024)
+    with rt:
+        rt.start()
+        zero = mq("param", domain, "source", "rate_hz", "0")
+        assert zero.returncode == 1 and "parameter 'rate_hz' must be a number > 0" in zero.stderr, zero.stderr
+        negative = mq("param", domain, "detector", "threshold_db", "-3")
+        assert negative.returncode == 1 and "parameter 'threshold_db' must be" in negative.stderr
+        assert rt.get_parameter("source", "rate_hz") > 0
+        assert rt.stats().blocks["source"].state == "running"

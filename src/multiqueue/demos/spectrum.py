@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from ..graph import DONE, OK, Block, FileSink, Port, Probe, Runtime
+from ..graph import DONE, OK, Block, FileSink, Param, Port, Probe, Runtime
 from ..shm import PoolConfig, ShmConfig
 from . import domain_argument, int_argument
 
@@ -34,7 +34,7 @@ FLOOR_DB = -100.0
 class SpectrumSource(Block):
     """A synthetic RF spectrum in dB: noise floor, drifting emitters, 40 frames/s."""
 
-    parameters = ("rate_hz",)
+    parameters = {"rate_hz": Param(float, positive=True, max=10_000.0)}  # frames a second
 
     def __init__(self, bins: int = BINS, rate_hz: float = RATE_HZ, emitters: int = 6,
                  count: int | None = None, seed: int = 1):
@@ -81,7 +81,7 @@ class Detector(Block):
 
     inputs = {"in": Port(np.float32)}
     outputs = {"out": Port(np.float32)}
-    parameters = ("threshold_db",)
+    parameters = {"threshold_db": Param(float, min=0.0, max=200.0)}  # dB over the noise floor
 
     def __init__(self, threshold_db: float = 15.0):
         super().__init__()
