@@ -124,8 +124,7 @@ class ShmManager:
         self._reaper = None
         if self._reaper_interval:
             heartbeat = partial(self._registry.heartbeat, self._proc_slot)
-            self._reaper = Reaper(self.domain, self._reaper_interval, heartbeat, self.reap,
-                                  self.is_initialized)
+            self._reaper = Reaper(self.domain, self._reaper_interval, heartbeat, self.reap, self.is_initialized)
             self._reaper.start()
         return True
 
@@ -142,26 +141,23 @@ class ShmManager:
         if not self._initialized:
             return
         with deferred_interrupts():  # a Ctrl-C half-way would leave the segments for nobody
-            self._leave(unlink)
-
-    def _leave(self, unlink: bool | None) -> None:
-        self._initialized = False
-        for attachment in list(self._attachments):
-            attachment.on_manager_shutdown()
-        self._ctx.disable()  # other threads' allocate/get/release now refuse, before the reclaim
-        self._alloc_buffer = self._refuse
-        if self._reaper is not None:
-            self._reaper.stop()
-        with self._lock:
-            _released, freed = self._ctx.reclaim(self._proc_slot)
-            self._registry.retire_locked(self._proc_slot, freed)
-            self._reap_locked()
-            others_registered = self._registry.any_registered()
-        self._ctx.close()
-        if unlink or (unlink is None and not others_registered):
-            unlink_domain(self._prefix, self.domain)
-        self._unmap()
-        _live_managers.discard(self)
+            self._initialized = False
+            for attachment in list(self._attachments):
+                attachment.on_manager_shutdown()
+            self._ctx.disable()  # other threads' allocate/get/release now refuse, before the reclaim
+            self._alloc_buffer = self._refuse
+            if self._reaper is not None:
+                self._reaper.stop()
+            with self._lock:
+                freed = self._ctx.reclaim(self._proc_slot)[1]
+                self._registry.retire_locked(self._proc_slot, freed)
+                self._reap_locked()
+                others_registered = self._registry.any_registered()
+            self._ctx.close()
+            if unlink or (unlink is None and not others_registered):
+                unlink_domain(self._prefix, self.domain)
+            self._unmap()
+            _live_managers.discard(self)
 
     def check_usable(self) -> None:
         """Raise NotInitializedError if this manager was shut down or inherited through fork."""
