@@ -87,9 +87,7 @@ class ShmManager:
         self._name = (name or os.path.basename(sys.argv[0] or "python"))[: L.MAX_NAME]
         self._reaper_interval = reaper_interval
         self._create = create
-        self._initialized = False
-        self._forked_from = None
-        self._ctx = None
+        self._initialized, self._forked_from, self._ctx = False, None, None
         self.initialize()
 
     # ------------------------------------------------------------------ lifecycle
@@ -124,7 +122,8 @@ class ShmManager:
         self._reaper = None
         if self._reaper_interval:
             heartbeat = partial(self._registry.heartbeat, self._proc_slot)
-            self._reaper = Reaper(self.domain, self._reaper_interval, heartbeat, self.reap, self.is_initialized)
+            self._reaper = Reaper(self.domain, self._reaper_interval, heartbeat, self.reap,
+                                  self.is_initialized)
             self._reaper.start()
         return True
 
