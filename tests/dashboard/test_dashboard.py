@@ -43,7 +43,9 @@ def test_server_sends_graph_stats_frames_and_applies_parameters(demo):
 
     async def session():
         seen = {"graph": 0, "stats": 0, "frame": 0}
-        async with websockets.connect(f"ws://127.0.0.1:{dash.port}/ws") as ws:
+        async with websockets.connect(dash.ws_url) as ws:  # with the token: this client may change things
+            hello = json.loads(await ws.recv())
+            assert hello == {"type": "session", "control": True, "read_only": False, "why": None}
             first = json.loads(await ws.recv())
             assert first["type"] == "graph" and "source.out" in first["ports"]
             await ws.send(json.dumps({"type": "watch", "port": "source.out"}))
@@ -73,7 +75,7 @@ def test_page_and_not_found(demo):
     page = urllib.request.urlopen(dash.url, timeout=10)
     assert page.headers["Content-Type"].startswith("text/html") and b"multiqueue" in page.read()
     with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(dash.url + "nope", timeout=10)
+        urllib.request.urlopen(f"http://127.0.0.1:{dash.port}/nope", timeout=10)
     assert info.value.code == 404
 
 

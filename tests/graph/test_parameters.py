@@ -307,7 +307,7 @@ def dashboard(domain):
 
 def test_the_dashboard_lists_parameters_and_refuses_a_bad_value_before_sending(dashboard):
     rt, dash = dashboard
-    first, listed, refused = asyncio.run(asyncio.wait_for(_dashboard_session(dash.port), 60))
+    first, listed, refused = asyncio.run(asyncio.wait_for(_dashboard_session(dash.ws_url), 60))
     assert rt.get_parameter("amp", "gain") == 2.0  # unchanged
     assert rt.stats().blocks["amp"].state == "running"
     declared = next(b for b in first["graph"]["blocks"] if b["name"] == "amp")["parameters"]
@@ -355,9 +355,9 @@ def test_the_dashboard_page_lists_types_and_checks_a_value_before_sending_it(das
     assert rt.get_parameter("amp", "gain") == 3.0
 
 
-async def _dashboard_session(port: int):
-    async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
-        first = json.loads(await ws.recv())
+async def _dashboard_session(url: str):
+    async with websockets.connect(url) as ws:
+        first = await _next(ws, "graph")
         await ws.send(json.dumps({"type": "params", "block": "amp"}))
         listed = await _next(ws, "params")
         await ws.send(json.dumps({"type": "set", "block": "amp", "name": "gain", "value": 99}))

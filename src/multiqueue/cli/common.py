@@ -34,13 +34,19 @@ def parse_value(text: str, as_text: bool = False):
         return text
 
 
-def start_dashboard(domain: str, host: str = "127.0.0.1", port: int = 8765):
-    """The live dashboard of ``domain``, serving on its own thread (``.url``, ``.stop()``)."""
+def start_dashboard(domain: str, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+                    read_only: bool = False):
+    """The live dashboard of ``domain``, serving on its own thread (``.url``, ``.stop()``);
+    CommandError if its access settings cannot be used (a token missing or too short)."""
     # imported here: the dashboard's web server (asyncio, websockets) costs ~200 ms of
     # import (python -X importtime), which no other `mq` command should pay
-    from ..dashboard import Dashboard
+    from ..dashboard import AccessError, Dashboard
 
-    return Dashboard(domain, host=host, port=port).start()
+    try:
+        dashboard = Dashboard(domain, host=host, port=port, token=token, read_only=read_only)
+    except AccessError as e:
+        raise CommandError(str(e)) from None
+    return dashboard.start()
 
 
 def checked_topic(topic: str) -> str:

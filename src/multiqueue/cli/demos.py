@@ -20,6 +20,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("domain", type=domain_name)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
     p.add_argument("--port", type=port_number, default=8765, help="port (default 8765; 0: any free port)")
+    p.add_argument("--token", default=None, help="the secret that grants control (default: "
+                   "$MQ_DASHBOARD_TOKEN, else a new one on localhost; required beyond it); prefer the "
+                   "variable: a command line is visible to every user of the machine")
+    p.add_argument("--read-only", action="store_true", help="show the graph, change nothing (no token)")
     p.set_defaults(func=dashboard, long_running=True)
 
 
@@ -30,11 +34,13 @@ def dashboard(args) -> int:
     try:
         with deferred_interrupts():  # a Ctrl-C while it starts is handled once it runs: it stops below
             try:
-                dash = start_dashboard(args.domain, args.host, args.port)
+                dash = start_dashboard(args.domain, args.host, args.port, args.token, args.read_only)
             except OSError as e:
                 raise CommandError(e.strerror or str(e)) from None
             waiting = "" if dash.graph is not None else "; waiting for its graph to start"
-            print(f"dashboard of domain {args.domain!r}: {dash.url}  (Ctrl-C stops it{waiting})", flush=True)
+            control = "read-only" if args.read_only else "its token grants control: keep the URL to yourself"
+            print(f"dashboard of domain {args.domain!r}: {dash.url}  ({control}; Ctrl-C stops it{waiting})",
+                  flush=True)
         threading.Event().wait()  # the server runs on its thread; Ctrl-C (SIGTERM too) ends this wait
     except KeyboardInterrupt:
         pass

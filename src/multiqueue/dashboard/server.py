@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from http import HTTPStatus
+from urllib.parse import urlsplit
 
 import numpy as np
 from websockets.asyncio.server import serve
@@ -28,6 +29,7 @@ from ..errors import MultiQueueError, QueueClosedError
 from ..graph.attach import AttachedGraph, attach, graph_running
 from ..graph.params import declared_param
 from ..shm.segment import check_domain
+from . import access
 
 MAX_POINTS = 1024
 UPDATE_S = 0.1  # stats and frames 10 times a second
@@ -55,8 +57,12 @@ class Dashboard:
     The graph need not run yet: the page says it waits, and shows the graph once it
     runs.  ``run`` counts the graphs followed and their ends (the sessions compare it)."""
 
-    def __init__(self, domain: str, host: str = "127.0.0.1", port: int = 8765):
+    def __init__(self, domain: str, host: str = "127.0.0.1", port: int = 8765, *, token: str | None = None,
+                 read_only: bool = False):
         self.domain, self.host, self.port = check_domain(domain), host, port
+        self.read_only = bool(read_only)
+        self._token = access.control_token(host, token, self.read_only)  # AccessError if unusable
+        self._hostnames = access.allowed_hostnames(host)
         self.graph: AttachedGraph | None = None  # while a graph runs
         self.bus: Bus | None = None
         self.status = None  # the graph's "status" topic: failures, restarts, drops, its end
@@ -206,14 +212,34 @@ class Dashboard:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/"
+        """The page's address, with the token that grants control (the user's to keep)."""
+        return self._address("http", "/")
+
+    @property
+    def ws_url(self) -> str:
+        """The WebSocket's address, with the token (for clients that are not the page)."""
+        return self._address("ws", "/ws")
+
+    def _address(self, scheme: str, path: str) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}{path}" + (f"?token={self._token}" if self._token else "")
 
     # -- HTTP and WebSocket -------------------------------------------------------------
 
     def _http(self, connection, request):
-        if request.path == "/ws":
+        host = _single(request.headers, "Host")
+        if not access.host_allowed(host, self.port, self._hostnames):  # DNS rebinding: a name not ours
+            _log.warning("dashboard of domain %r: refused a request for host %r", self.domain, host)
+            return connection.respond(HTTPStatus.FORBIDDEN, "this dashboard does not serve that host name\n")
+        path = urlsplit(request.path).path
+        if path == "/ws":
+            origins = request.headers.get_all("Origin")
+            if len(origins) > 1 or not access.origin_allowed(origins[0] if origins else None, host):
+                _log.warning("dashboard of domain %r: refused a WebSocket from origin %r", self.domain,
+                             ", ".join(origins))  # another site's page
+                return connection.respond(HTTPStatus.FORBIDDEN, "only this dashboard's page may connect\n")
             return None  # the WebSocket handshake goes on
-        if request.path not in ("/", "/index.html"):
+        if path not in ("/", "/index.html"):
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         response = connection.respond(HTTPStatus.OK, "")
         response.body = self._page
@@ -221,11 +247,16 @@ class Dashboard:
         del response.headers["Content-Length"]
         response.headers["Content-Type"] = "text/html; charset=utf-8"
         response.headers["Content-Length"] = str(len(self._page))
+        # the token is in the page's URL: no other site may frame the page or see its address
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
+        response.headers["Cache-Control"] = "no-store"
         return response
 
     async def _client(self, websocket) -> None:
         self.clients += 1
-        session = _Session(self, websocket)
+        given = access.request_token(websocket.request.path)
+        session = _Session(self, websocket, control=access.token_matches(self._token, given))
         try:
             await session.run()
         except ConnectionClosed:
@@ -329,6 +360,12 @@ class Dashboard:
                 self._requests.notify_all()
 
 
+def _single(headers, name: str) -> str | None:
+    """The one value of header ``name``; None if missing or given twice (never guess which)."""
+    values = headers.get_all(name)
+    return values[0] if len(values) == 1 else None
+
+
 def describe_event(event: dict) -> str:
     """One line for the timeline (the runtime's own message where it wrote one)."""
     if event.get("message"):
@@ -368,8 +405,9 @@ async def close_server(server) -> None:
 class _Session:
     """One browser tab: stats and the watched port's frames every UPDATE_S, commands in."""
 
-    def __init__(self, dashboard: Dashboard, websocket):
+    def __init__(self, dashboard: Dashboard, websocket, control: bool):
         self.dashboard, self.websocket = dashboard, websocket
+        self.control = control  # it gave the token: it may change the graph
         self.tap = None
         self.port = None
         self.seen_run = None  # the dashboard's run this tab was last told about
@@ -381,6 +419,7 @@ class _Session:
         loop = asyncio.get_running_loop()
         next_update = loop.time()
         try:
+            await self.websocket.send(json.dumps(self.hello()))
             while not receiver.done():
                 for message in await asyncio.to_thread(d.updates, self):
                     await self.websocket.send(json.dumps(message))
@@ -398,6 +437,7 @@ class _Session:
                 await asyncio.to_thread(self.watch, message.get("port"))
             elif message.get("type") == "set":
                 try:
+                    self.check_control()
                     ack = await asyncio.to_thread(self.dashboard.set_parameter, message["block"],
                                                   message["name"], message.get("value"))
                 except Exception as e:  # noqa: BLE001 - the page shows the error
@@ -411,6 +451,21 @@ class _Session:
                     answer = {"type": "params", "ok": False, "error": f"{type(e).__name__}: {e}",
                               "block": message.get("block"), "parameters": {}}
                 await self.websocket.send(json.dumps(answer))
+
+    def hello(self) -> dict:
+        """The first message: may this tab change the graph, and if not, why."""
+        return {"type": "session", "control": self.control, "read_only": self.dashboard.read_only,
+                "why": None if self.control else self.refusal()}
+
+    def refusal(self) -> str:
+        if self.dashboard.read_only:
+            return "this dashboard was started with --read-only: it shows the graph, it changes nothing"
+        return ("this page has no control token, so it can only watch: open the URL `mq dashboard` printed "
+                "(it ends in ?token=...)")
+
+    def check_control(self) -> None:
+        if not self.control:
+            raise PermissionError(self.refusal())
 
     def watch(self, port: str | None) -> None:
         """Show ``port``'s frames from now on (a port the graph running now does not have,
