@@ -2,6 +2,7 @@
 process keeps the domain, a run that does nothing, a script without its main guard and
 a demo started twice (real processes, the `mq` command where the user used it)."""
 
+import os
 import re
 import signal
 import subprocess
@@ -204,3 +205,29 @@ def test_mq_top_lets_go_when_the_graph_ends_follows_its_next_run_and_stops_on_si
             if process.poll() is None:
                 process.kill()
                 process.communicate()
+
+
+def test_sigterm_to_the_whole_process_group_stops_the_graph_in_order(domain, tmp_path):
+    """systemd, `timeout` and job control signal every process of the group: the workers
+    used to die of it at once, and every block ended `failed`.  Now the runtime alone
+    takes it and stops the graph in order: every block done, exit 0."""
+    path = tmp_path / "chain.yaml"
+    sink = "  sink: {{class: NullSink}}"
+    chain = GRAPH.replace(sink, "  mid: {{class: Amplifier}}\n" + sink)
+    path.write_text(chain.replace("  - src.out -> sink.in", "  - src.out -> mid.in\n  - mid.out -> sink.in")
+                    .format(count=10**6))
+    run = subprocess.Popen([*MQ, "run", str(path), "--domain", domain, "--quiet"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        with attach(domain, name="test", timeout=60) as graph, graph.subscribe("mid.out") as tap:
+            assert tap.read(timeout=60) is not None, "the graph sent no frame"  # it runs, workers and all
+        os.killpg(run.pid, signal.SIGTERM)
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.communicate()
+    assert run.returncode == 0, out + err
+    states = dict(re.findall(r"^(src|mid|sink) +(\w+)", out, re.M))
+    assert states == {"src": "done", "mid": "done", "sink": "done"}, out
+    assert received(out) > 0

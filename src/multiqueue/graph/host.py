@@ -168,5 +168,9 @@ def _run_command(runner: BlockRunner, data: dict):
 
 def host_main(domain: str, prefix: str, specs: list[WorkerBlock], conn, process_name: str) -> None:
     """Entry point of a worker process (started with spawn)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the runtime, which stops us in order
+    # Ctrl-C, and SIGTERM to the whole process group (systemd, `timeout`, a closing
+    # terminal's job control), are the runtime's: it stops us in order; we stop on our own
+    # only when it is gone (our pipe to it ends)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     Host(domain, prefix, specs, conn, process_name).serve()
