@@ -96,6 +96,7 @@ def test_bad_names_and_numbers_are_one_line_naming_the_fix(domain):
         (("run", SINE, "--dashboard", "70000"), 2, ["a port from 0 to 65535"]),
         (("demo", "--bins", "0"), 2, ["--bins", "an int >= 1"]),
         (("demo", "--record-frames", "-1"), 2, ["--record-frames", "an int >= 0"]),
+        (("demo", "--duration", "-1"), 2, ["--duration", "a number of seconds >= 0"]),
         (("demo", "--domain", "a.b"), 2, ["invalid domain name 'a.b'"]),
         (("stream-demo", "--domain", "a.b"), 2, ["invalid domain name 'a.b'"]),
         (("remote", "g", "stats", "--timeout", "-1"), 2, ["a number of seconds >= 0"]),

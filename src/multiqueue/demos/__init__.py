@@ -1,6 +1,7 @@
 """Demos: the spectrum monitor (mq demo) and the stream demo (mq stream-demo)."""
 
 import argparse
+import math
 
 from ..shm.segment import check_domain
 
@@ -26,3 +27,14 @@ def int_argument(minimum: int):
         return value
 
     return convert
+
+
+def seconds_argument(text: str) -> float:
+    """An argparse type: a finite number of seconds >= 0 (else a usage error saying so)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, not {text!r}")
+    return value

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..graph import DONE, OK, Block, FileSink, Param, Port, Probe, Runtime
 from ..shm import PoolConfig, ShmConfig
-from . import domain_argument, int_argument
+from . import domain_argument, int_argument, seconds_argument
 
 BINS = 160_000
 RATE_HZ = 40.0
@@ -128,7 +128,8 @@ def build(domain: str, record_path: str, record_frames: int, count: int | None =
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mq demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--domain", type=domain_argument, default="spectrum")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds (default 10; 0 = until Ctrl-C)")
+    parser.add_argument("--duration", type=seconds_argument, default=10.0,
+                        help="seconds (default 10; 0 = until Ctrl-C)")
     parser.add_argument("--record", default=None, help=".npy path for the recorder (default: a temp file)")
     parser.add_argument("--record-frames", type=int_argument(0), default=40,
                         help="spectra recorded at most (default 40)")
