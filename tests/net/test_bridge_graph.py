@@ -34,6 +34,7 @@ def free_port() -> int:
 def two_host_graph(graph: str, port: int, record: Path, count: int = 600, pace_s: float = 0.0) -> str:
     return f"""
 domain: {graph}
+remote_control: true
 hosts:
   a: {{zenoh: {{listen: ["tcp/127.0.0.1:{port}"]}}}}
   b: {{zenoh: {{connect: ["tcp/127.0.0.1:{port}"]}}}}

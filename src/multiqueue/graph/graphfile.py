@@ -24,7 +24,7 @@ from . import blocks as builtin_blocks
 from .block import Block
 from .spec import GraphSpec, HostSpec, default_remote_key
 
-TOP_KEYS = ("domain", "capacity", "pools", "hosts", "blocks", "connections")
+TOP_KEYS = ("domain", "capacity", "pools", "hosts", "remote_control", "blocks", "connections")
 BLOCK_KEYS = ("class", "params", "placement", "restart", "max_restarts", "host")
 EDGE_KEYS = ("from", "to", "policy", "capacity", "remote", "key")
 HOST_KEYS = ("domain", "zenoh")
@@ -215,6 +215,9 @@ class _Loader:
             self.fail(root, None, str(e))
         if "hosts" in top:
             self.host_specs(top["hosts"][1])
+        if "remote_control" in top:  # off unless the file says so: control from anywhere is opt-in
+            self.spec.remote_control = self.typed(top["remote_control"][1], "remote_control", bool,
+                                                  "true or false")
 
         block_nodes = self.mapping(top["blocks"][1], "blocks")
         if not block_nodes:

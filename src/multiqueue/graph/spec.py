@@ -87,7 +87,9 @@ class GraphSpec:
     ValueError), so a spec is always runnable.
 
     ``domain``: a domain name; ``pools``: None (the default pools) or a ShmConfig;
-    ``capacity``: the default edge capacity, a power of two from 1 to 2**24.
+    ``capacity``: the default edge capacity, a power of two from 1 to 2**24;
+    ``remote_control``: whether its hosts' control planes run control requests from other
+    machines (multiqueue.net.control; stats and status are readable either way).
     """
 
     domain: str
@@ -96,9 +98,12 @@ class GraphSpec:
     blocks: dict[str, BlockHandle] = field(default_factory=dict)
     edges: list[Edge] = field(default_factory=list)
     hosts: dict[str, HostSpec] = field(default_factory=dict)
+    remote_control: bool = False
 
     def __post_init__(self):
         check_domain(self.domain)  # first: the domain names files (segments, the log)
+        if self.remote_control not in (True, False):
+            raise TypeError(f"remote_control must be true or false, not {self.remote_control!r}")
         if self.pools is not None and not isinstance(self.pools, ShmConfig):
             raise TypeError(f"pools must be None or a ShmConfig, not {type(self.pools).__name__}")
         check_capacity(self.capacity)

@@ -49,8 +49,8 @@ def host_graph(spec: GraphSpec, host: str) -> GraphSpec:
                      max_restarts=handle.max_restarts)
     for edge in spec.edges:
         _place_edge(part, edge, host, zenoh)
-    part.add(ControlPlane(graph_prefix(spec.domain), host, zenoh=zenoh), _free_name(part, "control"),
-             placement=ZENOH_PROCESS, restart="restart")
+    control = ControlPlane(graph_prefix(spec.domain), host, zenoh=zenoh, remote_control=spec.remote_control)
+    part.add(control, _free_name(part, "control"), placement=ZENOH_PROCESS, restart="restart")
     return part
 
 
