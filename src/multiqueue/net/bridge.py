@@ -23,6 +23,7 @@ from .settings import ZenohSettings, close_session, import_zenoh, json_replies, 
 
 POLICIES = ("block", "drop")
 _WAIT_SLICE_S = 0.05  # how often a waiting sender looks at the stop flag
+_MAX_GAP = 1 << 32  # frames a real gap may span (a receiver's restart, a drop sender); beyond: forged
 _log = logging.getLogger("mq.bridge")
 
 
@@ -154,12 +155,22 @@ class BridgeSource(Block):
     same bytes, dtype, shape, timestamp and time range (see the module doc).
 
     ``dtype`` / ``shape`` declare the output port (checked when connecting; a
-    frame that does not match fails the block with a clear error).  ``buffer`` (an
-    int >= 1) frames wait between Zenoh and the block.  Counters: ``received`` frames,
-    ``lost`` gaps in the sequence (the stream's frames this receiver never got,
-    counted from its first frame on, over restarts of this block), ``dropped``
-    (policy drop: no room), ``invalid`` samples that were not bridged frames (logged),
-    ``next_seq`` and ``stream`` (where a restarted receiver goes on from), ``seq_base``.
+    stream whose first frame does not match fails the block with a clear error).
+    ``buffer`` (an int >= 1) frames wait between Zenoh and the block.  Counters:
+    ``received`` frames, ``lost`` gaps in the sequence (the stream's frames this
+    receiver never got, counted from its first frame on, over restarts of this block),
+    ``dropped`` (policy drop: no room), ``invalid`` samples not taken as frames of the
+    followed stream (logged), ``next_seq`` and ``stream`` (where a restarted receiver
+    goes on from), ``seq_base``.
+
+    One stream at a time: samples of another stream id are invalid until the followed
+    one ended or sent nothing for ``switch_after`` seconds (a number >= 0; a new run of
+    the sender that could not send its end marker).  Within the stream a number
+    already had, one beyond any real gap, an end marker below the next number, or a
+    misfit of a stream whose frames fitted so far is invalid, and a frame ahead of the
+    next number (a gap) is held until a later frame of the stream confirms it.  Zenoh
+    names no sample's publisher, so this stops a second publisher that does not race
+    the stream's own next numbers; only access control stops one that does.
 
     Exact over a SIGKILL: the frames delivered are the output queue's push count (kept
     in C with each push, see Block.pushed), and the next expected sequence number is
@@ -171,13 +182,14 @@ class BridgeSource(Block):
     counters = ("received", "lost", "dropped", "invalid", "next_seq", "stream", "seq_base")
 
     def __init__(self, key: str, *, dtype=None, shape=None, policy: str = "block", zenoh=None,
-                 buffer: int = 64, end: bool = True):
+                 buffer: int = 64, end: bool = True, switch_after: float = 5.0):
         super().__init__()
         self.key, self.policy = check_key(key), _check_policy(policy)
         self.port = Port(dtype, shape)
         self.zenoh, self.buffer, self.end = ZenohSettings.of(zenoh), check_int("buffer", buffer), bool(end)
         if self.buffer < 1:
             raise ValueError(f"buffer must be at least 1 frame, not {buffer}")
+        self.switch_after = check_number("switch_after", switch_after, minimum=0)
         self._session = None
 
     def output_ports(self):
@@ -197,6 +209,9 @@ class BridgeSource(Block):
 
     def start(self) -> None:
         self._dropped_before = self.counter("dropped")
+        self._held = None  # (header, payload) of a frame ahead of the sequence, until a later one comes
+        self._heard = time.monotonic()  # the followed stream's last frame (a restart gives it switch_after)
+        self._fitted = self.counter("stream") if self.pushed("out") else 0  # a stream whose frames fit
         # a restarted block: the shown counters as of the last frame its predecessor delivered
         self.set_counter("received", self.pushed("out"))
         if self.counter("stream"):
@@ -242,67 +257,112 @@ class BridgeSource(Block):
         return OK
 
     def _deliver(self, attachment: bytes, payload: bytes):
+        """One sample: delivered, held (ahead of the sequence), or counted invalid."""
         try:
             header = wire.decode(attachment)
             wire.check_payload(header, len(payload))
         except wire.WireError as e:
-            if self.count("invalid") <= 10 or self.counter("invalid") % 1000 == 0:
-                _log.warning("%s: a sample that is not a bridged frame: %s", self.key, e)
-            return OK
-        if not self._in_sequence(header):
-            return OK
+            return self._invalid("a sample that is not a bridged frame: %s", e)
+        if header.stream != self.counter("stream") and not self._switch(header):
+            return self._invalid("frame %d of stream %x while stream %x is followed", header.seq,
+                                 header.stream, self.counter("stream"))
+        expected = self._expected()
+        if not expected <= header.seq <= expected + _MAX_GAP:
+            return self._invalid("frame %d (end %s) is no frame to come (expected %d)", header.seq,
+                                 header.end, expected)
+        if not header.end and not self._fits(header):
+            return self._invalid("frame %d (%s %s) does not fit the port", header.seq, header.dtype,
+                                 header.shape)
+        if self._held is not None:
+            self._settle_held(header.seq)
         if header.end:
-            self._progress["ended"] = True
-            _log.info("%s: the stream ended after %d frames", self.key, header.seq)
-            return DONE if self.end else OK
-        self._check_port(header)
+            return self._end(header)
+        if header.seq > self._expected():  # a gap: a lone frame ahead is a forger's until a later one follows
+            self._held = (header, payload)
+            return OK
+        self._push(header, payload)
+        return OK
+
+    def _invalid(self, why: str, *args):
+        if self.count("invalid") <= 10 or self.counter("invalid") % 1000 == 0:
+            _log.warning("%s: " + why + "; ignored", self.key, *args)
+        return OK
+
+    def _settle_held(self, seq: int) -> None:
+        """The held frame is the stream's if the next sample of the stream comes after it."""
+        held, self._held = self._held, None
+        if seq > held[0].seq:
+            self._push(*held)
+        else:
+            self._invalid("frame %d, ahead of the sequence, was followed by frame %d", held[0].seq, seq)
+
+    def _push(self, header: wire.FrameHeader, payload: bytes) -> None:
+        expected = self._expected()
+        if header.seq > expected:
+            self.count("lost", header.seq - expected)
+            _log.warning("%s: lost frames %d..%d", self.key, expected, header.seq - 1)
         out = self.allocate("out", header.shape, header.dtype)
         out.array[...] = np.frombuffer(payload, header.dtype).reshape(header.shape)  # the copy in
         self.send("out", out, timestamp=header.timestamp, time_range=header.time_range)
         self.set_counter("received", self.pushed("out"))  # shown; the push count itself is the truth
         self.set_counter("next_seq", header.seq + 1)
         self._progress["next_seq"] = header.seq + 1
-        return OK
+        self._fitted, self._heard = header.stream, time.monotonic()
+
+    def _end(self, header: wire.FrameHeader):
+        expected = self._expected()
+        if header.seq > expected:
+            self.count("lost", header.seq - expected)
+            _log.warning("%s: lost frames %d..%d at the end", self.key, expected, header.seq - 1)
+            self.set_counter("next_seq", header.seq)
+        self._progress.update(next_seq=header.seq, ended=True)
+        self._heard = time.monotonic()
+        _log.info("%s: the stream ended after %d frames", self.key, header.seq)
+        return DONE if self.end else OK
 
     def _expected(self) -> int:
         """The next sequence number: one word per term (see the class doc)."""
         return self.counter("seq_base") + self.pushed("out") + self.counter("lost")
 
-    def _in_sequence(self, header: wire.FrameHeader) -> bool:
-        """Counts gaps; False for a frame already had (a duplicate or a reordering)."""
-        if header.stream != self.counter("stream"):
-            start = header.seq
-            if self.counter("stream") != 0:
-                _log.warning("%s: a new stream (the sender restarted) at frame %d", self.key, header.seq)
-            else:  # where we joined: the first frame that reached us, even if dropped for want of room
-                first = self._first
-                start = first[1] if first is not None and first[0] == header.stream else header.seq
-                _log.info("%s: joined the stream at frame %d", self.key, start)
-            # the base first: a kill before the stream word is written redoes all of this
-            self.set_counter("seq_base", start - self.pushed("out") - self.counter("lost"))
-            self.set_counter("stream", header.stream)
-            self.set_counter("next_seq", start)
-            self._progress.update(stream=header.stream, next_seq=start, ended=False)
-        expected = self._expected()
-        if header.seq < expected:
-            _log.warning("%s: frame %d came again or late (expected %d); ignored", self.key, header.seq,
-                         expected)
+    def _switch(self, header: wire.FrameHeader) -> bool:
+        """Follow the stream of ``header`` if none is followed, or the followed one ended or
+        has been silent for ``switch_after`` seconds (a new run of the sender)."""
+        followed = self.counter("stream")
+        if followed and not self._progress["ended"] and time.monotonic() - self._heard < self.switch_after:
             return False
-        if header.seq > expected:
-            self.count("lost", header.seq - expected)
-            _log.warning("%s: lost frames %d..%d", self.key, expected, header.seq - 1)
-            self.set_counter("next_seq", header.seq)
-            self._progress["next_seq"] = header.seq
+        start = header.seq
+        if followed:
+            _log.warning("%s: a new stream (a new run of the sender) at frame %d", self.key, header.seq)
+        else:  # where we joined: the first frame that reached us, even if dropped for want of room
+            first = self._first
+            if first is not None and first[0] == header.stream and 0 <= header.seq - first[1] <= _MAX_GAP:
+                start = first[1]
+            _log.info("%s: joined the stream at frame %d", self.key, start)
+        if self._held is not None:  # never confirmed: the stream left is not followed any more
+            self._invalid("frame %d of the stream left was held", self._held[0].seq)
+            self._held = None
+        # the base first: a kill before the stream word is written redoes all of this
+        self.set_counter("seq_base", start - self.pushed("out") - self.counter("lost"))
+        self.set_counter("stream", header.stream)
+        self.set_counter("next_seq", start)
+        self._progress.update(stream=header.stream, next_seq=start, ended=False)
+        self._heard = time.monotonic()
         return True
 
-    def _check_port(self, header: wire.FrameHeader) -> None:
+    def _fits(self, header: wire.FrameHeader) -> bool:
+        """Whether a frame fits the port.  A misfit of a stream whose frames fitted so far is
+        a forger's (False); else the sender is misconfigured (BridgeError fails the block)."""
         port = self.port
         if port.dtype is not None and header.dtype != port.dtype:
-            raise BridgeError(f"{self.key}: frame {header.seq} carries {header.dtype}, but this "
-                              f"BridgeSource's port is declared {port.dtype}; fix dtype= or the sender")
-        if port.shape is not None and tuple(header.shape) != tuple(port.shape):
-            raise BridgeError(f"{self.key}: frame {header.seq} has shape {header.shape}, but this "
-                              f"BridgeSource's port is declared {port.shape}")
+            problem = (f"carries {header.dtype}, but this BridgeSource's port is declared {port.dtype}; "
+                       "fix dtype= or the sender")
+        elif port.shape is not None and tuple(header.shape) != tuple(port.shape):
+            problem = f"has shape {header.shape}, but this BridgeSource's port is declared {port.shape}"
+        else:
+            return True
+        if self._fitted == header.stream:
+            return False
+        raise BridgeError(f"{self.key}: frame {header.seq} {problem}")
 
     def stop(self) -> None:
         self._close_wire()
