@@ -15,8 +15,10 @@ from multiqueue import PoolConfig, ShmConfig, ShmManager
 from multiqueue.shm import manager as manager_module
 
 signum = int(sys.argv[2])
+def interrupt(*_):
+    raise KeyboardInterrupt
 if signum == signal.SIGTERM:  # as `mq tap` and the other long-running commands do
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, interrupt)
 unlink = manager_module.unlink_domain
 def signal_then_unlink(*args):
     os.kill(os.getpid(), signum)
