@@ -25,7 +25,6 @@ from multiqueue.errors import BridgeError, GraphFileError
 from multiqueue.graph import load_graph_text
 from multiqueue.net.control import RemoteGraph
 from multiqueue.net.settings import ZenohSettings, close_session, open_session
-from multiqueue.shm.segment import domain_segments, unlink_quietly
 
 pytest.importorskip("zenoh")
 TESTS = Path(__file__).resolve().parents[1]
@@ -149,16 +148,6 @@ def test_remote_control_in_a_graph_file_is_a_boolean_off_by_default():
 
 
 # -- processes ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def graph_name():
-    name = f"ts-{uuid.uuid4().hex[:10]}"
-    yield name
-    leftovers = [p for d in (name, f"{name}-a", f"{name}-b") for p in domain_segments("mq.", d)]
-    for path in leftovers:
-        unlink_quietly(path)
-    assert not leftovers, f"test left segments behind: {leftovers}"
 
 
 def free_port() -> int:
